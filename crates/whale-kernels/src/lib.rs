@@ -1,0 +1,26 @@
+//! Numeric kernels for whale.
+//!
+//! Kernels take slices and dimensions, never model types. Every kernel here is
+//! plain Rust written so the compiler can vectorise it; explicit per-ISA SIMD
+//! paths (with these functions as their scalar twins) arrive with the CPU speed
+//! work.
+//!
+//! ```
+//! use whale_kernels::{matmul, DType, MatRef};
+//! // y = x · Wᵀ with W stored [out=2, in=3] as f32 bytes.
+//! let w: Vec<u8> = [1.0f32, 0.0, 0.0, 0.0, 1.0, 1.0]
+//!     .iter().flat_map(|v| v.to_le_bytes()).collect();
+//! let w = MatRef::new(DType::F32, &w, 2, 3).unwrap();
+//! let mut y = vec![0.0; 2];
+//! matmul(&[1.0, 2.0, 3.0], 1, w, &mut y);
+//! assert_eq!(y, vec![1.0, 5.0]);
+//! ```
+#![deny(missing_docs)]
+
+mod dtype;
+mod matmul;
+mod ops;
+
+pub use dtype::{DType, MatRef};
+pub use matmul::{axpy_row, matmul, matmul_t_vec};
+pub use ops::{dot, rmsnorm, rmsnorm_inplace, silu, softmax_inplace};

@@ -1,0 +1,101 @@
+//! Element-wise and reduction kernels on f32 slices.
+
+/// Dot product of two equal-length slices.
+///
+/// Eight independent partial sums let the compiler vectorise the loop; the
+/// result differs from a strictly sequential sum only by rounding.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// RMSNorm of `x` into `out`: `out = x / sqrt(mean(x²) + eps) * weight`.
+pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), weight.len());
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = (v * r) * w;
+    }
+}
+
+/// RMSNorm in place.
+pub fn rmsnorm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = (*v * r) * w;
+    }
+}
+
+/// Numerically stable softmax in place. An empty slice is left alone.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !m.is_finite() {
+        return;
+    }
+    let mut s = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    let inv = 1.0 / s;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// SiLU: `z · σ(z)`.
+#[inline]
+pub fn silu(z: f32) -> f32 {
+    z / (1.0 + (-z).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_sequential_sum() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let seq: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - seq).abs() < 1e-5);
+    }
+
+    #[test]
+    fn rmsnorm_unit_rms() {
+        let x = [3.0, -4.0];
+        let mut out = [0.0; 2];
+        rmsnorm(&x, &[1.0, 2.0], 0.0, &mut out);
+        let r = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] + 8.0 / r).abs() < 1e-6);
+        let mut y = x;
+        rmsnorm_inplace(&mut y, &[1.0, 2.0], 0.0);
+        assert_eq!(y, out);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_handles_masks() {
+        let mut x = [1.0, 2.0, f32::NEG_INFINITY, 3.0];
+        softmax_inplace(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[2], 0.0);
+        assert!(x[3] > x[1] && x[1] > x[0]);
+        assert!((silu(0.0)).abs() < 1e-7 && (silu(10.0) - 10.0 * (1.0 / (1.0 + (-10f32).exp()))).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,91 @@
+//! Errors of the model layer: every message names the file, tensor or field at fault.
+
+use std::path::{Path, PathBuf};
+
+/// An error while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The configuration is invalid or unsupported.
+    #[error("{}{msg}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default())]
+    Config {
+        /// The config file, when known.
+        file: Option<PathBuf>,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A weights file is malformed.
+    #[error("{file}: {msg}")]
+    Format {
+        /// The weights file.
+        file: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("missing tensor {tensor:?} (looked in {files})")]
+    MissingTensor {
+        /// The tensor name.
+        tensor: String,
+        /// The files searched.
+        files: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{file}: tensor {tensor:?} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The file holding the tensor.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype whale cannot compute with.
+    #[error("{file}: tensor {tensor:?} has unsupported dtype {dtype} (whale reads F32, F16 and BF16)")]
+    DType {
+        /// The file holding the tensor.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// Tokenizer or chat-template failure.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// Bad input at run time (token ids out of range, empty prompt...).
+    #[error("{0}")]
+    Input(String),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io { path: path.to_path_buf(), source }
+    }
+
+    pub(crate) fn config(msg: impl Into<String>) -> Self {
+        ModelError::Config { file: None, msg: msg.into() }
+    }
+
+    pub(crate) fn format(file: &Path, msg: impl Into<String>) -> Self {
+        ModelError::Format { file: file.to_path_buf(), msg: msg.into() }
+    }
+
+    /// Attaches a file to a config error that has none.
+    pub(crate) fn in_file(self, path: &Path) -> Self {
+        match self {
+            ModelError::Config { file: None, msg } => ModelError::Config { file: Some(path.to_path_buf()), msg },
+            e => e,
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! DeepSeek-V2/V3 model definition for whale.
+//!
+//! Loads Hugging Face model folders (config in both spellings, single or sharded
+//! safetensors, memory-mapped) and runs the exact forward pass with the MLA
+//! latent cache: per token and layer only `kv_lora_rank + qk_rope_head_dim`
+//! values are kept, and decode attends over them in the absorbed form.
+//!
+//! ```no_run
+//! use whale_model::{Logits, ModelFolder};
+//! let folder = ModelFolder::open(std::path::Path::new("models/whale-tiny-chat")).unwrap();
+//! let mut cache = folder.model.new_cache();
+//! let logits = folder.model.forward(&[1, 2, 3], &mut cache, Logits::Last).unwrap();
+//! assert_eq!(logits.len(), folder.model.config().vocab_size);
+//! ```
+#![deny(missing_docs)]
+
+mod cache;
+mod chat;
+mod config;
+mod error;
+mod folder;
+mod linear;
+mod mla;
+mod model;
+mod moe;
+mod rope;
+mod tokenizer;
+mod weights;
+
+pub use cache::LatentCache;
+pub use chat::{ChatTemplate, Message};
+pub use config::{yarn_get_mscale, ModelConfig, ModelType, RopeScaling, ScoringFunc, TopkMethod};
+pub use error::ModelError;
+pub use folder::{open_tokenizer, GenerationConfig, ModelFolder};
+pub use mla::MlaMode;
+pub use model::{DeepseekModel, Logits};
+pub use rope::Rope;
+pub use tokenizer::Tokenizer;
+pub use weights::{Tensor, WeightStore};

@@ -1,0 +1,50 @@
+//! A bias-free linear layer over a memory-mapped weight `[out, in]`.
+
+use crate::weights::Tensor;
+use whale_kernels::{matmul, MatRef};
+
+/// `y = x · Wᵀ` with `W` borrowed from the weights file.
+pub(crate) struct Linear {
+    w: Tensor,
+}
+
+impl Linear {
+    pub fn new(w: Tensor) -> Self {
+        Linear { w }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.w.shape()[0]
+    }
+
+    pub fn mat(&self) -> MatRef<'_> {
+        self.w.mat()
+    }
+
+    /// `x`: `[n, in]` → `y`: `[n, out]`.
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        matmul(x, n, self.w.mat(), y);
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) ⊙ up(x))`; used for dense layers, shared and routed experts.
+pub(crate) struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    /// `x`: `[n, d]` → `y`: `[n, d]` (overwritten).
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        let i = self.gate.out_dim();
+        let mut g = vec![0.0f32; n * i];
+        let mut u = vec![0.0f32; n * i];
+        self.gate.forward(x, n, &mut g);
+        self.up.forward(x, n, &mut u);
+        for (gv, uv) in g.iter_mut().zip(&u) {
+            *gv = whale_kernels::silu(*gv) * uv;
+        }
+        self.down.forward(&g, n, y);
+    }
+}

@@ -1,0 +1,206 @@
+//! Multi-head Latent Attention.
+//!
+//! Dim names (one order for the whole file): `T` new tokens, `N` cached tokens
+//! including the new ones, `H` heads, `P` qk_nope_head_dim, `R` qk_rope_head_dim,
+//! `V` v_head_dim, `C` kv_lora_rank, `d` hidden size.
+//!
+//! Two equivalent forms:
+//! - **expanded** (prefill / oracle): decompress every cached latent through
+//!   `kv_b_proj` into per-head `k_nope` and `v`, then ordinary attention with
+//!   `k = [k_nope ‖ k_pe]`.
+//! - **absorbed** (decode): since `q_nope·(W_UK c) = (W_UKᵀ q_nope)·c`, fold
+//!   `W_UK` into the query (`q_lat`, `[C]` per head) and attend over the latents
+//!   directly as one shared KV head `[c ‖ k_pe]`; the attention output `õ` is a
+//!   latent, lifted to the head output by `W_UV õ`. Same scale `(P+R)^-½·M²`.
+
+use crate::cache::LatentCache;
+use crate::linear::Linear;
+use crate::rope::Rope;
+use rayon::prelude::*;
+use whale_kernels::{dot, matmul, matmul_t_vec, rmsnorm_inplace, softmax_inplace, MatRef};
+
+/// Which MLA formulation to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MlaMode {
+    /// Expanded for multi-token steps (prefill), absorbed for single-token steps (decode).
+    #[default]
+    Auto,
+    /// Always the absorbed latent form.
+    Absorbed,
+    /// Always the expanded per-head form.
+    Expanded,
+}
+
+/// Query projection: plain, or through the q-LoRA bottleneck.
+pub(crate) enum QProj {
+    /// `q_proj` `[H·(P+R), d]`.
+    Plain(Linear),
+    /// `q_a_proj` `[q_lora, d]` → RMSNorm → `q_b_proj` `[H·(P+R), q_lora]`.
+    Lora { a: Linear, norm: Vec<f32>, b: Linear },
+}
+
+/// Weights and dims of one MLA layer.
+pub(crate) struct Mla {
+    pub q: QProj,
+    /// `kv_a_proj_with_mqa` `[C+R, d]`.
+    pub kv_a: Linear,
+    /// `kv_a_layernorm` `[C]`.
+    pub kv_a_norm: Vec<f32>,
+    /// `kv_b_proj` `[H·(P+V), C]`: per head, rows `0..P` are W_UK and `P..P+V` are W_UV.
+    pub kv_b: Linear,
+    /// `o_proj` `[d, H·V]`.
+    pub o: Linear,
+    pub n_head: usize,
+    pub nope: usize,
+    pub rope_dim: usize,
+    pub v_dim: usize,
+    pub kv_rank: usize,
+    pub scale: f32,
+}
+
+/// Epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with
+/// the RMSNorm default, not `config.rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+impl Mla {
+
+    /// Attention for `T` new tokens `h` (`[T, d]`, already normalised) at positions
+    /// `cache.len()..`; appends their latents to `cache` layer `layer` and writes `[T, d]` to `out`.
+    pub fn forward(
+        &self,
+        h: &[f32],
+        t: usize,
+        rope: &Rope,
+        cache: &mut LatentCache,
+        layer: usize,
+        mode: MlaMode,
+        out: &mut [f32],
+    ) {
+        let (nh, p, r, v, c) = (self.n_head, self.nope, self.rope_dim, self.v_dim, self.kv_rank);
+        let qk = p + r;
+        let past = cache.len();
+
+        // q: [T, H, P+R]
+        let mut q = vec![0.0f32; t * nh * qk];
+        match &self.q {
+            QProj::Plain(w) => w.forward(h, t, &mut q),
+            QProj::Lora { a, norm, b } => {
+                let mut cq = vec![0.0f32; t * a.out_dim()];
+                a.forward(h, t, &mut cq);
+                for row in cq.chunks_mut(a.out_dim()) {
+                    rmsnorm_inplace(row, norm, LATENT_NORM_EPS);
+                }
+                b.forward(&cq, t, &mut q);
+            }
+        }
+        for (ti, qt) in q.chunks_mut(nh * qk).enumerate() {
+            for qh in qt.chunks_mut(qk) {
+                rope.apply(&mut qh[p..], past + ti);
+            }
+        }
+
+        // latent rows: [T, C+R] = [RMSNorm(c_kv) ‖ RoPE(k_pe)]
+        let mut lat = vec![0.0f32; t * (c + r)];
+        self.kv_a.forward(h, t, &mut lat);
+        for (ti, row) in lat.chunks_mut(c + r).enumerate() {
+            rmsnorm_inplace(&mut row[..c], &self.kv_a_norm, LATENT_NORM_EPS);
+            rope.apply(&mut row[c..], past + ti);
+        }
+        cache.append(layer, &lat);
+        let kv = cache.layer(layer); // [N, C+R]
+        let n = past + t;
+
+        let absorbed = match mode {
+            MlaMode::Auto => t == 1,
+            MlaMode::Absorbed => true,
+            MlaMode::Expanded => false,
+        };
+        // attn: [T, H·V]
+        let heads: Vec<Vec<f32>> = if absorbed {
+            self.absorbed(&q, t, past, kv, n)
+        } else {
+            self.expanded(&q, t, past, kv, n)
+        };
+        let mut attn = vec![0.0f32; t * nh * v];
+        for (hi, ho) in heads.iter().enumerate() {
+            for ti in 0..t {
+                attn[ti * nh * v + hi * v..ti * nh * v + (hi + 1) * v].copy_from_slice(&ho[ti * v..(ti + 1) * v]);
+            }
+        }
+        self.o.forward(&attn, t, out);
+    }
+
+    /// Per head `[T, V]` outputs by the absorbed form.
+    fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let (nh, p, r, v, c) = (self.n_head, self.nope, self.rope_dim, self.v_dim, self.kv_rank);
+        let qk = p + r;
+        let w = self.kv_b.mat();
+        (0..nh)
+            .into_par_iter()
+            .map(|hi| {
+                let w_uk: MatRef<'_> = w.row_range(hi * (p + v), p); // [P, C]
+                let w_uv: MatRef<'_> = w.row_range(hi * (p + v) + p, v); // [V, C]
+                let mut out = vec![0.0f32; t * v];
+                let mut q_lat = vec![0.0f32; c];
+                let mut o_lat = vec![0.0f32; c];
+                let mut scores = vec![0.0f32; n];
+                for ti in 0..t {
+                    let qh = &q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk];
+                    // q_lat = W_UKᵀ q_nope: [C]
+                    matmul_t_vec(&qh[..p], w_uk, &mut q_lat);
+                    let visible = past + ti + 1;
+                    for (u, s) in scores[..visible].iter_mut().enumerate() {
+                        let row = &kv[u * (c + r)..(u + 1) * (c + r)];
+                        *s = (dot(&q_lat, &row[..c]) + dot(&qh[p..], &row[c..])) * self.scale;
+                    }
+                    softmax_inplace(&mut scores[..visible]);
+                    // õ = Σ_u a_u c_u: [C]
+                    o_lat.fill(0.0);
+                    for (u, &a) in scores[..visible].iter().enumerate() {
+                        whale_kernels::axpy_row(a, &kv[u * (c + r)..u * (c + r) + c], &mut o_lat);
+                    }
+                    // o = W_UV õ: [V]
+                    matmul(&o_lat, 1, w_uv, &mut out[ti * v..(ti + 1) * v]);
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Per head `[T, V]` outputs by the expanded form.
+    fn expanded(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let (nh, p, r, v, c) = (self.n_head, self.nope, self.rope_dim, self.v_dim, self.kv_rank);
+        let qk = p + r;
+        // latents of all N tokens: [N, C]
+        let mut lat = vec![0.0f32; n * c];
+        for u in 0..n {
+            lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
+        }
+        // decompressed: [N, H, P+V]
+        let mut kvx = vec![0.0f32; n * nh * (p + v)];
+        self.kv_b.forward(&lat, n, &mut kvx);
+        (0..nh)
+            .into_par_iter()
+            .map(|hi| {
+                let mut out = vec![0.0f32; t * v];
+                let mut scores = vec![0.0f32; n];
+                for ti in 0..t {
+                    let qh = &q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk];
+                    let visible = past + ti + 1;
+                    for (u, s) in scores[..visible].iter_mut().enumerate() {
+                        let k_nope = &kvx[u * nh * (p + v) + hi * (p + v)..][..p];
+                        let k_pe = &kv[u * (c + r) + c..(u + 1) * (c + r)];
+                        *s = (dot(&qh[..p], k_nope) + dot(&qh[p..], k_pe)) * self.scale;
+                    }
+                    softmax_inplace(&mut scores[..visible]);
+                    let o = &mut out[ti * v..(ti + 1) * v];
+                    for (u, &a) in scores[..visible].iter().enumerate() {
+                        let val = &kvx[u * nh * (p + v) + hi * (p + v) + p..][..v];
+                        whale_kernels::axpy_row(a, val, o);
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+}

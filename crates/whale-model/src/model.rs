@@ -1,0 +1,246 @@
+//! The DeepSeek-V2/V3 decoder: embedding → layers (pre-norm MLA + dense MLP or
+//! MoE) → final norm → lm_head.
+
+use crate::cache::LatentCache;
+use crate::config::{ModelConfig, ModelType, TopkMethod};
+use crate::error::ModelError;
+use crate::linear::{Linear, Mlp};
+use crate::mla::{Mla, MlaMode, QProj};
+use crate::moe::{Moe, Router};
+use crate::rope::Rope;
+use crate::weights::{Tensor, WeightStore};
+use std::path::Path;
+use whale_kernels::rmsnorm_inplace;
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    attn: Mla,
+    post_norm: Vec<f32>,
+    ffn: Ffn,
+}
+
+/// Which rows of logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per input token.
+    All,
+    /// Only the last input token's row.
+    Last,
+}
+
+/// A loaded DeepSeek-V2/V3 model. Weights stay in the memory-mapped files.
+pub struct DeepseekModel {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    rope: Rope,
+    mla_mode: MlaMode,
+    weight_bytes: usize,
+}
+
+impl DeepseekModel {
+    /// Loads the weights of `cfg` from a safetensors model folder.
+    pub fn load_dir(dir: &Path, cfg: ModelConfig) -> Result<Self, ModelError> {
+        let store = WeightStore::open_dir(dir)?;
+        Self::from_store(&store, cfg)
+    }
+
+    /// Builds the model from opened weights, checking every tensor's shape.
+    pub fn from_store(st: &WeightStore, cfg: ModelConfig) -> Result<Self, ModelError> {
+        let d = cfg.hidden_size;
+        let (nh, p, r, v, c) =
+            (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let lin = |name: &str, out: usize, inp: usize| st.get(name, &[out, inp]).map(Linear::new);
+        let vec1 = |name: &str, n: usize| st.get(name, &[n]).map(|t| t.to_f32());
+        let mlp = |pre: &str, i: usize| -> Result<Mlp, ModelError> {
+            Ok(Mlp {
+                gate: lin(&format!("{pre}.gate_proj.weight"), i, d)?,
+                up: lin(&format!("{pre}.up_proj.weight"), i, d)?,
+                down: lin(&format!("{pre}.down_proj.weight"), d, i)?,
+            })
+        };
+        let embed = st.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for li in 0..cfg.num_hidden_layers {
+            let pre = format!("model.layers.{li}");
+            let a = format!("{pre}.self_attn");
+            let q = match cfg.q_lora_rank {
+                None => QProj::Plain(lin(&format!("{a}.q_proj.weight"), nh * (p + r), d)?),
+                Some(ql) => QProj::Lora {
+                    a: lin(&format!("{a}.q_a_proj.weight"), ql, d)?,
+                    norm: vec1(&format!("{a}.q_a_layernorm.weight"), ql)?,
+                    b: lin(&format!("{a}.q_b_proj.weight"), nh * (p + r), ql)?,
+                },
+            };
+            let attn = Mla {
+                q,
+                kv_a: lin(&format!("{a}.kv_a_proj_with_mqa.weight"), c + r, d)?,
+                kv_a_norm: vec1(&format!("{a}.kv_a_layernorm.weight"), c)?,
+                kv_b: lin(&format!("{a}.kv_b_proj.weight"), nh * (p + v), c)?,
+                o: lin(&format!("{a}.o_proj.weight"), d, nh * v)?,
+                n_head: nh,
+                nope: p,
+                rope_dim: r,
+                v_dim: v,
+                kv_rank: c,
+                scale: cfg.softmax_scale(),
+            };
+            let ffn = if cfg.is_moe_layer(li) {
+                Ffn::Moe(load_moe(st, &cfg, &format!("{pre}.mlp"))?)
+            } else {
+                Ffn::Dense(mlp(&format!("{pre}.mlp"), cfg.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: vec1(&format!("{pre}.input_layernorm.weight"), d)?,
+                attn,
+                post_norm: vec1(&format!("{pre}.post_attention_layernorm.weight"), d)?,
+                ffn,
+            });
+        }
+        let lm_head = if st.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+            lin("lm_head.weight", cfg.vocab_size, d)?
+        } else {
+            Linear::new(embed.clone())
+        };
+        Ok(DeepseekModel {
+            rope: Rope::new(&cfg),
+            norm: vec1("model.norm.weight", d)?,
+            embed,
+            layers,
+            lm_head,
+            mla_mode: MlaMode::Auto,
+            weight_bytes: st.total_bytes(),
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights in the files.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Chooses the MLA form (default: expanded for prefill, absorbed for decode).
+    pub fn set_mla_mode(&mut self, mode: MlaMode) {
+        self.mla_mode = mode;
+    }
+
+    /// A new empty latent cache for this model.
+    pub fn new_cache(&self) -> LatentCache {
+        LatentCache::new(&self.cfg)
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` and appends their latents to `cache`.
+    ///
+    /// Returns logits `[rows, vocab]` for the rows `which` asks for.
+    pub fn forward(&self, tokens: &[u32], cache: &mut LatentCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+        let t = tokens.len();
+        let d = self.cfg.hidden_size;
+        if t == 0 {
+            return Err(ModelError::Input("forward needs at least one token".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is out of range (vocab_size {})", self.cfg.vocab_size)));
+        }
+        // x: [T, d]
+        let mut x = vec![0.0f32; t * d];
+        let emb = self.embed.mat();
+        for (i, &id) in tokens.iter().enumerate() {
+            emb.row_into(id as usize, &mut x[i * d..(i + 1) * d]);
+        }
+        let eps = self.cfg.rms_norm_eps;
+        let mut h = vec![0.0f32; t * d];
+        let mut o = vec![0.0f32; t * d];
+        for (li, layer) in self.layers.iter().enumerate() {
+            h.copy_from_slice(&x);
+            for row in h.chunks_mut(d) {
+                rmsnorm_inplace(row, &layer.input_norm, eps);
+            }
+            layer.attn.forward(&h, t, &self.rope, cache, li, self.mla_mode, &mut o);
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            h.copy_from_slice(&x);
+            for row in h.chunks_mut(d) {
+                rmsnorm_inplace(row, &layer.post_norm, eps);
+            }
+            match &layer.ffn {
+                Ffn::Dense(m) => m.forward(&h, t, &mut o),
+                Ffn::Moe(m) => m.forward(&h, t, d, &mut o),
+            }
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+        }
+        cache.commit(t);
+        let (rows, xs) = match which {
+            Logits::All => (t, &mut x[..]),
+            Logits::Last => (1, &mut x[(t - 1) * d..]),
+        };
+        for row in xs.chunks_mut(d) {
+            rmsnorm_inplace(row, &self.norm, eps);
+        }
+        let mut logits = vec![0.0f32; rows * self.cfg.vocab_size];
+        self.lm_head.forward(xs, rows, &mut logits);
+        Ok(logits)
+    }
+}
+
+fn load_moe(st: &WeightStore, cfg: &ModelConfig, pre: &str) -> Result<Moe, ModelError> {
+    let d = cfg.hidden_size;
+    let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
+    let weight = st.get(&format!("{pre}.gate.weight"), &[e, d])?.to_f32();
+    let bias_name = format!("{pre}.gate.e_score_correction_bias");
+    let bias = if cfg.model_type == ModelType::DeepseekV3 || cfg.topk_method == TopkMethod::NoauxTc {
+        Some(st.get(&bias_name, &[e])?.to_f32())
+    } else {
+        None
+    };
+    let fused = format!("{pre}.experts.gate_up_proj");
+    let experts = if st.contains(&fused) {
+        // transformers 5 in-memory layout: gate_up_proj [E, 2I, d] (gate first), down_proj [E, d, I].
+        let gu = st.get(&fused, &[e, 2 * i, d])?;
+        let dn = st.get(&format!("{pre}.experts.down_proj"), &[e, d, i])?;
+        (0..e)
+            .map(|k| Mlp {
+                gate: Linear::new(gu.rows(k * 2 * i, i, d)),
+                up: Linear::new(gu.rows(k * 2 * i + i, i, d)),
+                down: Linear::new(dn.rows(k * d, d, i)),
+            })
+            .collect()
+    } else {
+        (0..e)
+            .map(|k| {
+                let ex = format!("{pre}.experts.{k}");
+                Ok(Mlp {
+                    gate: Linear::new(st.get(&format!("{ex}.gate_proj.weight"), &[i, d])?),
+                    up: Linear::new(st.get(&format!("{ex}.up_proj.weight"), &[i, d])?),
+                    down: Linear::new(st.get(&format!("{ex}.down_proj.weight"), &[d, i])?),
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?
+    };
+    let shared = if cfg.n_shared_experts > 0 {
+        let w = i * cfg.n_shared_experts;
+        let sp = format!("{pre}.shared_experts");
+        Some(Mlp {
+            gate: Linear::new(st.get(&format!("{sp}.gate_proj.weight"), &[w, d])?),
+            up: Linear::new(st.get(&format!("{sp}.up_proj.weight"), &[w, d])?),
+            down: Linear::new(st.get(&format!("{sp}.down_proj.weight"), &[d, w])?),
+        })
+    } else {
+        None
+    };
+    Ok(Moe { router: Router::from_config(cfg, weight, bias), experts, shared })
+}

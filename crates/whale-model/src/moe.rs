@@ -1,0 +1,204 @@
+//! DeepSeekMoE: router, routed experts computed per expert over the tokens sent
+//! to it, and always-on shared experts.
+
+use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::linear::Mlp;
+
+/// The router of one MoE layer (all math in f32, as transformers does it).
+pub(crate) struct Router {
+    /// `mlp.gate.weight` `[E, d]`, decoded to f32 (small).
+    pub weight: Vec<f32>,
+    /// V3 `e_score_correction_bias` `[E]`: affects selection only.
+    pub bias: Option<Vec<f32>>,
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub method: TopkMethod,
+    pub scoring: ScoringFunc,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub scale: f32,
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_k(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+impl Router {
+    pub fn from_config(cfg: &ModelConfig, weight: Vec<f32>, bias: Option<Vec<f32>>) -> Self {
+        Router {
+            weight,
+            bias,
+            n_experts: cfg.n_routed_experts,
+            top_k: cfg.num_experts_per_tok,
+            method: cfg.topk_method,
+            scoring: cfg.scoring_func,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            scale: cfg.routed_scaling_factor,
+        }
+    }
+
+    /// Chosen experts and their weights for one token `h` (`[d]`).
+    pub fn route(&self, h: &[f32]) -> Vec<(usize, f32)> {
+        let d = h.len();
+        let e = self.n_experts;
+        let logits: Vec<f32> = (0..e).map(|i| whale_kernels::dot(h, &self.weight[i * d..(i + 1) * d])).collect();
+        let scores: Vec<f32> = match self.scoring {
+            ScoringFunc::Softmax => {
+                let mut s = logits;
+                whale_kernels::softmax_inplace(&mut s);
+                s
+            }
+            ScoringFunc::Sigmoid => logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
+        };
+        let per_group = e / self.n_group;
+        let mut chosen: Vec<usize> = match self.method {
+            TopkMethod::Greedy => top_k(&scores, self.top_k),
+            TopkMethod::GroupLimitedGreedy => {
+                // V2: a group scores its best expert; experts outside the kept groups get 0.0.
+                let g: Vec<f32> = scores.chunks(per_group).map(|c| c.iter().copied().fold(f32::MIN, f32::max)).collect();
+                let keep = top_k(&g, self.topk_group);
+                let masked: Vec<f32> =
+                    scores.iter().enumerate().map(|(i, &s)| if keep.contains(&(i / per_group)) { s } else { 0.0 }).collect();
+                top_k(&masked, self.top_k)
+            }
+            TopkMethod::NoauxTc => {
+                // V3: select on score + bias; a group scores the sum of its best two; others -inf.
+                let choice: Vec<f32> = match &self.bias {
+                    Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+                    None => scores.clone(),
+                };
+                let g: Vec<f32> = choice
+                    .chunks(per_group)
+                    .map(|c| top_k(c, 2.min(c.len())).iter().map(|&i| c[i]).sum())
+                    .collect();
+                let keep = top_k(&g, self.topk_group);
+                let masked: Vec<f32> = choice
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &s)| if keep.contains(&(i / per_group)) { s } else { f32::NEG_INFINITY })
+                    .collect();
+                top_k(&masked, self.top_k)
+            }
+        };
+        let mut w: Vec<f32> = chosen.iter().map(|&i| scores[i]).collect();
+        // transformers' V2 class ignores norm_topk_prob; V3 honours it.
+        if self.method == TopkMethod::NoauxTc && self.norm_topk_prob {
+            let s: f32 = w.iter().sum::<f32>() + 1e-20;
+            w.iter_mut().for_each(|x| *x /= s);
+        }
+        w.iter_mut().for_each(|x| *x *= self.scale);
+        chosen.drain(..).zip(w).collect()
+    }
+}
+
+/// One MoE layer.
+pub(crate) struct Moe {
+    pub router: Router,
+    pub experts: Vec<Mlp>,
+    pub shared: Option<Mlp>,
+}
+
+impl Moe {
+    /// `x`: `[n, d]` (normalised) → `y`: `[n, d]` (overwritten).
+    ///
+    /// Tokens are grouped by expert: each expert runs once over all tokens routed
+    /// to it (gather → gate/up → SiLU → down → weighted scatter-add).
+    pub fn forward(&self, x: &[f32], n: usize, d: usize, y: &mut [f32]) {
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for t in 0..n {
+            for (e, w) in self.router.route(&x[t * d..(t + 1) * d]) {
+                per_expert[e].push((t, w));
+            }
+        }
+        match &self.shared {
+            Some(s) => s.forward(x, n, y),
+            None => y.fill(0.0),
+        }
+        let mut routed = vec![0.0f32; n * d];
+        for (e, toks) in per_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let m = toks.len();
+            let mut xe = vec![0.0f32; m * d];
+            for (j, &(t, _)) in toks.iter().enumerate() {
+                xe[j * d..(j + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+            }
+            let mut ye = vec![0.0f32; m * d];
+            self.experts[e].forward(&xe, m, &mut ye);
+            for (j, &(t, w)) in toks.iter().enumerate() {
+                whale_kernels::axpy_row(w, &ye[j * d..(j + 1) * d], &mut routed[t * d..(t + 1) * d]);
+            }
+        }
+        for (yv, r) in y.iter_mut().zip(&routed) {
+            *yv += r;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(method: TopkMethod, scoring: ScoringFunc, scores_as_logits: &[f32]) -> (Router, Vec<f32>) {
+        // With h = [1] and weight = logits, router logits equal `scores_as_logits`.
+        let e = scores_as_logits.len();
+        (
+            Router {
+                weight: scores_as_logits.to_vec(),
+                bias: None,
+                n_experts: e,
+                top_k: 2,
+                method,
+                scoring,
+                n_group: 4,
+                topk_group: 2,
+                norm_topk_prob: false,
+                scale: 1.0,
+            },
+            vec![1.0],
+        )
+    }
+
+    #[test]
+    fn greedy_picks_largest_softmax_scores() {
+        let (r, h) = router(TopkMethod::Greedy, ScoringFunc::Softmax, &[0.0, 3.0, 1.0, 2.0, 0.5, 0.0, 0.0, 0.0]);
+        let got = r.route(&h);
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
+        let z: f32 = [0.0f32, 3.0, 1.0, 2.0, 0.5, 0.0, 0.0, 0.0].iter().map(|v| v.exp()).sum();
+        assert!((got[0].1 - 3f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn group_limited_keeps_groups_by_max() {
+        // groups of 2: g0 = {5, -9}, g1 = {4.9, 4.8}, g2 = {0, 0}, g3 = {4.95, -9}.
+        // Keep g0 and g3 (max 5 and 4.95): the second pick is expert 6, not 2 or 3.
+        let (r, h) = router(TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, &[5.0, -9.0, 4.9, 4.8, 0.0, 0.0, 4.95, -9.0]);
+        let got: Vec<usize> = r.route(&h).iter().map(|x| x.0).collect();
+        assert_eq!(got, vec![0, 6]);
+    }
+
+    #[test]
+    fn noaux_tc_selects_with_bias_weights_without() {
+        // groups by sum of top-2 of (sigmoid + bias).
+        let logits = [0.0, 0.0, 2.0, -2.0, 1.0, 1.0, -1.0, -1.0];
+        let (mut r, h) = router(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, &logits);
+        r.bias = Some(vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]);
+        r.norm_topk_prob = true;
+        r.scale = 2.5;
+        let got = r.route(&h);
+        let idx: Vec<usize> = got.iter().map(|x| x.0).collect();
+        // group 3 = {-1, -1+bias 2} sums highest; group 2 next; expert 7 then 4 (ties: lower index).
+        assert_eq!(idx, vec![7, 4]);
+        let sig = |z: f32| 1.0 / (1.0 + (-z).exp());
+        let (a, b) = (sig(-1.0), sig(1.0));
+        assert!((got[0].1 - 2.5 * a / (a + b)).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,188 @@
+//! Safetensors weights: one file or a sharded set with `model.safetensors.index.json`,
+//! memory-mapped. Tensors are borrowed from the maps; nothing is copied at load.
+
+use crate::error::ModelError;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use whale_kernels::{DType, MatRef};
+
+/// A tensor inside a memory-mapped file.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    file: Arc<PathBuf>,
+}
+
+impl Tensor {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape as stored (PyTorch order, outermost first).
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+
+    /// The file the tensor lives in.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// A 2-D view `[shape[0], product of the rest]`.
+    pub fn mat(&self) -> MatRef<'_> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        let cols = self.shape.iter().skip(1).product::<usize>();
+        // Length was checked against shape and dtype when the tensor was opened.
+        MatRef::new(self.dtype, self.bytes(), rows, cols).expect("tensor length checked at load")
+    }
+
+    /// Decodes the whole tensor to f32 (for small tensors: norms, biases).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let n = self.shape.iter().product::<usize>();
+        MatRef::new(self.dtype, self.bytes(), 1, n).expect("tensor length checked at load").to_f32()
+    }
+
+    /// Rows `start..start + n` of the tensor seen as a matrix with `cols` columns
+    /// (e.g. one expert's gate rows inside a fused `[E, 2I, d]` tensor).
+    pub(crate) fn rows(&self, start: usize, n: usize, cols: usize) -> Tensor {
+        let rb = cols * self.dtype.size();
+        debug_assert!((start + n) * rb <= self.len);
+        Tensor {
+            map: self.map.clone(),
+            offset: self.offset + start * rb,
+            len: n * rb,
+            dtype: self.dtype,
+            shape: vec![n, cols],
+            file: self.file.clone(),
+        }
+    }
+}
+
+/// All tensors of a model folder, by name.
+pub struct WeightStore {
+    tensors: HashMap<String, Tensor>,
+    files: Vec<PathBuf>,
+}
+
+impl WeightStore {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`,
+    /// or else every `*.safetensors` file in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files: Vec<PathBuf> = if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::format(&index, format!("invalid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::format(&index, "no weight_map object"))?;
+            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| ModelError::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return Err(ModelError::format(dir, "no model.safetensors, index or *.safetensors file"));
+            }
+            found
+        };
+        let mut store = WeightStore { tensors: HashMap::new(), files: vec![] };
+        for f in files {
+            store.add_file(&f)?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<(), ModelError> {
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: the map is read-only and private to this process; whale never writes
+        // through it. As with every mmap-based loader, a file truncated by another process
+        // while mapped would fault; model files are not modified while served.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let map = Arc::new(map);
+        let shared_path = Arc::new(path.to_path_buf());
+        let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::format(path, format!("not a valid safetensors file: {e}")))?;
+        let base = map.as_ptr() as usize;
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                other => {
+                    return Err(ModelError::DType { file: path.to_path_buf(), tensor: name, dtype: format!("{other:?}") })
+                }
+            };
+            let data = view.data();
+            let offset = data.as_ptr() as usize - base;
+            let t = Tensor {
+                map: map.clone(),
+                offset,
+                len: data.len(),
+                dtype,
+                shape: view.shape().to_vec(),
+                file: shared_path.clone(),
+            };
+            if self.tensors.insert(name.clone(), t).is_some() {
+                return Err(ModelError::format(path, format!("tensor {name:?} appears in more than one file")));
+            }
+        }
+        self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Total bytes of all tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.len).sum()
+    }
+
+    /// Names of all tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor `name`, which must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+            tensor: name.to_string(),
+            files: self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+        })?;
+        if t.shape != shape {
+            return Err(ModelError::Shape {
+                file: t.file.to_path_buf(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        Ok(t.clone())
+    }
+}

@@ -1,0 +1,151 @@
+//! whale's forward pass against transformers' (tools/make_fixtures.py).
+
+mod common;
+use common::*;
+use whale_model::{Logits, MlaMode, ModelConfig, ModelFolder};
+
+fn greedy(folder: &ModelFolder, prompt: &[u32], n: usize) -> Vec<u32> {
+    let m = &folder.model;
+    let mut cache = m.new_cache();
+    let mut logits = m.forward(prompt, &mut cache, Logits::Last).unwrap();
+    let mut out = vec![];
+    for _ in 0..n {
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.partial_cmp(b.1).unwrap().then(b.0.cmp(&a.0)))
+            .unwrap()
+            .0 as u32;
+        out.push(next);
+        logits = m.forward(&[next], &mut cache, Logits::Last).unwrap();
+    }
+    out
+}
+
+fn check_f32_fixture(name: &str) {
+    let folder = ModelFolder::open(&model_dir(name)).unwrap();
+    let exp = expected(name);
+    let mut cache = folder.model.new_cache();
+    let all = folder.model.forward(&exp.tokens, &mut cache, Logits::All).unwrap();
+    let err = max_abs_diff(&all, &exp.logits);
+    eprintln!("{name}: max |logit error| over all positions = {err:.3e}");
+    assert!(err < 1e-4, "{name}: all-position logits differ by {err}");
+    let last = folder.model.forward(&exp.tokens, &mut folder.model.new_cache(), Logits::Last).unwrap();
+    let err_last = max_abs_diff(&last, &exp.logits[exp.logits.len() - 1..]);
+    assert!(err_last < 1e-4, "{name}: last-position logits differ by {err_last}");
+    assert_eq!(greedy(&folder, &exp.tokens, 32), exp.greedy, "{name}: greedy continuation");
+}
+
+#[test]
+fn v2_lite_checkpoint_style_matches_transformers() {
+    check_f32_fixture("v2-lite");
+}
+
+#[test]
+fn v2_qlora_group_limited_sharded_matches_transformers() {
+    check_f32_fixture("v2");
+}
+
+#[test]
+fn v3_noaux_tc_matches_transformers() {
+    check_f32_fixture("v3");
+}
+
+#[test]
+fn bf16_weights_match_transformers() {
+    let name = "v2-lite-bf16";
+    let folder = ModelFolder::open(&model_dir(name)).unwrap();
+    let exp = expected(name);
+    let all = folder.model.forward(&exp.tokens, &mut folder.model.new_cache(), Logits::All).unwrap();
+    // Same bf16 weights, f32 arithmetic (what whale computes): tight.
+    let f32_ref = floats(&exp.raw["logits_f32_compute"]);
+    let err = max_abs_diff(&all, &f32_ref);
+    eprintln!("{name}: vs transformers f32 compute on bf16 weights = {err:.3e}");
+    assert!(err < 1e-4, "bf16 weights, f32 compute: {err}");
+    // Against transformers' bf16 run, which rounds every activation to bf16:
+    // 2e-2 of the row's largest logit magnitude.
+    let vocab = folder.model.config().vocab_size;
+    let mut worst = 0.0f32;
+    for (row, want) in all.chunks(vocab).zip(&exp.logits) {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let e = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale;
+        worst = worst.max(e);
+    }
+    eprintln!("{name}: vs transformers bf16 run, max error / max |logit| = {worst:.3e}");
+    assert!(worst < 2e-2, "bf16 relative error {worst}");
+    let g = greedy(&folder, &exp.tokens, 32);
+    assert_eq!(g, common::ids(&exp.raw["greedy_f32_compute"]), "greedy on bf16 weights");
+}
+
+#[test]
+fn absorbed_and_expanded_mla_agree() {
+    for name in ["v2-lite", "v2", "v3"] {
+        let mut folder = ModelFolder::open(&model_dir(name)).unwrap();
+        let exp = expected(name);
+        let mut run = |mode| {
+            folder.model.set_mla_mode(mode);
+            let mut cache = folder.model.new_cache();
+            // prefill half, then the rest token by token: both paths see a non-empty cache.
+            let (a, b) = exp.tokens.split_at(exp.tokens.len() / 2);
+            let mut out = folder.model.forward(a, &mut cache, Logits::All).unwrap();
+            for t in b {
+                out.extend(folder.model.forward(&[*t], &mut cache, Logits::All).unwrap());
+            }
+            out
+        };
+        let x = run(MlaMode::Absorbed);
+        let y = run(MlaMode::Expanded);
+        let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale;
+        eprintln!("{name}: absorbed vs expanded, max relative difference = {err:.3e}");
+        assert!(err < 1e-5, "{name}: absorbed vs expanded differ by {err} relative");
+    }
+}
+
+#[test]
+fn latent_cache_holds_only_latents() {
+    let folder = ModelFolder::open(&model_dir("v2")).unwrap();
+    let cfg = folder.model.config();
+    let mut cache = folder.model.new_cache();
+    folder.model.forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last).unwrap();
+    let per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4;
+    assert_eq!(cache.bytes_per_token(), per_token);
+    assert_eq!(cache.bytes_used(), 5 * per_token);
+    assert_eq!(cache.len(), 5);
+
+    // DeepSeek-V2-Lite's shapes: 27 layers × 576 values.
+    let lite = ModelConfig::from_json_str(
+        r#"{"model_type":"deepseek_v2","vocab_size":102400,"hidden_size":2048,"intermediate_size":10944,
+        "moe_intermediate_size":1408,"num_hidden_layers":27,"num_attention_heads":16,"q_lora_rank":null,
+        "kv_lora_rank":512,"qk_nope_head_dim":128,"qk_rope_head_dim":64,"v_head_dim":128,
+        "n_routed_experts":64,"n_shared_experts":2,"num_experts_per_tok":6,"first_k_dense_replace":1}"#,
+    )
+    .unwrap();
+    let c = whale_model::LatentCache::new(&lite);
+    assert_eq!(c.bytes_per_token(), 27 * 576 * 4);
+    let expanded = 27 * 16 * (192 + 128) * 4;
+    eprintln!("V2-Lite: latent cache {} B/token vs expanded per-head K/V {} B/token", c.bytes_per_token(), expanded);
+}
+
+#[test]
+fn cache_continuation_equals_one_shot() {
+    let folder = ModelFolder::open(&model_dir("v3")).unwrap();
+    let exp = expected("v3");
+    let m = &folder.model;
+    let mut cache = m.new_cache();
+    m.forward(&exp.tokens[..5], &mut cache, Logits::Last).unwrap();
+    let tail = m.forward(&exp.tokens[5..], &mut cache, Logits::All).unwrap();
+    let err = max_abs_diff(&tail, &exp.logits[5..]);
+    assert!(err < 1e-4, "chunked prefill differs by {err}");
+    // truncate and redo gives the same rows
+    cache.truncate(5);
+    let again = m.forward(&exp.tokens[5..], &mut cache, Logits::All).unwrap();
+    assert_eq!(tail, again);
+}
+
+#[test]
+fn out_of_range_token_is_an_error() {
+    let folder = ModelFolder::open(&model_dir("v2-lite")).unwrap();
+    let e = folder.model.forward(&[1, 99999], &mut folder.model.new_cache(), Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("token id 99999 is out of range"), "{e}");
+}
