@@ -1,1 +1,27 @@
-//! placeholder
+//! whale's engine: turns a prompt into tokens with a model.
+//!
+//! Sampling ([`Sampler`]), stopping ([`StopStrings`]), incremental
+//! detokenization that never splits a UTF-8 character ([`Detokenizer`]) and the
+//! single-sequence generation loop ([`generate`]) over the model's latent cache.
+//!
+//! ```
+//! use whale_engine::{Sampler, SamplingParams};
+//! let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+//! let mut logits = vec![0.1, 2.0, -1.0];
+//! assert_eq!(s.sample(&mut logits, &[], &[]), 1);
+//! ```
+#![deny(missing_docs)]
+
+mod detok;
+mod generate;
+mod rng;
+mod sampler;
+mod stop;
+
+pub use detok::Detokenizer;
+pub use generate::{
+    generate, generate_with_cache, EngineError, FinishReason, GenerateRequest, Generation,
+};
+pub use rng::Rng;
+pub use sampler::{Sampler, SamplingParams};
+pub use stop::StopStrings;

@@ -134,8 +134,14 @@ mod tests {
     fn decodes_each_type_exactly() {
         let vals = [1.5f32, -2.25, 0.0, 1024.0];
         let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let bf: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
-        let hf: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
         for (dt, b) in [(DType::F32, &f32b), (DType::BF16, &bf), (DType::F16, &hf)] {
             let m = MatRef::new(dt, b, 2, 2).unwrap();
             assert_eq!(m.to_f32(), vals.to_vec(), "{dt:?}");

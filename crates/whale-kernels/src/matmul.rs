@@ -80,7 +80,6 @@ pub fn axpy_row(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,26 +101,47 @@ mod tests {
     }
 
     fn data(len: usize, seed: f32) -> Vec<f32> {
-        (0..len).map(|i| ((i as f32 + seed) * 0.7123).sin()).collect()
+        (0..len)
+            .map(|i| ((i as f32 + seed) * 0.7123).sin())
+            .collect()
     }
 
     #[test]
     fn matmul_matches_naive_for_all_shapes_and_types() {
-        for &(n, out, inp) in &[(1, 5, 3), (3, 7, 9), (1, 700, 130), (17, 300, 64), (2, 1, 1)] {
+        for &(n, out, inp) in &[
+            (1, 5, 3),
+            (3, 7, 9),
+            (1, 700, 130),
+            (17, 300, 64),
+            (2, 1, 1),
+        ] {
             let x = data(n * inp, 1.0);
             let w = data(out * inp, 2.0);
             let want = naive(&x, n, &w, out, inp);
             let f32b: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mut y = vec![0.0; n * out];
-            matmul(&x, n, MatRef::new(DType::F32, &f32b, out, inp).unwrap(), &mut y);
+            matmul(
+                &x,
+                n,
+                MatRef::new(DType::F32, &f32b, out, inp).unwrap(),
+                &mut y,
+            );
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "{n}x{out}x{inp}: {a} vs {b}");
             }
             // bf16 weights: compare against the naive product of the rounded weights.
             let wb: Vec<f32> = w.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
-            let bfb: Vec<u8> = w.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+            let bfb: Vec<u8> = w
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect();
             let want = naive(&x, n, &wb, out, inp);
-            matmul(&x, n, MatRef::new(DType::BF16, &bfb, out, inp).unwrap(), &mut y);
+            matmul(
+                &x,
+                n,
+                MatRef::new(DType::BF16, &bfb, out, inp).unwrap(),
+                &mut y,
+            );
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "bf16 {n}x{out}x{inp}: {a} vs {b}");
             }

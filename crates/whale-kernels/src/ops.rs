@@ -96,6 +96,9 @@ mod tests {
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(x[2], 0.0);
         assert!(x[3] > x[1] && x[1] > x[0]);
-        assert!((silu(0.0)).abs() < 1e-7 && (silu(10.0) - 10.0 * (1.0 / (1.0 + (-10f32).exp()))).abs() < 1e-5);
+        assert!(
+            (silu(0.0)).abs() < 1e-7
+                && (silu(10.0) - 10.0 * (1.0 / (1.0 + (-10f32).exp()))).abs() < 1e-5
+        );
     }
 }

@@ -17,7 +17,11 @@ pub struct LatentCache {
 impl LatentCache {
     /// An empty cache shaped for `cfg`.
     pub fn new(cfg: &ModelConfig) -> Self {
-        LatentCache { layers: vec![Vec::new(); cfg.num_hidden_layers], latent_dim: cfg.latent_dim(), n_tokens: 0 }
+        LatentCache {
+            layers: vec![Vec::new(); cfg.num_hidden_layers],
+            latent_dim: cfg.latent_dim(),
+            n_tokens: 0,
+        }
     }
 
     /// Tokens whose latents are stored in every layer.
@@ -42,7 +46,10 @@ impl LatentCache {
 
     /// Bytes held for the cached tokens.
     pub fn bytes_used(&self) -> usize {
-        self.layers.iter().map(|l| l.len() * std::mem::size_of::<f32>()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.len() * std::mem::size_of::<f32>())
+            .sum()
     }
 
     /// Drops every token at position `n` and later (for rollback or reuse of a prefix).
@@ -72,6 +79,9 @@ impl LatentCache {
     /// Marks `n` appended tokens as complete in all layers.
     pub(crate) fn commit(&mut self, n: usize) {
         self.n_tokens += n;
-        debug_assert!(self.layers.iter().all(|l| l.len() == self.n_tokens * self.latent_dim));
+        debug_assert!(self
+            .layers
+            .iter()
+            .all(|l| l.len() == self.n_tokens * self.latent_dim));
     }
 }

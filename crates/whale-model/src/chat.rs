@@ -30,7 +30,11 @@ pub struct Message {
 impl Message {
     /// A message with plain text content.
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: Some(content.into()), extra: Default::default() }
+        Message {
+            role: role.into(),
+            content: Some(content.into()),
+            extra: Default::default(),
+        }
     }
 }
 
@@ -40,7 +44,8 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
 
 /// Python's `json.dumps(x, ensure_ascii=False, indent=indent)` as transformers' `tojson`.
 fn tojson(v: Value, indent: Option<usize>) -> Result<Value, Error> {
-    let j = serde_json::to_value(&v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let j = serde_json::to_value(&v)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let s = match indent {
         None => python_compact_json(&j),
         Some(n) => {
@@ -48,7 +53,8 @@ fn tojson(v: Value, indent: Option<usize>) -> Result<Value, Error> {
             let ind = " ".repeat(n);
             let fmt = serde_json::ser::PrettyFormatter::with_indent(ind.as_bytes());
             let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-            j.serialize(&mut ser).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+            j.serialize(&mut ser)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
             String::from_utf8(buf).unwrap_or_default()
         }
     };
@@ -58,11 +64,21 @@ fn tojson(v: Value, indent: Option<usize>) -> Result<Value, Error> {
 /// `json.dumps` default separators: `", "` and `": "`.
 fn python_compact_json(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::Array(a) => format!("[{}]", a.iter().map(python_compact_json).collect::<Vec<_>>().join(", ")),
+        serde_json::Value::Array(a) => format!(
+            "[{}]",
+            a.iter()
+                .map(python_compact_json)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         serde_json::Value::Object(o) => format!(
             "{{{}}}",
             o.iter()
-                .map(|(k, v)| format!("{}: {}", serde_json::Value::String(k.clone()), python_compact_json(v)))
+                .map(|(k, v)| format!(
+                    "{}: {}",
+                    serde_json::Value::String(k.clone()),
+                    python_compact_json(v)
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -72,7 +88,10 @@ fn python_compact_json(v: &serde_json::Value) -> String {
 
 /// `strftime_now(fmt)` for the common directives (UTC).
 fn strftime_now(fmt: String) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     strftime(secs, &fmt)
 }
 
@@ -89,9 +108,29 @@ fn strftime(secs: u64, fmt: &str) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let month = MONTHS[(m - 1) as usize];
     let wday = DAYS[days.rem_euclid(7) as usize];
     let mut out = String::new();
@@ -139,7 +178,11 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant prefix.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ModelError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
         self.render_with(messages, add_generation_prompt, None)
     }
 
@@ -150,7 +193,10 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String, ModelError> {
-        let tmpl = self.env.get_template("chat").map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
@@ -175,7 +221,10 @@ mod tests {
     #[test]
     fn strftime_known_date() {
         // 2024-02-29 13:05:09 UTC, a Thursday.
-        assert_eq!(strftime(1_709_211_909, "%d %b %Y %H:%M:%S %A %%"), "29 Feb 2024 13:05:09 Thursday %");
+        assert_eq!(
+            strftime(1_709_211_909, "%d %b %Y %H:%M:%S %A %%"),
+            "29 Feb 2024 13:05:09 Thursday %"
+        );
     }
 
     #[test]
@@ -186,7 +235,10 @@ mod tests {
             "</s>".into(),
         )
         .unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "hi|{\"a\": [1, \"é\"]}");
+        assert_eq!(
+            t.render(&[Message::new("user", "  hi ")], false).unwrap(),
+            "hi|{\"a\": [1, \"é\"]}"
+        );
         let e = t.render(&[Message::new("bad", "x")], false).unwrap_err();
         assert!(e.to_string().contains("no bad"), "{e}");
     }

@@ -169,7 +169,11 @@ struct Raw {
 fn ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -183,20 +187,27 @@ impl ModelConfig {
 
     /// Parses and validates config JSON text.
     pub fn from_json_str(text: &str) -> Result<Self, ModelError> {
-        let raw: Raw = serde_json::from_str(text).map_err(|e| ModelError::config(format!("invalid config.json: {e}")))?;
+        let raw: Raw = serde_json::from_str(text)
+            .map_err(|e| ModelError::config(format!("invalid config.json: {e}")))?;
         Self::from_raw(raw)
     }
 
     fn from_raw(raw: Raw) -> Result<Self, ModelError> {
         let bad = |m: String| Err(ModelError::config(m));
-        let arch = raw.architectures.as_ref().and_then(|a| a.first().cloned()).unwrap_or_default();
+        let arch = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .unwrap_or_default();
         let model_type = match raw.model_type.as_deref() {
             Some("deepseek_v2") => ModelType::DeepseekV2,
             Some("deepseek_v3") => ModelType::DeepseekV3,
             None if arch == "DeepseekV2ForCausalLM" => ModelType::DeepseekV2,
             None if arch == "DeepseekV3ForCausalLM" => ModelType::DeepseekV3,
             Some(other) => {
-                return bad(format!("unsupported model_type {other:?}: whale runs deepseek_v2 and deepseek_v3"))
+                return bad(format!(
+                    "unsupported model_type {other:?}: whale runs deepseek_v2 and deepseek_v3"
+                ))
             }
             None => return bad("config.json has no model_type".into()),
         };
@@ -220,23 +231,33 @@ impl ModelConfig {
             None => class_scoring,
             Some("softmax") => ScoringFunc::Softmax,
             Some("sigmoid") => ScoringFunc::Sigmoid,
-            Some(other) => return bad(format!("unsupported scoring_func {other:?} (expected softmax or sigmoid)")),
+            Some(other) => {
+                return bad(format!(
+                    "unsupported scoring_func {other:?} (expected softmax or sigmoid)"
+                ))
+            }
         };
         if scoring_func != class_scoring {
-            return bad(format!("scoring_func {scoring_func:?} does not match model_type {model_type:?}"));
+            return bad(format!(
+                "scoring_func {scoring_func:?} does not match model_type {model_type:?}"
+            ));
         }
         match (model_type, topk_method) {
             (ModelType::DeepseekV2, TopkMethod::NoauxTc) => {
                 return bad("topk_method noaux_tc needs model_type deepseek_v3".into())
             }
             (ModelType::DeepseekV3, m) if m != TopkMethod::NoauxTc => {
-                return bad(format!("model_type deepseek_v3 routes with noaux_tc, config says {m:?}"))
+                return bad(format!(
+                    "model_type deepseek_v3 routes with noaux_tc, config says {m:?}"
+                ))
             }
             _ => {}
         }
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
-                return bad(format!("unsupported hidden_act {act:?} (DeepSeek uses silu)"));
+                return bad(format!(
+                    "unsupported hidden_act {act:?} (DeepSeek uses silu)"
+                ));
             }
         }
         if raw.attention_bias == Some(true) || raw.mlp_bias == Some(true) {
@@ -244,7 +265,10 @@ impl ModelConfig {
         }
         if raw.moe_layer_freq.is_some_and(|f| f != 1) {
             // transformers ignores the field; every released checkpoint has 1.
-            return bad(format!("moe_layer_freq {:?} is not supported (only 1)", raw.moe_layer_freq));
+            return bad(format!(
+                "moe_layer_freq {:?} is not supported (only 1)",
+                raw.moe_layer_freq
+            ));
         }
         let (rope_theta, rope_scaling) = parse_rope(&raw)?;
         let cfg = ModelConfig {
@@ -270,7 +294,8 @@ impl ModelConfig {
             topk_group: raw.topk_group.unwrap_or(1).max(1),
             norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
             first_k_dense_replace: raw.first_k_dense_replace.unwrap_or(0),
-            rope_interleave: model_type == ModelType::DeepseekV2 || raw.rope_interleave.unwrap_or(true),
+            rope_interleave: model_type == ModelType::DeepseekV2
+                || raw.rope_interleave.unwrap_or(true),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
@@ -299,7 +324,10 @@ impl ModelConfig {
             }
         }
         if self.qk_rope_head_dim % 2 != 0 {
-            return bad(format!("qk_rope_head_dim must be even, got {}", self.qk_rope_head_dim));
+            return bad(format!(
+                "qk_rope_head_dim must be even, got {}",
+                self.qk_rope_head_dim
+            ));
         }
         if self.has_moe_layers() {
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.n_routed_experts {
@@ -309,18 +337,29 @@ impl ModelConfig {
                 ));
             }
             if self.moe_intermediate_size == 0 {
-                return bad("moe_intermediate_size must be positive when there are routed experts".into());
+                return bad(
+                    "moe_intermediate_size must be positive when there are routed experts".into(),
+                );
             }
             if self.topk_method != TopkMethod::Greedy {
                 if self.n_routed_experts % self.n_group != 0 {
-                    return bad(format!("n_routed_experts {} is not divisible by n_group {}", self.n_routed_experts, self.n_group));
+                    return bad(format!(
+                        "n_routed_experts {} is not divisible by n_group {}",
+                        self.n_routed_experts, self.n_group
+                    ));
                 }
                 if self.topk_group > self.n_group {
-                    return bad(format!("topk_group {} exceeds n_group {}", self.topk_group, self.n_group));
+                    return bad(format!(
+                        "topk_group {} exceeds n_group {}",
+                        self.topk_group, self.n_group
+                    ));
                 }
                 let kept = self.topk_group * (self.n_routed_experts / self.n_group);
                 if kept < self.num_experts_per_tok {
-                    return bad(format!("topk_group keeps {kept} experts, fewer than num_experts_per_tok {}", self.num_experts_per_tok));
+                    return bad(format!(
+                        "topk_group keeps {kept} experts, fewer than num_experts_per_tok {}",
+                        self.num_experts_per_tok
+                    ));
                 }
             }
         }
@@ -351,9 +390,11 @@ impl ModelConfig {
     pub fn softmax_scale(&self) -> f32 {
         let base = (self.qk_head_dim() as f64).powf(-0.5);
         let m = match self.rope_scaling {
-            RopeScaling::Yarn { factor, mscale_all_dim, .. } if mscale_all_dim != 0.0 => {
-                yarn_get_mscale(factor, mscale_all_dim)
-            }
+            RopeScaling::Yarn {
+                factor,
+                mscale_all_dim,
+                ..
+            } if mscale_all_dim != 0.0 => yarn_get_mscale(factor, mscale_all_dim),
             _ => 1.0,
         };
         (base * m * m) as f32
@@ -395,10 +436,13 @@ fn parse_rope(raw: &Raw) -> Result<(f64, RopeScaling), ModelError> {
     match kind {
         "default" => Ok((theta, RopeScaling::None)),
         "yarn" => {
-            let factor = num(p, "factor").ok_or_else(|| ModelError::config("yarn rope scaling has no factor"))?;
+            let factor = num(p, "factor")
+                .ok_or_else(|| ModelError::config("yarn rope scaling has no factor"))?;
             let orig = num(p, "original_max_position_embeddings")
                 .or(raw.max_position_embeddings.map(|m| m as f64 / factor))
-                .ok_or_else(|| ModelError::config("yarn rope scaling has no original_max_position_embeddings"))?;
+                .ok_or_else(|| {
+                    ModelError::config("yarn rope scaling has no original_max_position_embeddings")
+                })?;
             Ok((
                 theta,
                 RopeScaling::Yarn {
@@ -412,7 +456,9 @@ fn parse_rope(raw: &Raw) -> Result<(f64, RopeScaling), ModelError> {
                 },
             ))
         }
-        other => Err(ModelError::config(format!("unsupported rope scaling type {other:?} (whale supports default and yarn)"))),
+        other => Err(ModelError::config(format!(
+            "unsupported rope scaling type {other:?} (whale supports default and yarn)"
+        ))),
     }
 }
 
@@ -470,7 +516,10 @@ mod tests {
         let c = ModelConfig::from_json_str(&v3).unwrap();
         assert!((c.softmax_scale() - 0.135_233_78).abs() < 1e-7);
         let e = ModelConfig::from_json_str(&LITE.replace("deepseek_v2", "llama")).unwrap_err();
-        assert!(e.to_string().contains("unsupported model_type \"llama\""), "{e}");
+        assert!(
+            e.to_string().contains("unsupported model_type \"llama\""),
+            "{e}"
+        );
         let e = ModelConfig::from_json_str(&LITE.replace("\"greedy\"", "\"best\"")).unwrap_err();
         assert!(e.to_string().contains("topk_method \"best\""), "{e}");
         let e = ModelConfig::from_json_str(&LITE.replace("\"softmax\"", "\"relu\"")).unwrap_err();

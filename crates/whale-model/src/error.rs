@@ -51,7 +51,9 @@ pub enum ModelError {
         found: Vec<usize>,
     },
     /// A tensor has a dtype whale cannot compute with.
-    #[error("{file}: tensor {tensor:?} has unsupported dtype {dtype} (whale reads F32, F16 and BF16)")]
+    #[error(
+        "{file}: tensor {tensor:?} has unsupported dtype {dtype} (whale reads F32, F16 and BF16)"
+    )]
     DType {
         /// The file holding the tensor.
         file: PathBuf,
@@ -70,21 +72,33 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.to_path_buf(), source }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub(crate) fn config(msg: impl Into<String>) -> Self {
-        ModelError::Config { file: None, msg: msg.into() }
+        ModelError::Config {
+            file: None,
+            msg: msg.into(),
+        }
     }
 
     pub(crate) fn format(file: &Path, msg: impl Into<String>) -> Self {
-        ModelError::Format { file: file.to_path_buf(), msg: msg.into() }
+        ModelError::Format {
+            file: file.to_path_buf(),
+            msg: msg.into(),
+        }
     }
 
     /// Attaches a file to a config error that has none.
     pub(crate) fn in_file(self, path: &Path) -> Self {
         match self {
-            ModelError::Config { file: None, msg } => ModelError::Config { file: Some(path.to_path_buf()), msg },
+            ModelError::Config { file: None, msg } => ModelError::Config {
+                file: Some(path.to_path_buf()),
+                msg,
+            },
             e => e,
         }
     }

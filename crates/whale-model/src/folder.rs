@@ -21,15 +21,23 @@ pub struct GenerationConfig {
 impl GenerationConfig {
     fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))?;
         let eos = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
             _ => vec![],
         };
         Ok(GenerationConfig {
             eos_token_ids: eos,
-            temperature: v.get("temperature").and_then(Value::as_f64).map(|x| x as f32),
+            temperature: v
+                .get("temperature")
+                .and_then(Value::as_f64)
+                .map(|x| x as f32),
             top_p: v.get("top_p").and_then(Value::as_f64).map(|x| x as f32),
         })
     }
@@ -61,8 +69,17 @@ impl ModelFolder {
         let model = DeepseekModel::load_dir(dir, cfg)?;
         let tokenizer = open_tokenizer(dir)?;
         let gc = dir.join("generation_config.json");
-        let generation = if gc.is_file() { GenerationConfig::from_file(&gc)? } else { GenerationConfig::default() };
-        Ok(ModelFolder { dir: dir.to_path_buf(), model, tokenizer, generation })
+        let generation = if gc.is_file() {
+            GenerationConfig::from_file(&gc)?
+        } else {
+            GenerationConfig::default()
+        };
+        Ok(ModelFolder {
+            dir: dir.to_path_buf(),
+            model,
+            tokenizer,
+            generation,
+        })
     }
 
     /// End-of-sequence ids: `generation_config.json`, else `config.json`, else the tokenizer's EOS.
@@ -73,7 +90,11 @@ impl ModelFolder {
         if !self.model.config().eos_token_ids.is_empty() {
             return self.model.config().eos_token_ids.clone();
         }
-        self.tokenizer.as_ref().and_then(Tokenizer::eos_id).into_iter().collect()
+        self.tokenizer
+            .as_ref()
+            .and_then(Tokenizer::eos_id)
+            .into_iter()
+            .collect()
     }
 }
 

@@ -36,7 +36,11 @@ pub(crate) enum QProj {
     /// `q_proj` `[H·(P+R), d]`.
     Plain(Linear),
     /// `q_a_proj` `[q_lora, d]` → RMSNorm → `q_b_proj` `[H·(P+R), q_lora]`.
-    Lora { a: Linear, norm: Vec<f32>, b: Linear },
+    Lora {
+        a: Linear,
+        norm: Vec<f32>,
+        b: Linear,
+    },
 }
 
 /// Weights and dims of one MLA layer.
@@ -63,7 +67,6 @@ pub(crate) struct Mla {
 const LATENT_NORM_EPS: f32 = 1e-6;
 
 impl Mla {
-
     /// Attention for `T` new tokens `h` (`[T, d]`, already normalised) at positions
     /// `cache.len()..`; appends their latents to `cache` layer `layer` and writes `[T, d]` to `out`.
     pub fn forward(
@@ -76,7 +79,13 @@ impl Mla {
         mode: MlaMode,
         out: &mut [f32],
     ) {
-        let (nh, p, r, v, c) = (self.n_head, self.nope, self.rope_dim, self.v_dim, self.kv_rank);
+        let (nh, p, r, v, c) = (
+            self.n_head,
+            self.nope,
+            self.rope_dim,
+            self.v_dim,
+            self.kv_rank,
+        );
         let qk = p + r;
         let past = cache.len();
 
@@ -124,7 +133,8 @@ impl Mla {
         let mut attn = vec![0.0f32; t * nh * v];
         for (hi, ho) in heads.iter().enumerate() {
             for ti in 0..t {
-                attn[ti * nh * v + hi * v..ti * nh * v + (hi + 1) * v].copy_from_slice(&ho[ti * v..(ti + 1) * v]);
+                attn[ti * nh * v + hi * v..ti * nh * v + (hi + 1) * v]
+                    .copy_from_slice(&ho[ti * v..(ti + 1) * v]);
             }
         }
         self.o.forward(&attn, t, out);
@@ -132,7 +142,13 @@ impl Mla {
 
     /// Per head `[T, V]` outputs by the absorbed form.
     fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
-        let (nh, p, r, v, c) = (self.n_head, self.nope, self.rope_dim, self.v_dim, self.kv_rank);
+        let (nh, p, r, v, c) = (
+            self.n_head,
+            self.nope,
+            self.rope_dim,
+            self.v_dim,
+            self.kv_rank,
+        );
         let qk = p + r;
         let w = self.kv_b.mat();
         (0..nh)
@@ -169,7 +185,13 @@ impl Mla {
 
     /// Per head `[T, V]` outputs by the expanded form.
     fn expanded(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
-        let (nh, p, r, v, c) = (self.n_head, self.nope, self.rope_dim, self.v_dim, self.kv_rank);
+        let (nh, p, r, v, c) = (
+            self.n_head,
+            self.nope,
+            self.rope_dim,
+            self.v_dim,
+            self.kv_rank,
+        );
         let qk = p + r;
         // latents of all N tokens: [N, C]
         let mut lat = vec![0.0f32; n * c];

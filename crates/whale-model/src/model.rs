@@ -55,8 +55,13 @@ impl DeepseekModel {
     /// Builds the model from opened weights, checking every tensor's shape.
     pub fn from_store(st: &WeightStore, cfg: ModelConfig) -> Result<Self, ModelError> {
         let d = cfg.hidden_size;
-        let (nh, p, r, v, c) =
-            (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let (nh, p, r, v, c) = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
         let lin = |name: &str, out: usize, inp: usize| st.get(name, &[out, inp]).map(Linear::new);
         let vec1 = |name: &str, n: usize| st.get(name, &[n]).map(|t| t.to_f32());
         let mlp = |pre: &str, i: usize| -> Result<Mlp, ModelError> {
@@ -144,14 +149,25 @@ impl DeepseekModel {
     /// Runs `tokens` at positions `cache.len()..` and appends their latents to `cache`.
     ///
     /// Returns logits `[rows, vocab]` for the rows `which` asks for.
-    pub fn forward(&self, tokens: &[u32], cache: &mut LatentCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut LatentCache,
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
         let t = tokens.len();
         let d = self.cfg.hidden_size;
         if t == 0 {
             return Err(ModelError::Input("forward needs at least one token".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is out of range (vocab_size {})", self.cfg.vocab_size)));
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is out of range (vocab_size {})",
+                self.cfg.vocab_size
+            )));
         }
         // x: [T, d]
         let mut x = vec![0.0f32; t * d];
@@ -167,7 +183,9 @@ impl DeepseekModel {
             for row in h.chunks_mut(d) {
                 rmsnorm_inplace(row, &layer.input_norm, eps);
             }
-            layer.attn.forward(&h, t, &self.rope, cache, li, self.mla_mode, &mut o);
+            layer
+                .attn
+                .forward(&h, t, &self.rope, cache, li, self.mla_mode, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -202,7 +220,8 @@ fn load_moe(st: &WeightStore, cfg: &ModelConfig, pre: &str) -> Result<Moe, Model
     let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
     let weight = st.get(&format!("{pre}.gate.weight"), &[e, d])?.to_f32();
     let bias_name = format!("{pre}.gate.e_score_correction_bias");
-    let bias = if cfg.model_type == ModelType::DeepseekV3 || cfg.topk_method == TopkMethod::NoauxTc {
+    let bias = if cfg.model_type == ModelType::DeepseekV3 || cfg.topk_method == TopkMethod::NoauxTc
+    {
         Some(st.get(&bias_name, &[e])?.to_f32())
     } else {
         None
@@ -242,5 +261,9 @@ fn load_moe(st: &WeightStore, cfg: &ModelConfig, pre: &str) -> Result<Moe, Model
     } else {
         None
     };
-    Ok(Moe { router: Router::from_config(cfg, weight, bias), experts, shared })
+    Ok(Moe {
+        router: Router::from_config(cfg, weight, bias),
+        experts,
+        shared,
+    })
 }

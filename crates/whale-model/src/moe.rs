@@ -23,7 +23,11 @@ pub(crate) struct Router {
 /// Indices of the `k` largest values, largest first; ties go to the lower index.
 fn top_k(v: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        v[b].partial_cmp(&v[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx
 }
@@ -48,7 +52,9 @@ impl Router {
     pub fn route(&self, h: &[f32]) -> Vec<(usize, f32)> {
         let d = h.len();
         let e = self.n_experts;
-        let logits: Vec<f32> = (0..e).map(|i| whale_kernels::dot(h, &self.weight[i * d..(i + 1) * d])).collect();
+        let logits: Vec<f32> = (0..e)
+            .map(|i| whale_kernels::dot(h, &self.weight[i * d..(i + 1) * d]))
+            .collect();
         let scores: Vec<f32> = match self.scoring {
             ScoringFunc::Softmax => {
                 let mut s = logits;
@@ -62,10 +68,22 @@ impl Router {
             TopkMethod::Greedy => top_k(&scores, self.top_k),
             TopkMethod::GroupLimitedGreedy => {
                 // V2: a group scores its best expert; experts outside the kept groups get 0.0.
-                let g: Vec<f32> = scores.chunks(per_group).map(|c| c.iter().copied().fold(f32::MIN, f32::max)).collect();
+                let g: Vec<f32> = scores
+                    .chunks(per_group)
+                    .map(|c| c.iter().copied().fold(f32::MIN, f32::max))
+                    .collect();
                 let keep = top_k(&g, self.topk_group);
-                let masked: Vec<f32> =
-                    scores.iter().enumerate().map(|(i, &s)| if keep.contains(&(i / per_group)) { s } else { 0.0 }).collect();
+                let masked: Vec<f32> = scores
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &s)| {
+                        if keep.contains(&(i / per_group)) {
+                            s
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
                 top_k(&masked, self.top_k)
             }
             TopkMethod::NoauxTc => {
@@ -82,7 +100,13 @@ impl Router {
                 let masked: Vec<f32> = choice
                     .iter()
                     .enumerate()
-                    .map(|(i, &s)| if keep.contains(&(i / per_group)) { s } else { f32::NEG_INFINITY })
+                    .map(|(i, &s)| {
+                        if keep.contains(&(i / per_group)) {
+                            s
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                     .collect();
                 top_k(&masked, self.top_k)
             }
@@ -134,7 +158,11 @@ impl Moe {
             let mut ye = vec![0.0f32; m * d];
             self.experts[e].forward(&xe, m, &mut ye);
             for (j, &(t, w)) in toks.iter().enumerate() {
-                whale_kernels::axpy_row(w, &ye[j * d..(j + 1) * d], &mut routed[t * d..(t + 1) * d]);
+                whale_kernels::axpy_row(
+                    w,
+                    &ye[j * d..(j + 1) * d],
+                    &mut routed[t * d..(t + 1) * d],
+                );
             }
         }
         for (yv, r) in y.iter_mut().zip(&routed) {
@@ -147,7 +175,11 @@ impl Moe {
 mod tests {
     use super::*;
 
-    fn router(method: TopkMethod, scoring: ScoringFunc, scores_as_logits: &[f32]) -> (Router, Vec<f32>) {
+    fn router(
+        method: TopkMethod,
+        scoring: ScoringFunc,
+        scores_as_logits: &[f32],
+    ) -> (Router, Vec<f32>) {
         // With h = [1] and weight = logits, router logits equal `scores_as_logits`.
         let e = scores_as_logits.len();
         (
@@ -169,10 +201,17 @@ mod tests {
 
     #[test]
     fn greedy_picks_largest_softmax_scores() {
-        let (r, h) = router(TopkMethod::Greedy, ScoringFunc::Softmax, &[0.0, 3.0, 1.0, 2.0, 0.5, 0.0, 0.0, 0.0]);
+        let (r, h) = router(
+            TopkMethod::Greedy,
+            ScoringFunc::Softmax,
+            &[0.0, 3.0, 1.0, 2.0, 0.5, 0.0, 0.0, 0.0],
+        );
         let got = r.route(&h);
         assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
-        let z: f32 = [0.0f32, 3.0, 1.0, 2.0, 0.5, 0.0, 0.0, 0.0].iter().map(|v| v.exp()).sum();
+        let z: f32 = [0.0f32, 3.0, 1.0, 2.0, 0.5, 0.0, 0.0, 0.0]
+            .iter()
+            .map(|v| v.exp())
+            .sum();
         assert!((got[0].1 - 3f32.exp() / z).abs() < 1e-6);
     }
 
@@ -180,7 +219,11 @@ mod tests {
     fn group_limited_keeps_groups_by_max() {
         // groups of 2: g0 = {5, -9}, g1 = {4.9, 4.8}, g2 = {0, 0}, g3 = {4.95, -9}.
         // Keep g0 and g3 (max 5 and 4.95): the second pick is expert 6, not 2 or 3.
-        let (r, h) = router(TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, &[5.0, -9.0, 4.9, 4.8, 0.0, 0.0, 4.95, -9.0]);
+        let (r, h) = router(
+            TopkMethod::GroupLimitedGreedy,
+            ScoringFunc::Softmax,
+            &[5.0, -9.0, 4.9, 4.8, 0.0, 0.0, 4.95, -9.0],
+        );
         let got: Vec<usize> = r.route(&h).iter().map(|x| x.0).collect();
         assert_eq!(got, vec![0, 6]);
     }

@@ -21,9 +21,15 @@ impl Rope {
         let base = cfg.rope_theta;
         let half = dim / 2;
         // pos_freq[i] = base^(2i/dim), in f32 as transformers computes it.
-        let pos_freq: Vec<f32> = (0..half).map(|i| (base as f32).powf((2 * i) as f32 / dim as f32)).collect();
+        let pos_freq: Vec<f32> = (0..half)
+            .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
+            .collect();
         match cfg.rope_scaling {
-            RopeScaling::None => Rope { inv_freq: pos_freq.iter().map(|p| 1.0 / p).collect(), amplitude: 1.0, interleaved: cfg.rope_interleave },
+            RopeScaling::None => Rope {
+                inv_freq: pos_freq.iter().map(|p| 1.0 / p).collect(),
+                amplitude: 1.0,
+                interleaved: cfg.rope_interleave,
+            },
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: l0,
@@ -33,7 +39,9 @@ impl Rope {
                 mscale_all_dim,
                 attention_factor,
             } => {
-                let corr_dim = |r: f64| (dim as f64 * (l0 / (r * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
+                let corr_dim = |r: f64| {
+                    (dim as f64 * (l0 / (r * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
+                };
                 let low = corr_dim(beta_fast).floor().max(0.0);
                 let mut high = corr_dim(beta_slow).ceil().min(dim as f64 - 1.0);
                 if low == high {
@@ -56,7 +64,11 @@ impl Rope {
                     }
                     None => yarn_get_mscale(factor, 1.0),
                 } as f32;
-                Rope { inv_freq, amplitude, interleaved: cfg.rope_interleave }
+                Rope {
+                    inv_freq,
+                    amplitude,
+                    interleaved: cfg.rope_interleave,
+                }
             }
         }
     }
@@ -80,7 +92,11 @@ impl Rope {
             let theta = p * f;
             let (s, c) = theta.sin_cos();
             let (c, s) = (c * self.amplitude, s * self.amplitude);
-            let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (ia, ib) = if self.interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
             let (a, b) = (x[ia], x[ib]);
             x[ia] = a * c - b * s;
             x[ib] = a * s + b * c;
@@ -94,11 +110,38 @@ mod tests {
 
     /// transformers 5.24's fp32 values for every V2/V3 config (reference §2.6).
     const HF_INV_FREQ: [f32; 32] = [
-        1.0, 0.749_894_2, 0.562_341_33, 0.421_696_5, 0.316_227_76, 0.237_137_36, 0.177_827_94, 0.133_352_15, 0.1,
-        0.074_989_416, 0.056_234_13, 0.039_006_926, 0.026_879_36, 0.018_378_144, 0.012_447_956, 0.008_334_509,
-        0.005_500_000_4, 0.003_561_997_3, 0.002_249_365_2, 0.001_370_513_5, 0.000_790_569_4, 0.000_414_990_4,
-        0.000_177_827_94, 3.333_803_4e-5, 2.5e-5, 1.874_735_4e-5, 1.405_853_3e-5, 1.054_241_2e-5, 7.905_694_5e-6,
-        5.928_434_3e-6, 4.445_698_3e-6, 3.333_803_5e-6,
+        1.0,
+        0.749_894_2,
+        0.562_341_33,
+        0.421_696_5,
+        0.316_227_76,
+        0.237_137_36,
+        0.177_827_94,
+        0.133_352_15,
+        0.1,
+        0.074_989_416,
+        0.056_234_13,
+        0.039_006_926,
+        0.026_879_36,
+        0.018_378_144,
+        0.012_447_956,
+        0.008_334_509,
+        0.005_500_000_4,
+        0.003_561_997_3,
+        0.002_249_365_2,
+        0.001_370_513_5,
+        0.000_790_569_4,
+        0.000_414_990_4,
+        0.000_177_827_94,
+        3.333_803_4e-5,
+        2.5e-5,
+        1.874_735_4e-5,
+        1.405_853_3e-5,
+        1.054_241_2e-5,
+        7.905_694_5e-6,
+        5.928_434_3e-6,
+        4.445_698_3e-6,
+        3.333_803_5e-6,
     ];
 
     fn lite() -> ModelConfig {

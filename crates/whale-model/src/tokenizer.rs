@@ -34,7 +34,8 @@ impl Tokenizer {
         let tc = dir.join("tokenizer_config.json");
         let cfg: Value = if tc.is_file() {
             let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
-            serde_json::from_str(&text).map_err(|e| ModelError::format(&tc, format!("invalid JSON: {e}")))?
+            serde_json::from_str(&text)
+                .map_err(|e| ModelError::format(&tc, format!("invalid JSON: {e}")))?
         } else {
             Value::Null
         };
@@ -52,14 +53,22 @@ impl Tokenizer {
             Some(t) => Some(t),
             None => {
                 let jinja = dir.join("chat_template.jinja");
-                jinja.is_file().then(|| std::fs::read_to_string(&jinja)).transpose().map_err(|e| ModelError::io(&jinja, e))?
+                jinja
+                    .is_file()
+                    .then(|| std::fs::read_to_string(&jinja))
+                    .transpose()
+                    .map_err(|e| ModelError::io(&jinja, e))?
             }
         };
         Self::build(inner, &cfg, template)
     }
 
     /// Builds from an in-memory tokenizer and a `tokenizer_config.json` value.
-    pub fn build(inner: tokenizers::Tokenizer, cfg: &Value, template: Option<String>) -> Result<Self, ModelError> {
+    pub fn build(
+        inner: tokenizers::Tokenizer,
+        cfg: &Value,
+        template: Option<String>,
+    ) -> Result<Self, ModelError> {
         let special = |key: &str| -> Option<(String, u32)> {
             let text = token_text(cfg.get(key))?;
             let id = inner.token_to_id(&text)?;
@@ -67,7 +76,10 @@ impl Tokenizer {
         };
         let bos = special("bos_token");
         let eos = special("eos_token");
-        let add_bos_token = cfg.get("add_bos_token").and_then(Value::as_bool).unwrap_or(bos.is_some());
+        let add_bos_token = cfg
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(bos.is_some());
         let chat_template = template
             .map(|t| {
                 ChatTemplate::new(
@@ -77,13 +89,22 @@ impl Tokenizer {
                 )
             })
             .transpose()?;
-        Ok(Tokenizer { inner, bos, eos, add_bos_token, chat_template })
+        Ok(Tokenizer {
+            inner,
+            bos,
+            eos,
+            add_bos_token,
+            chat_template,
+        })
     }
 
     /// Token ids of `text`; `add_special` applies the tokenizer's post-processor
     /// (as Python `tokenizers` does with `add_special_tokens=True`).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, ModelError> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -101,7 +122,9 @@ impl Tokenizer {
 
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {
-        self.inner.decode(ids, skip_special).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// Raw bytes of one token id as the byte-level BPE decodes it, where possible.

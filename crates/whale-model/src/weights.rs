@@ -53,7 +53,9 @@ impl Tensor {
     /// Decodes the whole tensor to f32 (for small tensors: norms, biases).
     pub fn to_f32(&self) -> Vec<f32> {
         let n = self.shape.iter().product::<usize>();
-        MatRef::new(self.dtype, self.bytes(), 1, n).expect("tensor length checked at load").to_f32()
+        MatRef::new(self.dtype, self.bytes(), 1, n)
+            .expect("tensor length checked at load")
+            .to_f32()
     }
 
     /// Rows `start..start + n` of the tensor seen as a matrix with `cols` columns
@@ -86,13 +88,16 @@ impl WeightStore {
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::format(&index, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::format(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| ModelError::format(&index, "no weight_map object"))?;
-            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -106,11 +111,17 @@ impl WeightStore {
                 .collect();
             found.sort();
             if found.is_empty() {
-                return Err(ModelError::format(dir, "no model.safetensors, index or *.safetensors file"));
+                return Err(ModelError::format(
+                    dir,
+                    "no model.safetensors, index or *.safetensors file",
+                ));
             }
             found
         };
-        let mut store = WeightStore { tensors: HashMap::new(), files: vec![] };
+        let mut store = WeightStore {
+            tensors: HashMap::new(),
+            files: vec![],
+        };
         for f in files {
             store.add_file(&f)?;
         }
@@ -125,7 +136,8 @@ impl WeightStore {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
         let map = Arc::new(map);
         let shared_path = Arc::new(path.to_path_buf());
-        let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::format(path, format!("not a valid safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(&map)
+            .map_err(|e| ModelError::format(path, format!("not a valid safetensors file: {e}")))?;
         let base = map.as_ptr() as usize;
         for (name, view) in st.tensors() {
             let dtype = match view.dtype() {
@@ -133,7 +145,11 @@ impl WeightStore {
                 Dtype::F16 => DType::F16,
                 Dtype::BF16 => DType::BF16,
                 other => {
-                    return Err(ModelError::DType { file: path.to_path_buf(), tensor: name, dtype: format!("{other:?}") })
+                    return Err(ModelError::DType {
+                        file: path.to_path_buf(),
+                        tensor: name,
+                        dtype: format!("{other:?}"),
+                    })
                 }
             };
             let data = view.data();
@@ -147,7 +163,10 @@ impl WeightStore {
                 file: shared_path.clone(),
             };
             if self.tensors.insert(name.clone(), t).is_some() {
-                return Err(ModelError::format(path, format!("tensor {name:?} appears in more than one file")));
+                return Err(ModelError::format(
+                    path,
+                    format!("tensor {name:?} appears in more than one file"),
+                ));
             }
         }
         self.files.push(path.to_path_buf());
@@ -171,10 +190,18 @@ impl WeightStore {
 
     /// The tensor `name`, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let t = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-            tensor: name.to_string(),
-            files: self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
-        })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                tensor: name.to_string(),
+                files: self
+                    .files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
         if t.shape != shape {
             return Err(ModelError::Shape {
                 file: t.file.to_path_buf(),

@@ -26,14 +26,27 @@ fn check_f32_fixture(name: &str) {
     let folder = ModelFolder::open(&model_dir(name)).unwrap();
     let exp = expected(name);
     let mut cache = folder.model.new_cache();
-    let all = folder.model.forward(&exp.tokens, &mut cache, Logits::All).unwrap();
+    let all = folder
+        .model
+        .forward(&exp.tokens, &mut cache, Logits::All)
+        .unwrap();
     let err = max_abs_diff(&all, &exp.logits);
     eprintln!("{name}: max |logit error| over all positions = {err:.3e}");
     assert!(err < 1e-4, "{name}: all-position logits differ by {err}");
-    let last = folder.model.forward(&exp.tokens, &mut folder.model.new_cache(), Logits::Last).unwrap();
+    let last = folder
+        .model
+        .forward(&exp.tokens, &mut folder.model.new_cache(), Logits::Last)
+        .unwrap();
     let err_last = max_abs_diff(&last, &exp.logits[exp.logits.len() - 1..]);
-    assert!(err_last < 1e-4, "{name}: last-position logits differ by {err_last}");
-    assert_eq!(greedy(&folder, &exp.tokens, 32), exp.greedy, "{name}: greedy continuation");
+    assert!(
+        err_last < 1e-4,
+        "{name}: last-position logits differ by {err_last}"
+    );
+    assert_eq!(
+        greedy(&folder, &exp.tokens, 32),
+        exp.greedy,
+        "{name}: greedy continuation"
+    );
 }
 
 #[test]
@@ -56,7 +69,10 @@ fn bf16_weights_match_transformers() {
     let name = "v2-lite-bf16";
     let folder = ModelFolder::open(&model_dir(name)).unwrap();
     let exp = expected(name);
-    let all = folder.model.forward(&exp.tokens, &mut folder.model.new_cache(), Logits::All).unwrap();
+    let all = folder
+        .model
+        .forward(&exp.tokens, &mut folder.model.new_cache(), Logits::All)
+        .unwrap();
     // Same bf16 weights, f32 arithmetic (what whale computes): tight.
     let f32_ref = floats(&exp.raw["logits_f32_compute"]);
     let err = max_abs_diff(&all, &f32_ref);
@@ -68,13 +84,22 @@ fn bf16_weights_match_transformers() {
     let mut worst = 0.0f32;
     for (row, want) in all.chunks(vocab).zip(&exp.logits) {
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let e = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale;
+        let e = row
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+            / scale;
         worst = worst.max(e);
     }
     eprintln!("{name}: vs transformers bf16 run, max error / max |logit| = {worst:.3e}");
     assert!(worst < 2e-2, "bf16 relative error {worst}");
     let g = greedy(&folder, &exp.tokens, 32);
-    assert_eq!(g, common::ids(&exp.raw["greedy_f32_compute"]), "greedy on bf16 weights");
+    assert_eq!(
+        g,
+        common::ids(&exp.raw["greedy_f32_compute"]),
+        "greedy on bf16 weights"
+    );
 }
 
 #[test]
@@ -89,16 +114,29 @@ fn absorbed_and_expanded_mla_agree() {
             let (a, b) = exp.tokens.split_at(exp.tokens.len() / 2);
             let mut out = folder.model.forward(a, &mut cache, Logits::All).unwrap();
             for t in b {
-                out.extend(folder.model.forward(&[*t], &mut cache, Logits::All).unwrap());
+                out.extend(
+                    folder
+                        .model
+                        .forward(&[*t], &mut cache, Logits::All)
+                        .unwrap(),
+                );
             }
             out
         };
         let x = run(MlaMode::Absorbed);
         let y = run(MlaMode::Expanded);
         let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale;
+        let err = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+            / scale;
         eprintln!("{name}: absorbed vs expanded, max relative difference = {err:.3e}");
-        assert!(err < 1e-5, "{name}: absorbed vs expanded differ by {err} relative");
+        assert!(
+            err < 1e-5,
+            "{name}: absorbed vs expanded differ by {err} relative"
+        );
     }
 }
 
@@ -107,7 +145,10 @@ fn latent_cache_holds_only_latents() {
     let folder = ModelFolder::open(&model_dir("v2")).unwrap();
     let cfg = folder.model.config();
     let mut cache = folder.model.new_cache();
-    folder.model.forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last).unwrap();
+    folder
+        .model
+        .forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last)
+        .unwrap();
     let per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4;
     assert_eq!(cache.bytes_per_token(), per_token);
     assert_eq!(cache.bytes_used(), 5 * per_token);
@@ -124,7 +165,11 @@ fn latent_cache_holds_only_latents() {
     let c = whale_model::LatentCache::new(&lite);
     assert_eq!(c.bytes_per_token(), 27 * 576 * 4);
     let expanded = 27 * 16 * (192 + 128) * 4;
-    eprintln!("V2-Lite: latent cache {} B/token vs expanded per-head K/V {} B/token", c.bytes_per_token(), expanded);
+    eprintln!(
+        "V2-Lite: latent cache {} B/token vs expanded per-head K/V {} B/token",
+        c.bytes_per_token(),
+        expanded
+    );
 }
 
 #[test]
@@ -133,19 +178,30 @@ fn cache_continuation_equals_one_shot() {
     let exp = expected("v3");
     let m = &folder.model;
     let mut cache = m.new_cache();
-    m.forward(&exp.tokens[..5], &mut cache, Logits::Last).unwrap();
-    let tail = m.forward(&exp.tokens[5..], &mut cache, Logits::All).unwrap();
+    m.forward(&exp.tokens[..5], &mut cache, Logits::Last)
+        .unwrap();
+    let tail = m
+        .forward(&exp.tokens[5..], &mut cache, Logits::All)
+        .unwrap();
     let err = max_abs_diff(&tail, &exp.logits[5..]);
     assert!(err < 1e-4, "chunked prefill differs by {err}");
     // truncate and redo gives the same rows
     cache.truncate(5);
-    let again = m.forward(&exp.tokens[5..], &mut cache, Logits::All).unwrap();
+    let again = m
+        .forward(&exp.tokens[5..], &mut cache, Logits::All)
+        .unwrap();
     assert_eq!(tail, again);
 }
 
 #[test]
 fn out_of_range_token_is_an_error() {
     let folder = ModelFolder::open(&model_dir("v2-lite")).unwrap();
-    let e = folder.model.forward(&[1, 99999], &mut folder.model.new_cache(), Logits::Last).unwrap_err();
-    assert!(e.to_string().contains("token id 99999 is out of range"), "{e}");
+    let e = folder
+        .model
+        .forward(&[1, 99999], &mut folder.model.new_cache(), Logits::Last)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("token id 99999 is out of range"),
+        "{e}"
+    );
 }

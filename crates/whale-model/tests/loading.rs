@@ -9,10 +9,17 @@ use std::path::Path;
 use whale_model::{Logits, ModelFolder};
 
 /// Copies the v2-lite fixture into a temp folder, rewriting its tensors with `edit`.
-fn edited_copy(edit: impl Fn(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
+fn edited_copy(
+    edit: impl Fn(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) -> tempfile::TempDir {
     let src = model_dir("v2-lite");
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
@@ -44,7 +51,10 @@ fn missing_tensor_names_tensor_and_file() {
         m.remove("model.layers.1.self_attn.kv_b_proj.weight");
     });
     let e = open_err(dir.path());
-    assert!(e.contains("missing tensor \"model.layers.1.self_attn.kv_b_proj.weight\""), "{e}");
+    assert!(
+        e.contains("missing tensor \"model.layers.1.self_attn.kv_b_proj.weight\""),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -56,7 +66,12 @@ fn misshaped_tensor_names_file_tensor_and_shapes() {
     });
     let e = open_err(dir.path());
     assert!(e.contains("model.safetensors"), "{e}");
-    assert!(e.contains("\"model.layers.0.self_attn.o_proj.weight\" has shape [48, 64], expected [64, 48]"), "{e}");
+    assert!(
+        e.contains(
+            "\"model.layers.0.self_attn.o_proj.weight\" has shape [48, 64], expected [64, 48]"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -66,16 +81,24 @@ fn unsupported_dtype_is_named() {
         t.0 = Dtype::I32;
     });
     let e = open_err(dir.path());
-    assert!(e.contains("\"model.norm.weight\" has unsupported dtype I32"), "{e}");
+    assert!(
+        e.contains("\"model.norm.weight\" has unsupported dtype I32"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_model_type_fails_clearly() {
     let dir = edited_copy(|_| {});
-    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap().replace("deepseek_v2", "mixtral");
+    let cfg = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("deepseek_v2", "mixtral");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
     let e = open_err(dir.path());
-    assert!(e.contains("config.json") && e.contains("unsupported model_type \"mixtral\""), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("unsupported model_type \"mixtral\""),
+        "{e}"
+    );
 }
 
 #[test]
@@ -94,13 +117,22 @@ fn fused_expert_layout_gives_the_same_logits() {
                 dn.extend(d.2);
                 e += 1;
             }
-            m.insert(format!("{pre}.gate_up_proj"), (Dtype::F32, vec![e, 48, 64], gu));
-            m.insert(format!("{pre}.down_proj"), (Dtype::F32, vec![e, 64, 24], dn));
+            m.insert(
+                format!("{pre}.gate_up_proj"),
+                (Dtype::F32, vec![e, 48, 64], gu),
+            );
+            m.insert(
+                format!("{pre}.down_proj"),
+                (Dtype::F32, vec![e, 64, 24], dn),
+            );
         }
     });
     let folder = ModelFolder::open(dir.path()).unwrap();
     let exp = expected("v2-lite");
-    let all = folder.model.forward(&exp.tokens, &mut folder.model.new_cache(), Logits::All).unwrap();
+    let all = folder
+        .model
+        .forward(&exp.tokens, &mut folder.model.new_cache(), Logits::All)
+        .unwrap();
     assert!(max_abs_diff(&all, &exp.logits) < 1e-4);
 }
 
@@ -109,5 +141,8 @@ fn missing_folder_and_generation_config() {
     let e = open_err(Path::new("/nonexistent/model"));
     assert!(e.contains("/nonexistent/model"), "{e}");
     let f = ModelFolder::open(&model_dir("v3")).unwrap();
-    assert_eq!(f.eos_token_ids(), vec![f.tokenizer.as_ref().unwrap().eos_id().unwrap()]);
+    assert_eq!(
+        f.eos_token_ids(),
+        vec![f.tokenizer.as_ref().unwrap().eos_id().unwrap()]
+    );
 }
