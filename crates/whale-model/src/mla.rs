@@ -67,12 +67,11 @@ pub(crate) struct Mla {
 const LATENT_NORM_EPS: f32 = 1e-6;
 
 impl Mla {
-    /// Attention for `T` new tokens `h` (`[T, d]`, already normalised) at positions
+    /// Attention for the `T` new tokens `h` (`[T, d]`, already normalised) at positions
     /// `cache.len()..`; appends their latents to `cache` layer `layer` and writes `[T, d]` to `out`.
     pub fn forward(
         &self,
         h: &[f32],
-        t: usize,
         rope: &Rope,
         cache: &mut LatentCache,
         layer: usize,
@@ -87,6 +86,7 @@ impl Mla {
             self.kv_rank,
         );
         let qk = p + r;
+        let t = h.len() / self.kv_a.mat().cols();
         let past = cache.len();
 
         // q: [T, H, P+R]

@@ -185,7 +185,7 @@ impl DeepseekModel {
             }
             layer
                 .attn
-                .forward(&h, t, &self.rope, cache, li, self.mla_mode, &mut o);
+                .forward(&h, &self.rope, cache, li, self.mla_mode, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }

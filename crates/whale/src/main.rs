@@ -1,1 +1,279 @@
-fn main() {}
+//! `whale`: run DeepSeek-family models. JSON goes to stdout, logs to stderr.
+
+mod chat;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use whale_engine::{generate, GenerateRequest, SamplingParams};
+use whale_model::{Logits, MlaMode, ModelFolder};
+
+#[derive(Parser)]
+#[command(
+    name = "whale",
+    version,
+    about = "Run DeepSeek-V2/V3-family models on CPUs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print logits for every input position as JSON: {"logits": [[...], ...]}.
+    Logits {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Comma-separated token ids (no BOS is added).
+        #[arg(long)]
+        tokens: String,
+        /// MLA formulation (auto: expanded for prefill, absorbed for decode).
+        #[arg(long, value_enum, default_value_t = Mla::Auto)]
+        mla: Mla,
+    },
+    /// Generate a continuation; streams text, or prints JSON with --json.
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Comma-separated prompt token ids.
+        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+        tokens: Option<String>,
+        /// Prompt text, tokenized with BOS as the tokenizer config says.
+        #[arg(long)]
+        prompt: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print {"tokens": [...], "text": "..."} instead of streaming text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokenize text: {"ids": [...]}. Works on a folder with only tokenizer files.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The text.
+        #[arg(long)]
+        text: String,
+        /// Add the tokenizer's special tokens (e.g. BOS).
+        #[arg(long)]
+        add_special: bool,
+    },
+    /// Interactive chat through the model's chat template (/reset, /exit).
+    Chat {
+        #[command(flatten)]
+        model: ModelArg,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mla {
+    Auto,
+    Absorbed,
+    Expanded,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy. Default: generation_config.json's, else greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold. Default: generation_config.json's, else 1.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Drop tokens below min_p × the top probability.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Extra stop token ids, comma-separated.
+    #[arg(long)]
+    stop_token_ids: Option<String>,
+    /// Do not stop at the model's end-of-sequence ids.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn request(&self, folder: &ModelFolder, prompt: Vec<u32>) -> Result<GenerateRequest> {
+        let g = &folder.generation;
+        let sampling = SamplingParams {
+            temperature: self.temperature.or(g.temperature).unwrap_or(0.0),
+            top_k: self.top_k,
+            top_p: self.top_p.or(g.top_p).unwrap_or(1.0),
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+        };
+        let mut stop_token_ids = if self.ignore_eos {
+            vec![]
+        } else {
+            folder.eos_token_ids()
+        };
+        if let Some(s) = &self.stop_token_ids {
+            stop_token_ids.extend(parse_ids(s)?);
+        }
+        Ok(GenerateRequest {
+            prompt,
+            max_tokens: self.max_tokens,
+            sampling,
+            stop_token_ids,
+            stop: self.stop.clone(),
+        })
+    }
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("bad token id {t:?} in {s:?}"))
+        })
+        .collect()
+}
+
+fn open(dir: &Path) -> Result<ModelFolder> {
+    let t = Instant::now();
+    let folder =
+        ModelFolder::open(dir).with_context(|| format!("cannot load model {}", dir.display()))?;
+    let c = folder.model.config();
+    tracing::info!(
+        "loaded {} in {:.2}s: {} layers, {} experts (top-{}), {:.1} MB of weights, latent cache {} B/token",
+        dir.display(),
+        t.elapsed().as_secs_f64(),
+        c.num_hidden_layers,
+        c.n_routed_experts,
+        c.num_experts_per_tok,
+        folder.model.weight_bytes() as f64 / 1e6,
+        folder.model.new_cache().bytes_per_token()
+    );
+    Ok(folder)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Logits { model, tokens, mla } => {
+            let mut folder = open(&model.model)?;
+            folder.model.set_mla_mode(match mla {
+                Mla::Auto => MlaMode::Auto,
+                Mla::Absorbed => MlaMode::Absorbed,
+                Mla::Expanded => MlaMode::Expanded,
+            });
+            let ids = parse_ids(&tokens)?;
+            if ids.is_empty() {
+                bail!("--tokens is empty");
+            }
+            let m = &folder.model;
+            let logits = m.forward(&ids, &mut m.new_cache(), Logits::All)?;
+            let rows: Vec<&[f32]> = logits.chunks(m.config().vocab_size).collect();
+            println!("{}", json!({ "logits": rows }));
+        }
+        Cmd::Generate {
+            model,
+            tokens,
+            prompt,
+            sampling,
+            json: as_json,
+        } => {
+            let folder = open(&model.model)?;
+            let tok = folder.tokenizer.as_ref();
+            let ids = match (&tokens, &prompt) {
+                (Some(t), _) => parse_ids(t)?,
+                (None, Some(p)) => tok
+                    .with_context(|| {
+                        format!(
+                            "{} has no tokenizer.json; pass --tokens",
+                            model.model.display()
+                        )
+                    })?
+                    .encode_prompt(p)?,
+                (None, None) => bail!("give --tokens or --prompt"),
+            };
+            let req = sampling.request(&folder, ids)?;
+            let mut out = std::io::stdout().lock();
+            let g = generate(&folder.model, tok, &req, |piece| {
+                if !as_json {
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                }
+            })?;
+            drop(out);
+            if as_json {
+                let mut v =
+                    json!({ "tokens": g.tokens, "finish_reason": g.finish_reason.as_str() });
+                if let Some(text) = g.text {
+                    v["text"] = json!(text);
+                }
+                println!("{v}");
+            } else {
+                println!();
+            }
+        }
+        Cmd::Tokenize {
+            model,
+            text,
+            add_special,
+        } => {
+            let tok = whale_model::open_tokenizer(&model.model)?
+                .with_context(|| format!("no tokenizer.json in {}", model.model.display()))?;
+            println!("{}", json!({ "ids": tok.encode(&text, add_special)? }));
+        }
+        Cmd::Chat {
+            model,
+            system,
+            sampling,
+        } => {
+            let folder = open(&model.model)?;
+            chat::run(&folder, system, &sampling)?;
+        }
+    }
+    Ok(())
+}
