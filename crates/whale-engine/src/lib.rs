@@ -12,12 +12,14 @@
 //! ```
 #![deny(missing_docs)]
 
+mod chat;
 mod detok;
 mod generate;
 mod rng;
 mod sampler;
 mod stop;
 
+pub use chat::chat_prompt;
 pub use detok::Detokenizer;
 pub use generate::{
     generate, generate_with_cache, EngineError, FinishReason, GenerateRequest, Generation,

@@ -1,11 +1,12 @@
 //! Storage types for weights and a borrowed row-major matrix view over raw bytes.
 
-use half::f16;
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use crate::quant::{self, QK, QK_K};
 #[cfg(test)]
 use half::bf16;
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
-/// Element type of a stored tensor.
+/// Element type of a stored tensor: plain floats or llama.cpp block formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE 754 binary32.
@@ -14,23 +15,97 @@ pub enum DType {
     F16,
     /// bfloat16 (upper half of a binary32).
     BF16,
+    /// ggml Q4_0: 32 values in 18 bytes.
+    Q4_0,
+    /// ggml Q4_1: 32 values in 20 bytes.
+    Q4_1,
+    /// ggml Q5_0: 32 values in 22 bytes.
+    Q5_0,
+    /// ggml Q5_1: 32 values in 24 bytes.
+    Q5_1,
+    /// ggml Q8_0: 32 values in 34 bytes.
+    Q8_0,
+    /// ggml Q4_K: 256 values in 144 bytes.
+    Q4K,
+    /// ggml Q5_K: 256 values in 176 bytes.
+    Q5K,
+    /// ggml Q6_K: 256 values in 210 bytes.
+    Q6K,
 }
 
 impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// `(values, bytes)` of one block (1 value for the float types).
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            DType::Q4_0 => (QK, 18),
+            DType::Q4_1 => (QK, 20),
+            DType::Q5_0 => (QK, 22),
+            DType::Q5_1 => (QK, 24),
+            DType::Q8_0 => (QK, 34),
+            DType::Q4K => (QK_K, 144),
+            DType::Q5K => (QK_K, 176),
+            DType::Q6K => (QK_K, 210),
         }
     }
 
-    /// Short lowercase name, as used in error messages.
+    /// Bytes of `n` values; `None` when `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        let (vals, bytes) = self.block();
+        n.is_multiple_of(vals).then(|| n / vals * bytes)
+    }
+
+    /// ggml's type id (`ggml_type`).
+    pub fn ggml_type(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
+            DType::Q8_0 => 8,
+            DType::Q4K => 12,
+            DType::Q5K => 13,
+            DType::Q6K => 14,
+            DType::BF16 => 30,
+        }
+    }
+
+    /// The type of a ggml type id, if whale reads it.
+    pub fn from_ggml(t: u32) -> Option<DType> {
+        [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q8_0,
+            DType::Q4K,
+            DType::Q5K,
+            DType::Q6K,
+        ]
+        .into_iter()
+        .find(|d| d.ggml_type() == t)
+    }
+
+    /// Lowercase name, as llama.cpp spells it.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::Q8_0 => "q8_0",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
+            DType::Q6K => "q6_k",
         }
     }
 }
@@ -48,9 +123,10 @@ pub struct MatRef<'a> {
 }
 
 impl<'a> MatRef<'a> {
-    /// Wraps `data`; `None` when its length is not `rows * cols * dtype.size()`.
+    /// Wraps `data`; `None` when rows are not whole blocks or the length is not
+    /// `rows` rows of `cols` values.
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
-        (data.len() == rows.checked_mul(cols)?.checked_mul(dtype.size())?).then_some(Self {
+        (data.len() == rows.checked_mul(dtype.bytes_for(cols)?)?).then_some(Self {
             dtype,
             data,
             rows,
@@ -84,7 +160,7 @@ impl<'a> MatRef<'a> {
     /// If the range is out of bounds (a caller bug, never input-dependent).
     pub fn row_range(&self, start: usize, n: usize) -> MatRef<'a> {
         assert!(start + n <= self.rows, "row range out of bounds");
-        let rb = self.cols * self.dtype.size();
+        let rb = self.row_bytes();
         MatRef {
             dtype: self.dtype,
             data: &self.data[start * rb..(start + n) * rb],
@@ -93,9 +169,14 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
     /// Decodes row `r` into `out` (length `cols`) as f32.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        let rb = self.cols * self.dtype.size();
+        let rb = self.row_bytes();
         decode_into(self.dtype, &self.data[r * rb..(r + 1) * rb], out);
     }
 
@@ -107,10 +188,24 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// Decodes little-endian `bytes` of `dtype` into `out`; lengths must agree.
-pub(crate) fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+/// Decodes little-endian `bytes` of `dtype` into `out` (whole blocks); lengths must agree.
+pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(Some(bytes.len()), dtype.bytes_for(out.len()));
+    let mut blocks = |f: fn(&[u8], &mut [f32])| {
+        let (vals, size) = dtype.block();
+        for (b, y) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(vals)) {
+            f(b, y);
+        }
+    };
     match dtype {
+        DType::Q4_0 => blocks(quant::dequant_q4_0),
+        DType::Q4_1 => blocks(quant::dequant_q4_1),
+        DType::Q5_0 => blocks(quant::dequant_q5_0),
+        DType::Q5_1 => blocks(quant::dequant_q5_1),
+        DType::Q8_0 => blocks(quant::dequant_q8_0),
+        DType::Q4K => blocks(quant::dequant_q4_k),
+        DType::Q5K => blocks(quant::dequant_q5_k),
+        DType::Q6K => blocks(quant::dequant_q6_k),
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);

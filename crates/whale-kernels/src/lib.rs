@@ -20,7 +20,8 @@
 mod dtype;
 mod matmul;
 mod ops;
+pub mod quant;
 
-pub use dtype::{DType, MatRef};
+pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{axpy_row, matmul, matmul_t_vec};
 pub use ops::{dot, rmsnorm, rmsnorm_inplace, silu, softmax_inplace};

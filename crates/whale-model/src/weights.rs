@@ -61,7 +61,7 @@ impl Tensor {
     /// Rows `start..start + n` of the tensor seen as a matrix with `cols` columns
     /// (e.g. one expert's gate rows inside a fused `[E, 2I, d]` tensor).
     pub(crate) fn rows(&self, start: usize, n: usize, cols: usize) -> Tensor {
-        let rb = cols * self.dtype.size();
+        let rb = self.dtype.bytes_for(cols).expect("whole blocks");
         debug_assert!((start + n) * rb <= self.len);
         Tensor {
             map: self.map.clone(),

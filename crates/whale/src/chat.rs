@@ -6,7 +6,7 @@
 use crate::SamplingArgs;
 use anyhow::{Context, Result};
 use std::io::{BufRead, Write};
-use whale_engine::generate_with_cache;
+use whale_engine::{chat_prompt, generate_with_cache};
 use whale_model::{Message, ModelFolder};
 
 pub fn run(folder: &ModelFolder, system: Option<String>, args: &SamplingArgs) -> Result<()> {
@@ -14,8 +14,8 @@ pub fn run(folder: &ModelFolder, system: Option<String>, args: &SamplingArgs) ->
         .tokenizer
         .as_ref()
         .context("the model folder has no tokenizer.json")?;
-    let template = tok
-        .chat_template()
+    // Fail before the first prompt, not after it.
+    tok.chat_template()
         .context("the tokenizer config has no chat_template")?;
     let fresh = || -> Vec<Message> { system.iter().map(|s| Message::new("system", s)).collect() };
     let mut messages = fresh();
@@ -44,8 +44,7 @@ pub fn run(folder: &ModelFolder, system: Option<String>, args: &SamplingArgs) ->
             _ => {}
         }
         messages.push(Message::new("user", line));
-        let text = template.render(&messages, true)?;
-        let ids = tok.encode(&text, false)?;
+        let ids = chat_prompt(tok, &messages)?;
         // Reuse the cached prefix; at least one token must be fed.
         let keep = cached
             .iter()

@@ -45,6 +45,9 @@ enum Cmd {
         /// Prompt text, tokenized with BOS as the tokenizer config says.
         #[arg(long)]
         prompt: Option<String>,
+        /// Send --prompt as a user message through the chat template.
+        #[arg(long, requires = "prompt")]
+        chat: bool,
         #[command(flatten)]
         sampling: SamplingArgs,
         /// Print {"tokens": [...], "text": "..."} instead of streaming text.
@@ -76,9 +79,36 @@ enum Cmd {
 
 #[derive(Args)]
 struct ModelArg {
-    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    /// Model folder (config.json, *.safetensors, tokenizer.json). Default: $WHALE_MODEL,
+    /// else the bundled models/whale-tiny-chat.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+}
+
+/// Where the bundled default model lives: beside the working directory, or in the
+/// source tree this binary was built from.
+const BUNDLED: &str = "models/whale-tiny-chat";
+
+impl ModelArg {
+    fn path(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.model {
+            return Ok(p.clone());
+        }
+        if let Some(p) = std::env::var_os("WHALE_MODEL") {
+            return Ok(PathBuf::from(p));
+        }
+        let local = PathBuf::from(BUNDLED);
+        if local.join("config.json").is_file() {
+            return Ok(local);
+        }
+        let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(BUNDLED);
+        if built.join("config.json").is_file() {
+            return Ok(built);
+        }
+        bail!("no --model given and the bundled model {BUNDLED} was not found; pass --model DIR")
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -201,7 +231,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { model, tokens, mla } => {
-            let mut folder = open(&model.model)?;
+            let mut folder = open(&model.path()?)?;
             folder.model.set_mla_mode(match mla {
                 Mla::Auto => MlaMode::Auto,
                 Mla::Absorbed => MlaMode::Absorbed,
@@ -220,21 +250,25 @@ fn run(cli: Cli) -> Result<()> {
             model,
             tokens,
             prompt,
+            chat,
             sampling,
             json: as_json,
         } => {
-            let folder = open(&model.model)?;
+            let dir = model.path()?;
+            let folder = open(&dir)?;
             let tok = folder.tokenizer.as_ref();
             let ids = match (&tokens, &prompt) {
                 (Some(t), _) => parse_ids(t)?,
-                (None, Some(p)) => tok
-                    .with_context(|| {
-                        format!(
-                            "{} has no tokenizer.json; pass --tokens",
-                            model.model.display()
-                        )
-                    })?
-                    .encode_prompt(p)?,
+                (None, Some(p)) => {
+                    let tok = tok.with_context(|| {
+                        format!("{} has no tokenizer.json; pass --tokens", dir.display())
+                    })?;
+                    if chat {
+                        whale_engine::chat_prompt(tok, &[whale_model::Message::new("user", p)])?
+                    } else {
+                        tok.encode_prompt(p)?
+                    }
+                }
                 (None, None) => bail!("give --tokens or --prompt"),
             };
             let req = sampling.request(&folder, ids)?;
@@ -262,8 +296,9 @@ fn run(cli: Cli) -> Result<()> {
             text,
             add_special,
         } => {
-            let tok = whale_model::open_tokenizer(&model.model)?
-                .with_context(|| format!("no tokenizer.json in {}", model.model.display()))?;
+            let dir = model.path()?;
+            let tok = whale_model::open_tokenizer(&dir)?
+                .with_context(|| format!("no tokenizer.json in {}", dir.display()))?;
             println!("{}", json!({ "ids": tok.encode(&text, add_special)? }));
         }
         Cmd::Chat {
@@ -271,7 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             system,
             sampling,
         } => {
-            let folder = open(&model.model)?;
+            let folder = open(&model.path()?)?;
             chat::run(&folder, system, &sampling)?;
         }
     }
