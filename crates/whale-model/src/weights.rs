@@ -22,6 +22,24 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    pub(crate) fn from_map(
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        shape: Vec<usize>,
+        file: Arc<PathBuf>,
+    ) -> Self {
+        Tensor {
+            map,
+            offset,
+            len,
+            dtype,
+            shape,
+            file,
+        }
+    }
+
     /// Element type.
     pub fn dtype(&self) -> DType {
         self.dtype
