@@ -195,6 +195,12 @@ def build(name, spec, tok, seed):
         (d / "config.json").write_text(json.dumps(checkpoint_config(cfg, spec["cls"]), indent=2))
     else:
         model.save_pretrained(d, max_shard_size=spec.get("shard", "50GB"))
+        if spec["cls"] == "v3":
+            # Released V3 configs name their router; llama.cpp's converter needs scoring_func
+            # to write expert_gating_func (it assumes softmax without it).
+            c = json.loads((d / "config.json").read_text())
+            c.update(scoring_func="sigmoid", topk_method="noaux_tc")
+            (d / "config.json").write_text(json.dumps(c, indent=2, sort_keys=True))
     (d / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": tok.token_to_id(BOS), "eos_token_id": tok.token_to_id(EOS), "do_sample": False}, indent=2))
     tok.save(str(d / "tokenizer.json"))

@@ -13,13 +13,58 @@ value type and tensors of several types, with what gguf-py's reader reads back.
 """
 import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T, quants
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gguf"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "gguf"
+LLAMA_CPP_PYTHON = "0.3.36"
+CACHE = Path(os.environ.get("WHALE_CACHE", ROOT / "target" / "llama-cpp"))
+
+
+def llama_cpp_source():
+    """llama.cpp as vendored by llama-cpp-python's source distribution (PyPI), unpacked once."""
+    src = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if not src.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tgz = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+        if not tgz.exists():
+            # `pip download` would build the package's metadata (and cmake) first; fetch the file itself.
+            index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+            url = next(u for u in index.split('"') if u.startswith("https://") and f"{LLAMA_CPP_PYTHON}.tar.gz" in u)
+            urllib.request.urlretrieve(url.split("#")[0], tgz)
+        with tarfile.open(tgz) as t:
+            t.extractall(CACHE, filter="data")
+    return src
+
+
+# The converter names tokenizers by a hash of their output; our tiny fixture tokenizer has
+# no entry, so it is declared a deepseek-llm tokenizer (what DeepSeek-V2's real one is).
+CONVERT = """
+import sys
+sys.path.insert(0, {src!r}); sys.path.insert(0, {src!r} + '/gguf-py')
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'deepseek-llm'
+import convert_hf_to_gguf
+sys.argv = ['convert_hf_to_gguf.py'] + {args!r}
+convert_hf_to_gguf.main()
+"""
+
+
+def convert(model_dir, out, outtype):
+    src = llama_cpp_source()
+    args = [str(model_dir), "--outfile", str(out), "--outtype", outtype]
+    subprocess.run([sys.executable, "-c", CONVERT.format(src=str(src), args=args)], check=True,
+                   stdout=subprocess.DEVNULL)
+    print(f"{out.name}: {out.stat().st_size} bytes ({outtype}, llama.cpp's convert_hf_to_gguf.py)")
 
 # Byte offsets of the f16 scale fields inside each block (kept finite and modest).
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
@@ -57,6 +102,70 @@ def main():
                                                   "cases": cases}))
     print(f"dequant.json: {len(cases)} types")
     small_gguf(rng)
+    for name in ["v3"]:
+        for outtype in ["f32", "q8_0"]:
+            out = OUT / f"{name}-{outtype}.gguf"
+            convert(ROOT / "tests" / "fixtures" / "models" / name, out, outtype)
+            reference_logits(ROOT / "tests" / "fixtures" / "models" / name, out)
+
+
+HF_OF = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+         "output.weight": "lm_head.weight"}
+BLK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+       "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+       "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+       "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+       "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+
+
+def reference_logits(model_dir, gguf_path):
+    """transformers' logits on the GGUF's own weights (dequantised by gguf-py): the exact
+    answer for whale's quantized path, independent of how llama.cpp rounds activations."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    r = gguf.GGUFReader(str(gguf_path))
+    sd = {}
+    for t in r.tensors:
+        w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype(np.float32).copy())
+        shape = [int(n) for n in reversed(t.shape.tolist())]
+        w = w.reshape(shape)
+        if t.name in HF_OF:
+            sd[HF_OF[t.name]] = w
+            continue
+        _, layer, kind, suffix = t.name.split(".")
+        pre = f"model.layers.{layer}"
+        if kind == "attn_k_b":
+            sd.setdefault(f"{pre}._k_b", w)  # [H, C, P]
+        elif kind == "attn_v_b":
+            sd.setdefault(f"{pre}._v_b", w)  # [H, V, C]
+        elif kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            sd[f"{pre}._{kind}"] = w
+        elif kind == "exp_probs_b":
+            sd[f"{pre}.mlp.gate.e_score_correction_bias"] = w
+        else:
+            sd[f"{pre}.{BLK[kind]}.weight"] = w
+    for k in [k for k in sd if k.endswith("._k_b")]:
+        pre = k[: -len("._k_b")]
+        kb, vb = sd.pop(k), sd.pop(f"{pre}._v_b")
+        # kv_b_proj per head: [W_UK (P rows of C) ; W_UV (V rows of C)]
+        sd[f"{pre}.self_attn.kv_b_proj.weight"] = torch.cat([kb.transpose(1, 2), vb], dim=1).reshape(-1, kb.shape[1])
+    for k in [k for k in sd if k.endswith("._ffn_gate_exps")]:
+        pre = k[: -len("._ffn_gate_exps")]
+        g, u, d = sd.pop(k), sd.pop(f"{pre}._ffn_up_exps"), sd.pop(f"{pre}._ffn_down_exps")
+        sd[f"{pre}.mlp.experts.gate_up_proj"] = torch.cat([g, u], dim=1)
+        sd[f"{pre}.mlp.experts.down_proj"] = d
+    cfg = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.endswith("e_score_correction_bias") or m in sd]
+    assert not missing and not unexpected, (missing, unexpected)
+    tokens = json.loads((Path(model_dir) / "expected.json").read_text())["tokens"]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0]
+    (gguf_path.with_suffix(".expected.json")).write_text(json.dumps(
+        {"reference": "transformers eager fp32 on the GGUF's dequantised weights", "tokens": tokens,
+         "logits": logits.tolist()}))
 
 
 def small_gguf(rng):

@@ -308,7 +308,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
+    pub(crate) fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::config(m));
         for (name, v) in [
             ("vocab_size", self.vocab_size),

@@ -20,6 +20,7 @@ mod config;
 mod error;
 mod folder;
 mod gguf;
+mod gguf_model;
 mod linear;
 mod mla;
 mod model;

@@ -21,6 +21,10 @@ impl Linear {
         self.w.mat()
     }
 
+    pub fn tensor(&self) -> &Tensor {
+        &self.w
+    }
+
     /// `x`: `[n, in]` → `y`: `[n, out]`.
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         matmul(x, n, self.w.mat(), y);

@@ -16,6 +16,7 @@
 use crate::cache::LatentCache;
 use crate::linear::Linear;
 use crate::rope::Rope;
+use crate::weights::Tensor;
 use rayon::prelude::*;
 use whale_kernels::{dot, matmul, matmul_t_vec, rmsnorm_inplace, softmax_inplace, MatRef};
 
@@ -43,6 +44,77 @@ pub(crate) enum QProj {
     },
 }
 
+/// The latent up-projections `W_UK` (latent → k_nope) and `W_UV` (latent → v).
+pub(crate) enum KvUp {
+    /// `kv_b_proj` `[H·(P+V), C]` (transformers; legacy GGUF `attn_kv_b`):
+    /// per head, rows `0..P` are W_UK and `P..P+V` are W_UV.
+    Fused(Linear),
+    /// GGUF `attn_k_b` `[H, C, P]` (W_UKᵀ per head) and `attn_v_b` `[H, V, C]` (W_UV per head).
+    Split { k_b_t: Tensor, v_b: Tensor },
+}
+
+impl KvUp {
+    /// `q_lat = W_UK[h]ᵀ q_nope`: `[P]` → `[C]`.
+    fn absorb_query(
+        &self,
+        h: usize,
+        q_nope: &[f32],
+        p: usize,
+        v: usize,
+        c: usize,
+        q_lat: &mut [f32],
+    ) {
+        match self {
+            KvUp::Fused(w) => matmul_t_vec(q_nope, w.mat().row_range(h * (p + v), p), q_lat),
+            KvUp::Split { k_b_t, .. } => matmul(q_nope, 1, k_b_t.rows(h * c, c, p).mat(), q_lat),
+        }
+    }
+
+    /// `W_UV[h]` as `[V, C]`.
+    fn w_uv(&self, h: usize, p: usize, v: usize, c: usize) -> Tensor {
+        match self {
+            KvUp::Fused(w) => w.tensor().rows(h * (p + v) + p, v, c),
+            KvUp::Split { v_b, .. } => v_b.rows(h * v, v, c),
+        }
+    }
+
+    /// Decompressed `[N, H, P+V]` (k_nope then v per head) of latents `[N, C]`.
+    fn expand(&self, lat: &[f32], n: usize, nh: usize, p: usize, v: usize, c: usize) -> Vec<f32> {
+        let mut kvx = vec![0.0f32; n * nh * (p + v)];
+        match self {
+            KvUp::Fused(w) => w.forward(lat, n, &mut kvx),
+            KvUp::Split { k_b_t, v_b } => {
+                let mut k = vec![0.0f32; n * p];
+                let mut vv = vec![0.0f32; n * v];
+                let mut row = vec![0.0f32; p];
+                for h in 0..nh {
+                    // k_nope[u] = Σ_c lat[u, c] · W_UKᵀ[c, :]
+                    let kt = k_b_t.rows(h * c, c, p);
+                    let kt = kt.mat();
+                    k.fill(0.0);
+                    for ci in 0..c {
+                        kt.row_into(ci, &mut row);
+                        for u in 0..n {
+                            whale_kernels::axpy_row(
+                                lat[u * c + ci],
+                                &row,
+                                &mut k[u * p..(u + 1) * p],
+                            );
+                        }
+                    }
+                    matmul(lat, n, v_b.rows(h * v, v, c).mat(), &mut vv);
+                    for u in 0..n {
+                        let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
+                        dst[..p].copy_from_slice(&k[u * p..(u + 1) * p]);
+                        dst[p..].copy_from_slice(&vv[u * v..(u + 1) * v]);
+                    }
+                }
+            }
+        }
+        kvx
+    }
+}
+
 /// Weights and dims of one MLA layer.
 pub(crate) struct Mla {
     pub q: QProj,
@@ -50,8 +122,8 @@ pub(crate) struct Mla {
     pub kv_a: Linear,
     /// `kv_a_layernorm` `[C]`.
     pub kv_a_norm: Vec<f32>,
-    /// `kv_b_proj` `[H·(P+V), C]`: per head, rows `0..P` are W_UK and `P..P+V` are W_UV.
-    pub kv_b: Linear,
+    /// The latent up-projections.
+    pub kv_up: KvUp,
     /// `o_proj` `[d, H·V]`.
     pub o: Linear,
     pub n_head: usize,
@@ -150,12 +222,11 @@ impl Mla {
             self.kv_rank,
         );
         let qk = p + r;
-        let w = self.kv_b.mat();
         (0..nh)
             .into_par_iter()
             .map(|hi| {
-                let w_uk: MatRef<'_> = w.row_range(hi * (p + v), p); // [P, C]
-                let w_uv: MatRef<'_> = w.row_range(hi * (p + v) + p, v); // [V, C]
+                let w_uv = self.kv_up.w_uv(hi, p, v, c); // [V, C]
+                let w_uv: MatRef<'_> = w_uv.mat();
                 let mut out = vec![0.0f32; t * v];
                 let mut q_lat = vec![0.0f32; c];
                 let mut o_lat = vec![0.0f32; c];
@@ -163,7 +234,7 @@ impl Mla {
                 for ti in 0..t {
                     let qh = &q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk];
                     // q_lat = W_UKᵀ q_nope: [C]
-                    matmul_t_vec(&qh[..p], w_uk, &mut q_lat);
+                    self.kv_up.absorb_query(hi, &qh[..p], p, v, c, &mut q_lat);
                     let visible = past + ti + 1;
                     for (u, s) in scores[..visible].iter_mut().enumerate() {
                         let row = &kv[u * (c + r)..(u + 1) * (c + r)];
@@ -199,8 +270,7 @@ impl Mla {
             lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
         }
         // decompressed: [N, H, P+V]
-        let mut kvx = vec![0.0f32; n * nh * (p + v)];
-        self.kv_b.forward(&lat, n, &mut kvx);
+        let kvx = self.kv_up.expand(&lat, n, nh, p, v, c);
         (0..nh)
             .into_par_iter()
             .map(|hi| {

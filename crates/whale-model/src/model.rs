@@ -5,7 +5,7 @@ use crate::cache::LatentCache;
 use crate::config::{ModelConfig, ModelType, TopkMethod};
 use crate::error::ModelError;
 use crate::linear::{Linear, Mlp};
-use crate::mla::{Mla, MlaMode, QProj};
+use crate::mla::{KvUp, Mla, MlaMode, QProj};
 use crate::moe::{Moe, Router};
 use crate::rope::Rope;
 use crate::weights::{Tensor, WeightStore};
@@ -52,8 +52,20 @@ impl DeepseekModel {
         Self::from_store(&store, cfg)
     }
 
+    /// Loads a llama.cpp GGUF file (`general.architecture = deepseek2`).
+    pub fn load_gguf(path: &Path) -> Result<Self, ModelError> {
+        let f = crate::gguf::GgufFile::open(path)?;
+        let cfg = ModelConfig::from_gguf(&f)?;
+        Self::from_source(&f, cfg)
+    }
+
     /// Builds the model from opened weights, checking every tensor's shape.
     pub fn from_store(st: &WeightStore, cfg: ModelConfig) -> Result<Self, ModelError> {
+        Self::from_source(st, cfg)
+    }
+
+    /// Builds the model from any tensor source that answers transformers' names.
+    pub(crate) fn from_source(st: &dyn TensorSource, cfg: ModelConfig) -> Result<Self, ModelError> {
         let d = cfg.hidden_size;
         let (nh, p, r, v, c) = (
             cfg.num_attention_heads,
@@ -88,7 +100,7 @@ impl DeepseekModel {
                 q,
                 kv_a: lin(&format!("{a}.kv_a_proj_with_mqa.weight"), c + r, d)?,
                 kv_a_norm: vec1(&format!("{a}.kv_a_layernorm.weight"), c)?,
-                kv_b: lin(&format!("{a}.kv_b_proj.weight"), nh * (p + v), c)?,
+                kv_up: st.kv_up(li, nh, p, v, c)?,
                 o: lin(&format!("{a}.o_proj.weight"), d, nh * v)?,
                 n_head: nh,
                 nope: p,
@@ -215,7 +227,72 @@ impl DeepseekModel {
     }
 }
 
-fn load_moe(st: &WeightStore, cfg: &ModelConfig, pre: &str) -> Result<Moe, ModelError> {
+/// Where the model's tensors come from, addressed by transformers' names.
+pub(crate) trait TensorSource {
+    /// The tensor `name`, which must have `shape` (PyTorch order).
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError>;
+    /// Whether `name` exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Bytes of all weights.
+    fn total_bytes(&self) -> usize;
+
+    /// Layer `li`'s latent up-projections (`kv_b_proj` by default).
+    fn kv_up(
+        &self,
+        li: usize,
+        nh: usize,
+        p: usize,
+        v: usize,
+        c: usize,
+    ) -> Result<KvUp, ModelError> {
+        let name = format!("model.layers.{li}.self_attn.kv_b_proj.weight");
+        Ok(KvUp::Fused(Linear::new(
+            self.get(&name, &[nh * (p + v), c])?,
+        )))
+    }
+
+    /// The routed experts of the MoE block at `pre` (`model.layers.N.mlp`): per-expert
+    /// tensors as checkpoints store them, or transformers 5's fused layout.
+    fn experts(&self, pre: &str, e: usize, i: usize, d: usize) -> Result<Vec<Mlp>, ModelError> {
+        let fused = format!("{pre}.experts.gate_up_proj");
+        if self.contains(&fused) {
+            // gate_up_proj [E, 2I, d] (gate first), down_proj [E, d, I].
+            let gu = self.get(&fused, &[e, 2 * i, d])?;
+            let dn = self.get(&format!("{pre}.experts.down_proj"), &[e, d, i])?;
+            return Ok((0..e)
+                .map(|k| Mlp {
+                    gate: Linear::new(gu.rows(k * 2 * i, i, d)),
+                    up: Linear::new(gu.rows(k * 2 * i + i, i, d)),
+                    down: Linear::new(dn.rows(k * d, d, i)),
+                })
+                .collect());
+        }
+        (0..e)
+            .map(|k| {
+                let ex = format!("{pre}.experts.{k}");
+                Ok(Mlp {
+                    gate: Linear::new(self.get(&format!("{ex}.gate_proj.weight"), &[i, d])?),
+                    up: Linear::new(self.get(&format!("{ex}.up_proj.weight"), &[i, d])?),
+                    down: Linear::new(self.get(&format!("{ex}.down_proj.weight"), &[d, i])?),
+                })
+            })
+            .collect()
+    }
+}
+
+impl TensorSource for WeightStore {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        WeightStore::get(self, name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        WeightStore::contains(self, name)
+    }
+    fn total_bytes(&self) -> usize {
+        WeightStore::total_bytes(self)
+    }
+}
+
+fn load_moe(st: &dyn TensorSource, cfg: &ModelConfig, pre: &str) -> Result<Moe, ModelError> {
     let d = cfg.hidden_size;
     let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
     let weight = st.get(&format!("{pre}.gate.weight"), &[e, d])?.to_f32();
@@ -226,30 +303,7 @@ fn load_moe(st: &WeightStore, cfg: &ModelConfig, pre: &str) -> Result<Moe, Model
     } else {
         None
     };
-    let fused = format!("{pre}.experts.gate_up_proj");
-    let experts = if st.contains(&fused) {
-        // transformers 5 in-memory layout: gate_up_proj [E, 2I, d] (gate first), down_proj [E, d, I].
-        let gu = st.get(&fused, &[e, 2 * i, d])?;
-        let dn = st.get(&format!("{pre}.experts.down_proj"), &[e, d, i])?;
-        (0..e)
-            .map(|k| Mlp {
-                gate: Linear::new(gu.rows(k * 2 * i, i, d)),
-                up: Linear::new(gu.rows(k * 2 * i + i, i, d)),
-                down: Linear::new(dn.rows(k * d, d, i)),
-            })
-            .collect()
-    } else {
-        (0..e)
-            .map(|k| {
-                let ex = format!("{pre}.experts.{k}");
-                Ok(Mlp {
-                    gate: Linear::new(st.get(&format!("{ex}.gate_proj.weight"), &[i, d])?),
-                    up: Linear::new(st.get(&format!("{ex}.up_proj.weight"), &[i, d])?),
-                    down: Linear::new(st.get(&format!("{ex}.down_proj.weight"), &[d, i])?),
-                })
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?
-    };
+    let experts = st.experts(pre, e, i, d)?;
     let shared = if cfg.n_shared_experts > 0 {
         let w = i * cfg.n_shared_experts;
         let sp = format!("{pre}.shared_experts");

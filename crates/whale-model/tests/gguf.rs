@@ -104,3 +104,57 @@ fn broken_files_fail_with_the_file_named() {
         assert!(e.contains(name) && e.contains(want), "{name}: {e}");
     }
 }
+
+#[test]
+fn converted_gguf_runs_like_the_safetensors_model() {
+    use whale_model::{DeepseekModel, Logits, ModelFolder};
+    let exp = expected("v3");
+    let st = ModelFolder::open(&model_dir("v3")).unwrap();
+    let want = st
+        .model
+        .forward(&exp.tokens, &mut st.model.new_cache(), Logits::All)
+        .unwrap();
+    // F32 GGUF from llama.cpp's converter (split attn_k_b/attn_v_b, stacked experts): same math.
+    let g = DeepseekModel::load_gguf(&fixtures().join("gguf/v3-f32.gguf")).unwrap();
+    let c = g.config();
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.first_k_dense_replace,
+            c.n_group,
+            c.topk_group
+        ),
+        (4, 2, 4, 2)
+    );
+    assert_eq!(c.softmax_scale(), st.model.config().softmax_scale());
+    let got = g
+        .forward(&exp.tokens, &mut g.new_cache(), Logits::All)
+        .unwrap();
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("v3 F32 GGUF vs safetensors: max |diff| = {err:.2e}");
+    assert!(err < 1e-4, "F32 GGUF differs from safetensors by {err}");
+}
+
+#[test]
+fn quantized_gguf_matches_transformers_on_its_dequantised_weights() {
+    use whale_model::{DeepseekModel, Logits};
+    for name in ["v3-f32", "v3-q8_0"] {
+        // Q8_0 with llama.cpp's F16 fallback for rows that are not whole blocks.
+        let g = DeepseekModel::load_gguf(&fixtures().join(format!("gguf/{name}.gguf"))).unwrap();
+        let r: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("gguf/{name}.expected.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        let got = g
+            .forward(&ids(&r["tokens"]), &mut g.new_cache(), Logits::All)
+            .unwrap();
+        let err = max_abs_diff(&got, &floats(&r["logits"]));
+        eprintln!("{name}: whale vs transformers on the GGUF's weights: max |diff| = {err:.2e}");
+        assert!(err < 1e-4, "{name}: {err}");
+    }
+}
