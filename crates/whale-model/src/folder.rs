@@ -58,7 +58,26 @@ pub struct ModelFolder {
 impl ModelFolder {
     /// Loads `config.json`, the safetensors weights and, when present, the tokenizer
     /// files and `generation_config.json`.
+    ///
+    /// A path to a `.gguf` file opens that file instead (its tokenizer is not read yet).
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        if dir.is_file()
+            && dir
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            let model = DeepseekModel::load_gguf(dir)?;
+            let generation = GenerationConfig {
+                eos_token_ids: model.config().eos_token_ids.clone(),
+                ..Default::default()
+            };
+            return Ok(ModelFolder {
+                dir: dir.to_path_buf(),
+                model,
+                tokenizer: None,
+                generation,
+            });
+        }
         if !dir.is_dir() {
             return Err(ModelError::Io {
                 path: dir.to_path_buf(),

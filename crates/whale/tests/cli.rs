@@ -202,3 +202,33 @@ fn bad_input_fails_with_a_message() {
     let (ok, _, err) = whale(&["logits", "--model", "/no/such/model", "--tokens", "1"]);
     assert!(!ok && err.contains("/no/such/model"), "{err}");
 }
+
+#[test]
+fn gguf_files_run_from_the_command_line() {
+    let gguf =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/v3-f32.gguf");
+    let exp = expected("v3");
+    let tokens = csv(&exp["tokens"]);
+    let g = gguf.to_str().unwrap();
+    let (ok, out, err) = whale(&[
+        "generate",
+        "--model",
+        g,
+        "--tokens",
+        &tokens,
+        "--max-tokens",
+        "32",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tokens"], exp["greedy"]);
+    assert!(v.get("text").is_none());
+    let (ok, out, err) = whale(&["logits", "--model", g, "--tokens", "1,2,3"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["logits"].as_array().unwrap().len(), 3);
+}
