@@ -30,37 +30,34 @@ impl<'a> Detokenizer<'a> {
     /// Adds a token; returns the new text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String, ModelError> {
         self.tokens.push(id);
-        let before = self
-            .tok
-            .decode(&self.tokens[self.prefix..self.read], self.skip_special)?;
-        let now = self
-            .tok
-            .decode(&self.tokens[self.prefix..], self.skip_special)?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
-            if let Some(delta) = now.get(before.len()..).filter(|_| now.starts_with(&before)) {
-                let delta = delta.to_string();
-                self.prefix = self.read;
-                self.read = self.tokens.len();
-                return Ok(delta);
-            }
+        let (delta, complete) = self.pending()?;
+        if complete && !delta.is_empty() {
+            self.prefix = self.read;
+            self.read = self.tokens.len();
+            return Ok(delta);
         }
         Ok(String::new())
     }
 
     /// Text still held back (an incomplete character at the end of generation), decoded as is.
     pub fn flush(&mut self) -> Result<String, ModelError> {
-        let before = self
-            .tok
-            .decode(&self.tokens[self.prefix..self.read], self.skip_special)?;
-        let now = self
-            .tok
-            .decode(&self.tokens[self.prefix..], self.skip_special)?;
+        let (delta, _) = self.pending()?;
         self.prefix = self.tokens.len();
         self.read = self.tokens.len();
-        Ok(now
+        Ok(delta)
+    }
+
+    /// Text the tokens after `read` add to the window, and whether it ends on a whole character.
+    fn pending(&self) -> Result<(String, bool), ModelError> {
+        let window = &self.tokens[self.prefix..];
+        let before = self
+            .tok
+            .decode(&window[..self.read - self.prefix], self.skip_special)?;
+        let now = self.tok.decode(window, self.skip_special)?;
+        let delta = now
             .get(before.len()..)
             .filter(|_| now.starts_with(&before))
-            .unwrap_or("")
-            .to_string())
+            .unwrap_or("");
+        Ok((delta.to_string(), !now.ends_with('\u{FFFD}')))
     }
 }

@@ -292,11 +292,7 @@ impl TensorSource for GgufFile {
         let up = stacked("up", &[e, i, d])?;
         let down = stacked("down", &[e, d, i])?;
         Ok((0..e)
-            .map(|k| Mlp {
-                gate: Linear::new(gate.rows(k * i, i, d)),
-                up: Linear::new(up.rows(k * i, i, d)),
-                down: Linear::new(down.rows(k * d, d, i)),
-            })
+            .map(|k| Mlp::from_stacks((&gate, k * i), (&up, k * i), &down, k, i, d))
             .collect())
     }
 }

@@ -39,6 +39,23 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
+    /// Expert `k` out of stacked tensors: `gate`/`up` hold `[.., I, d]` blocks starting at
+    /// rows `gate_row`/`up_row`, `down` holds `[d, I]` blocks starting at row `k·d`.
+    pub fn from_stacks(
+        gate: (&Tensor, usize),
+        up: (&Tensor, usize),
+        down: &Tensor,
+        k: usize,
+        i: usize,
+        d: usize,
+    ) -> Self {
+        Mlp {
+            gate: Linear::new(gate.0.rows(gate.1, i, d)),
+            up: Linear::new(up.0.rows(up.1, i, d)),
+            down: Linear::new(down.rows(k * d, d, i)),
+        }
+    }
+
     /// `x`: `[n, d]` → `y`: `[n, d]` (overwritten).
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let i = self.gate.out_dim();

@@ -260,11 +260,7 @@ pub(crate) trait TensorSource {
             let gu = self.get(&fused, &[e, 2 * i, d])?;
             let dn = self.get(&format!("{pre}.experts.down_proj"), &[e, d, i])?;
             return Ok((0..e)
-                .map(|k| Mlp {
-                    gate: Linear::new(gu.rows(k * 2 * i, i, d)),
-                    up: Linear::new(gu.rows(k * 2 * i + i, i, d)),
-                    down: Linear::new(dn.rows(k * d, d, i)),
-                })
+                .map(|k| Mlp::from_stacks((&gu, k * 2 * i), (&gu, k * 2 * i + i), &dn, k, i, d))
                 .collect());
         }
         (0..e)
