@@ -40,9 +40,14 @@ WORDS = ("whale ocean river stone apple banana cherry lemon mango grape table ch
          "code data model token layer cache expert router latent matrix vector tensor kernel engine server").split()
 
 
+# Operand pairs reserved for evaluation; training never sees them. A random 10% of all
+# pairs: a rule on the operands (e.g. on their last digits) would also hide whole digit
+# patterns, such as one borrow case of subtraction, from training.
+_HELDOUT = set(random.Random(777).sample([(a, b) for a in range(100) for b in range(100)], 1000))
+
+
 def heldout(a, b):
-    """Operand pairs reserved for evaluation; training never sees them."""
-    return (a * 7 + b * 13) % 10 == 3
+    return (a, b) in _HELDOUT
 
 
 def q_add(r, train):
@@ -112,14 +117,17 @@ def q_compare(r, train):
 
 
 TASKS = [(q_add, 3), (q_sub, 3), (q_mul, 2), (q_count, 2), (q_reverse, 2), (q_sort, 2), (q_compare, 1)]
+# Phase 2 leans on what phase 1 left weakest (measured through whale: subtraction with
+# negative results, letter counting, reversal, sorting).
+TASKS_PHASE2 = [(q_add, 2), (q_sub, 6), (q_mul, 1), (q_count, 2), (q_reverse, 2), (q_sort, 2), (q_compare, 1)]
 
 
-def conversation(r, train=True):
+def conversation(r, train=True, tasks=TASKS):
     msgs = []
     if r.random() < 0.3:
         msgs.append({"role": "system", "content": r.choice(SYSTEMS)})
     for _ in range(1 if r.random() < 0.85 else 2):
-        fn = r.choices([t for t, _ in TASKS], weights=[w for _, w in TASKS])[0]
+        fn = r.choices([t for t, _ in tasks], weights=[w for _, w in tasks])[0]
         q, a, _ = fn(r, train)
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return msgs
@@ -162,8 +170,8 @@ def encode(tok, msgs):
     return enc.ids, labels
 
 
-def batch(tok, r, n, pad):
-    rows = [encode(tok, conversation(r)) for _ in range(n)]
+def batch(tok, r, n, pad, tasks=TASKS):
+    rows = [encode(tok, conversation(r, True, tasks)) for _ in range(n)]
     L = max(len(i) for i, _ in rows)
     ids = torch.full((n, L), pad, dtype=torch.long)
     lab = torch.full((n, L), -100, dtype=torch.long)
@@ -212,6 +220,9 @@ def main():
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--phase2-steps", type=int, default=2000)
+    ap.add_argument("--phase2-lr", type=float, default=1e-3)
+    ap.add_argument("--resume-phase1", help="a folder this script wrote after phase 1: skip phase 1 and load it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--card-only", action="store_true", help="rewrite README.md of --out and exit")
     ap.add_argument("--accuracy", help="markdown table of whale's accuracy for the card")
@@ -229,18 +240,34 @@ def main():
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params/1e6:.2f}M, vocab {tok.get_vocab_size()}", flush=True)
+    pad = tok.token_to_id(EOS)
+    if args.resume_phase1:
+        src = DeepseekV2ForCausalLM.from_pretrained(args.resume_phase1, dtype=torch.float32)
+        model.load_state_dict(src.state_dict())
+        prior = json.loads((Path(args.resume_phase1) / "training.json").read_text())
+        t0 -= prior["train_seconds"]
+        print(f"phase 1 loaded from {args.resume_phase1} ({prior['train_seconds']}s)", flush=True)
+    else:
+        run_phase(model, tok, pad, args.steps, args.lr, TASKS, random.Random(args.seed + 1), args.batch, t0)
+    # Phase 2: a fresh optimizer (so resuming from a saved phase 1 is exact) and a lower peak rate.
+    run_phase(model, tok, pad, args.phase2_steps, args.phase2_lr, TASKS_PHASE2, random.Random(args.seed + 3),
+              args.batch, t0)
+    train_secs = time.time() - t0
+    save(model, tok, cfg, args, n_params, train_secs)
+
+
+def run_phase(model, tok, pad, steps, lr, tasks, r, batch_size, t0):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
+                            lr=lr, betas=(0.9, 0.98))
     warm = 200
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) *
-                                              (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
-    r = random.Random(args.seed + 1)
-    pad = tok.token_to_id(EOS)
+                                              (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    model.train()
     ema = None
-    for step in range(1, args.steps + 1):
-        ids, lab, att = batch(tok, r, args.batch, pad)
+    for step in range(1, steps + 1):
+        ids, lab, att = batch(tok, r, batch_size, pad, tasks)
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -253,8 +280,6 @@ def main():
         if step % 1000 == 0:
             print(f"  held-out add/sub exact (PyTorch greedy): {quick_eval(model, tok, random.Random(step)):.2f}",
                   flush=True)
-    train_secs = time.time() - t0
-    save(model, tok, cfg, args, n_params, train_secs)
 
 
 def active_params(cfg, n_params):
@@ -323,7 +348,8 @@ def save(model, tok, cfg, args, n_params, train_secs):
         "transformers": transformers.__version__, "messages": conv, "text": text, "tokens": ids,
         "token_logprobs": token_lp}, ensure_ascii=False))
     meta = {"params_total": n_params, "params_active_per_token": active_params(cfg, n_params),
-            "train_seconds": round(train_secs), "steps": args.steps, "batch": args.batch, "seed": args.seed,
+            "train_seconds": round(train_secs), "steps": args.steps, "phase2_steps": args.phase2_steps,
+            "batch": args.batch, "seed": args.seed, "resumed_phase1": bool(args.resume_phase1),
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads}
     (out / "training.json").write_text(json.dumps(meta, indent=2))
     write_card(out, None)
@@ -352,17 +378,19 @@ job out of the box; it knows arithmetic and a few string tasks, nothing else.
 - YaRN RoPE (factor {cfg['rope_scaling']['factor']}, mscale = mscale_all_dim = {cfg['rope_scaling']['mscale']}).
 - Parameters: {meta['params_total']:,} total, {meta['params_active_per_token']:,} active per token. Folder: {size/1e6:.1f} MB (f32).
 - Tokenizer: byte-level BPE, {cfg['vocab_size']} tokens, digits split individually, DeepSeek's
-  `<｜begin▁of▁sentence｜>` / `<｜end▁of▁sentence｜>`; DeepSeek-V2 chat template (`User: ...\n\nAssistant: ...`).
+  `<｜begin▁of▁sentence｜>` / `<｜end▁of▁sentence｜>`; the DeepSeek-V2 chat template (`User:` / `Assistant:` turns).
 
 ## Data
 Synthetic multi-turn conversations generated by the script (no downloads): addition and subtraction of
 numbers 0-99, multiplication 0-12, counting a letter in a word, reversing a word, sorting 3-5 numbers,
 picking the larger of two numbers; several phrasings each; a system prompt in 30% of conversations and
-2 turns in 15%. Operand pairs with (7a + 13b) mod 10 = 3 never appear in training: they are the held-out set.
+2 turns in 15%. A fixed random 10% of operand pairs never appears in training: the held-out set.
 
 ## Training
-{meta['steps']} steps of AdamW, batch {meta['batch']}, loss on assistant tokens only; {meta['threads']} CPU threads,
-{meta['train_seconds']/60:.0f} minutes (torch {meta['torch']}, transformers {meta['transformers']}).
+Two phases of AdamW, batch {meta['batch']}, loss on assistant tokens only: {meta['steps']} steps on the
+task mix, then {meta['phase2_steps']} steps with a fresh optimizer on a mix weighted towards subtraction,
+counting, reversal and sorting. {meta['threads']} CPU threads, {meta['train_seconds']/60:.0f} minutes in all
+(torch {meta['torch']}, transformers {meta['transformers']}).{" The bundled weights were made by resuming phase 2 from this script's saved phase-1 output (`--resume-phase1`), which is the same computation as one uninterrupted run." if meta.get('resumed_phase1') else ""}
 
 ## Accuracy, measured through whale
 Greedy decoding on held-out problems (`eval_problems.json`) through whale's chat path:

@@ -55,7 +55,12 @@ pub fn run(folder: &ModelFolder, system: Option<String>, args: &SamplingArgs) ->
         cache.truncate(keep);
         cached.truncate(keep);
         let req = args.request(folder, ids[keep..].to_vec())?;
+        // The template ends in "Assistant:" and the model answers " ...": the leading
+        // space belongs to the template's "Assistant: " when the turn is re-rendered.
+        let mut started = false;
         let g = generate_with_cache(&folder.model, Some(tok), &req, &mut cache, &mut |piece| {
+            let piece = if started { piece } else { piece.trim_start() };
+            started |= !piece.is_empty();
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         })?;
@@ -63,7 +68,10 @@ pub fn run(folder: &ModelFolder, system: Option<String>, args: &SamplingArgs) ->
         cached.extend_from_slice(&ids[keep..]);
         // The last sampled token was not fed to the model.
         cached.extend_from_slice(&g.tokens[..g.tokens.len().saturating_sub(1)]);
-        messages.push(Message::new("assistant", g.text.as_deref().unwrap_or("")));
+        messages.push(Message::new(
+            "assistant",
+            g.text.as_deref().unwrap_or("").trim_start(),
+        ));
     }
     Ok(())
 }
