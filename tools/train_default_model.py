@@ -50,31 +50,30 @@ def heldout(a, b):
     return (a, b) in _HELDOUT
 
 
-def q_add(r, train):
+def operands(r, train, hi):
+    """A pair from 0..=hi, drawn from the training pairs or from the held-out ones."""
     while True:
-        a, b = r.randint(0, 99), r.randint(0, 99)
+        a, b = r.randint(0, hi), r.randint(0, hi)
         if heldout(a, b) != train:
-            break
+            return a, b
+
+
+def q_add(r, train):
+    a, b = operands(r, train, 99)
     q = r.choice(["What is {a} + {b}?", "Compute {a} plus {b}.", "{a} + {b} = ?", "Add {a} and {b}.",
                   "What is the sum of {a} and {b}?", "Calculate {a} + {b}."]).format(a=a, b=b)
     return q, f"{a} + {b} = {a + b}", {"task": "add", "a": a, "b": b}
 
 
 def q_sub(r, train):
-    while True:
-        a, b = r.randint(0, 99), r.randint(0, 99)
-        if heldout(a, b) != train:
-            break
+    a, b = operands(r, train, 99)
     q = r.choice(["What is {a} - {b}?", "Compute {a} minus {b}.", "{a} - {b} = ?", "Subtract {b} from {a}.",
                   "What is the difference {a} - {b}?", "Calculate {a} - {b}."]).format(a=a, b=b)
     return q, f"{a} - {b} = {a - b}", {"task": "sub", "a": a, "b": b}
 
 
 def q_mul(r, train):
-    while True:
-        a, b = r.randint(0, 12), r.randint(0, 12)
-        if heldout(a, b) != train:
-            break
+    a, b = operands(r, train, 12)
     q = r.choice(["What is {a} * {b}?", "Multiply {a} by {b}.", "{a} * {b} = ?", "What is {a} times {b}?",
                   "Compute the product of {a} and {b}."]).format(a=a, b=b)
     return q, f"{a} * {b} = {a * b}", {"task": "mul", "a": a, "b": b}
