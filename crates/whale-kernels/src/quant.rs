@@ -84,6 +84,19 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Scale and min of sub-blocks `is` and `is + 1`, multiplied out as ggml does.
+#[inline]
+fn sub_block_pair(is: usize, scales: &[u8], d: f32, dmin: f32) -> (f32, f32, f32, f32) {
+    let (sc1, m1) = scale_min_k4(is, scales);
+    let (sc2, m2) = scale_min_k4(is + 1, scales);
+    (
+        d * sc1 as f32,
+        dmin * m1 as f32,
+        d * sc2 as f32,
+        dmin * m2 as f32,
+    )
+}
+
 /// Q4_K (144 bytes): `d`, `dmin`, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles.
 pub fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
     let (d, dmin) = (h(b, 0), h(b, 2));
@@ -91,10 +104,7 @@ pub fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
     let mut q = &b[16..144];
     let mut is = 0;
     for chunk in y.chunks_mut(64) {
-        let (sc, m) = scale_min_k4(is, scales);
-        let (d1, m1) = (d * sc as f32, dmin * m as f32);
-        let (sc, m) = scale_min_k4(is + 1, scales);
-        let (d2, m2) = (d * sc as f32, dmin * m as f32);
+        let (d1, m1, d2, m2) = sub_block_pair(is, scales, d, dmin);
         for l in 0..32 {
             chunk[l] = d1 * (q[l] & 0x0F) as f32 - m1;
             chunk[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
@@ -112,10 +122,7 @@ pub fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
     let mut ql = &b[48..176];
     let (mut is, mut u1, mut u2) = (0, 1u8, 2u8);
     for chunk in y.chunks_mut(64) {
-        let (sc, m) = scale_min_k4(is, scales);
-        let (d1, m1) = (d * sc as f32, dmin * m as f32);
-        let (sc, m) = scale_min_k4(is + 1, scales);
-        let (d2, m2) = (d * sc as f32, dmin * m as f32);
+        let (d1, m1, d2, m2) = sub_block_pair(is, scales, d, dmin);
         for l in 0..32 {
             let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
             let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
