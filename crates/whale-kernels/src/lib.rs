@@ -21,6 +21,7 @@ mod dtype;
 mod matmul;
 mod ops;
 pub mod quant;
+pub mod quantize;
 
 pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{axpy_row, matmul, matmul_t_vec};
