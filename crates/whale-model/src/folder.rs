@@ -59,14 +59,19 @@ impl ModelFolder {
     /// Loads `config.json`, the safetensors weights and, when present, the tokenizer
     /// files and `generation_config.json`.
     ///
-    /// A path to a `.gguf` file opens that file instead (its tokenizer is not read yet).
+    /// A path to a `.gguf` file opens that file instead, with the tokenizer and chat
+    /// template from its metadata.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         if dir.is_file()
             && dir
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            let model = DeepseekModel::load_gguf(dir)?;
+            let f = crate::gguf::GgufFile::open(dir)?;
+            let model = DeepseekModel::from_gguf(&f)?;
+            let tokenizer = crate::gguf_tokenizer::has_tokenizer(&f)
+                .then(|| Tokenizer::from_gguf(&f))
+                .transpose()?;
             let generation = GenerationConfig {
                 eos_token_ids: model.config().eos_token_ids.clone(),
                 ..Default::default()
@@ -74,7 +79,7 @@ impl ModelFolder {
             return Ok(ModelFolder {
                 dir: dir.to_path_buf(),
                 model,
-                tokenizer: None,
+                tokenizer,
                 generation,
             });
         }
@@ -117,8 +122,15 @@ impl ModelFolder {
     }
 }
 
-/// The tokenizer of `dir`, `None` when it has no `tokenizer.json`.
+/// The tokenizer of `dir`, `None` when it has no `tokenizer.json`; for a `.gguf`
+/// file, the tokenizer in its metadata.
 pub fn open_tokenizer(dir: &Path) -> Result<Option<Tokenizer>, ModelError> {
+    if dir.is_file() {
+        let f = crate::gguf::GgufFile::open(dir)?;
+        return crate::gguf_tokenizer::has_tokenizer(&f)
+            .then(|| Tokenizer::from_gguf(&f))
+            .transpose();
+    }
     if dir.join("tokenizer.json").is_file() {
         Tokenizer::from_dir(dir).map(Some)
     } else {

@@ -54,9 +54,13 @@ impl DeepseekModel {
 
     /// Loads a llama.cpp GGUF file (`general.architecture = deepseek2`).
     pub fn load_gguf(path: &Path) -> Result<Self, ModelError> {
-        let f = crate::gguf::GgufFile::open(path)?;
-        let cfg = ModelConfig::from_gguf(&f)?;
-        Self::from_source(&f, cfg)
+        Self::from_gguf(&crate::gguf::GgufFile::open(path)?)
+    }
+
+    /// Builds the model from an opened GGUF file (its metadata and tensors).
+    pub fn from_gguf(f: &crate::gguf::GgufFile) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_gguf(f)?;
+        Self::from_source(f, cfg)
     }
 
     /// Builds the model from opened weights, checking every tensor's shape.
