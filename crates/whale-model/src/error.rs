@@ -52,7 +52,7 @@ pub enum ModelError {
     },
     /// A tensor has a dtype whale cannot compute with.
     #[error(
-        "{file}: tensor {tensor:?} has unsupported dtype {dtype} (whale reads F32, F16 and BF16)"
+        "{file}: tensor {tensor:?} has unsupported dtype {dtype} (whale reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
     )]
     DType {
         /// The file holding the tensor.

@@ -158,3 +158,159 @@ fn quantized_gguf_matches_transformers_on_its_dequantised_weights() {
         assert!(err < 1e-4, "{name}: {err}");
     }
 }
+
+/// Rows of a tensor read from a GGUF, for rewriting files in tests.
+struct FromTensor(whale_model::Tensor);
+
+impl whale_model::RowSource for FromTensor {
+    fn rows(&self) -> usize {
+        self.0.shape().iter().rev().skip(1).product()
+    }
+    fn cols(&self) -> usize {
+        *self.0.shape().last().unwrap()
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        whale_kernels::MatRef::new(self.0.dtype(), self.0.bytes(), self.rows(), self.cols())
+            .unwrap()
+            .row_into(r, out);
+    }
+}
+
+struct Values(Vec<f32>, usize);
+
+impl whale_model::RowSource for Values {
+    fn rows(&self) -> usize {
+        self.0.len() / self.1
+    }
+    fn cols(&self) -> usize {
+        self.1
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.0[r * self.1..(r + 1) * self.1]);
+    }
+}
+
+fn meta_of(f: &GgufFile) -> Vec<(String, whale_model::MetaValue)> {
+    use whale_model::MetaValue as M;
+    f.keys()
+        .filter_map(|k| {
+            let v = match f.get(k).unwrap() {
+                GgufValue::U64(x) => M::U32(*x as u32),
+                GgufValue::F64(x) => M::F32(*x as f32),
+                GgufValue::Bool(b) => M::Bool(*b),
+                GgufValue::Str(s) => M::Str(s.clone()),
+                GgufValue::Array(a) if a.iter().all(|x| x.as_str().is_some()) => {
+                    M::StrArray(a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+                }
+                GgufValue::Array(a) => M::I32Array(
+                    a.iter()
+                        .map(|x| match x {
+                            GgufValue::I64(i) => *i as i32,
+                            GgufValue::U64(u) => *u as i32,
+                            _ => panic!("{k}"),
+                        })
+                        .collect(),
+                ),
+                GgufValue::I64(_) => return None,
+            };
+            Some((k.to_string(), v))
+        })
+        .collect()
+}
+
+#[test]
+fn older_files_with_attn_kv_b_run_the_same() {
+    use whale_model::{write_gguf, DeepseekModel, Logits, TensorPlan};
+    // Rewrite llama.cpp's v3 F32 file in the pre-MLA-split layout: one attn_kv_b
+    // [H·(P+V), C] per layer instead of attn_k_b [H, C, P] + attn_v_b [H, V, C].
+    let src = GgufFile::open(&fixtures().join("gguf/v3-f32.gguf")).unwrap();
+    let mut plans = vec![];
+    for name in src.tensor_names() {
+        let t = src.tensor(name).unwrap();
+        if name.ends_with("attn_v_b.weight") {
+            continue;
+        }
+        if let Some(pre) = name.strip_suffix("attn_k_b.weight") {
+            let kb = t.mat().to_f32();
+            let (h, c, p) = (t.shape()[0], t.shape()[1], t.shape()[2]);
+            let vt = src.tensor(&format!("{pre}attn_v_b.weight")).unwrap();
+            let vb = vt.mat().to_f32();
+            let v = vt.shape()[1];
+            let mut kv = vec![0.0; h * (p + v) * c];
+            for head in 0..h {
+                for j in 0..c {
+                    for i in 0..p {
+                        kv[(head * (p + v) + i) * c + j] = kb[(head * c + j) * p + i];
+                    }
+                }
+                for i in 0..v {
+                    let row = (head * (p + v) + p + i) * c;
+                    kv[row..row + c]
+                        .copy_from_slice(&vb[(head * v + i) * c..(head * v + i + 1) * c]);
+                }
+            }
+            plans.push(TensorPlan {
+                name: format!("{pre}attn_kv_b.weight"),
+                shape: vec![h * (p + v), c],
+                dtype: whale_kernels::DType::F32,
+                source: Box::new(Values(kv, c)),
+            });
+            continue;
+        }
+        plans.push(TensorPlan {
+            name: name.clone(),
+            shape: t.shape().to_vec(),
+            dtype: t.dtype(),
+            source: Box::new(FromTensor(t)),
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("v3-kv_b.gguf");
+    write_gguf(&old, &meta_of(&src), &plans, &mut |_, _, _| {}).unwrap();
+    let f = GgufFile::open(&old).unwrap();
+    assert!(f.tensor_info("blk.0.attn_kv_b.weight").is_some());
+    assert!(f.tensor_info("blk.0.attn_k_b.weight").is_none());
+    let exp = expected("v3");
+    let a = DeepseekModel::load_gguf(&old).unwrap();
+    let b = DeepseekModel::load_gguf(&fixtures().join("gguf/v3-f32.gguf")).unwrap();
+    let la = a
+        .forward(&exp.tokens, &mut a.new_cache(), Logits::All)
+        .unwrap();
+    let lb = b
+        .forward(&exp.tokens, &mut b.new_cache(), Logits::All)
+        .unwrap();
+    let err = la
+        .iter()
+        .zip(&lb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(err < 1e-5, "attn_kv_b layout differs by {err}");
+}
+
+#[test]
+fn unsupported_tensor_types_are_named() {
+    // Patch one tensor's type in the index to IQ2_XXS (16), which whale does not read.
+    let mut bytes = std::fs::read(fixtures().join("gguf/v3-q8_0.gguf")).unwrap();
+    let name = b"blk.0.attn_q_a.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // n_dims (u32 = 2), ne[2] (u64), then the type.
+    assert_eq!(&bytes[at..at + 4], &2u32.to_le_bytes());
+    let ty = at + 4 + 16;
+    assert_eq!(
+        &bytes[ty..ty + 4],
+        &8u32.to_le_bytes(),
+        "Q8_0 before patching"
+    );
+    bytes[ty..ty + 4].copy_from_slice(&16u32.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("iq2.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = whale_model::DeepseekModel::load_gguf(&p)
+        .err()
+        .expect("IQ2_XXS must be refused")
+        .to_string();
+    assert!(
+        e.contains("iq2.gguf") && e.contains("blk.0.attn_q_a.weight") && e.contains("IQ2_XXS"),
+        "{e}"
+    );
+}

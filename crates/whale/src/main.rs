@@ -65,6 +65,23 @@ enum Cmd {
         #[arg(long)]
         add_special: bool,
     },
+    /// Write a Hugging Face model folder as a llama.cpp GGUF file.
+    Convert {
+        /// The model folder (config.json, *.safetensors, tokenizer files).
+        #[arg(long)]
+        from: PathBuf,
+        /// The GGUF file to write.
+        #[arg(long)]
+        to: PathBuf,
+        /// Type of the 2-D weights; norms and the expert router stay f32, and k-quant
+        /// rows that are not multiples of 256 fall back as llama.cpp's do (q4_k → q5_0,
+        /// q6_k → q8_0, then f16).
+        #[arg(long = "type", value_enum, default_value_t = OutType::F16)]
+        out_type: OutType,
+        /// `tokenizer.ggml.pre` to write (default: detected from tokenizer.json).
+        #[arg(long)]
+        tokenizer_pre: Option<String>,
+    },
     /// Interactive chat through the model's chat template (/reset, /exit).
     Chat {
         #[command(flatten)]
@@ -108,6 +125,39 @@ impl ModelArg {
             return Ok(built);
         }
         bail!("no --model given and the bundled model {BUNDLED} was not found; pass --model DIR")
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q6_k")]
+    Q6K,
+}
+
+impl OutType {
+    fn dtype(self) -> whale_kernels::DType {
+        use whale_kernels::DType;
+        match self {
+            OutType::F32 => DType::F32,
+            OutType::F16 => DType::F16,
+            OutType::Bf16 => DType::BF16,
+            OutType::Q8_0 => DType::Q8_0,
+            OutType::Q5_0 => DType::Q5_0,
+            OutType::Q4_0 => DType::Q4_0,
+            OutType::Q4K => DType::Q4K,
+            OutType::Q6K => DType::Q6K,
+        }
     }
 }
 
@@ -215,6 +265,44 @@ fn open(dir: &Path) -> Result<ModelFolder> {
     Ok(folder)
 }
 
+fn convert(from: &Path, to: &Path, out_type: OutType, tokenizer_pre: Option<String>) -> Result<()> {
+    let t = Instant::now();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let opts = whale_model::ConvertOptions {
+        dtype: out_type.dtype(),
+        tokenizer_pre,
+    };
+    let report = whale_model::convert_to_gguf(from, to, &opts, &mut |done, total, name| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    })
+    .with_context(|| format!("cannot convert {} to {}", from.display(), to.display()))?;
+    bar.finish_and_clear();
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let size = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} MB, {:.1}s); {} tensors fell back to another type",
+        to.display(),
+        report.tensors.len(),
+        size as f64 / 1e6,
+        t.elapsed().as_secs_f64(),
+        report.fallbacks.len()
+    );
+    for (name, dtype) in &report.fallbacks {
+        eprintln!("  {name}: {}", dtype.name());
+    }
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -301,6 +389,12 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("no tokenizer.json in {}", dir.display()))?;
             println!("{}", json!({ "ids": tok.encode(&text, add_special)? }));
         }
+        Cmd::Convert {
+            from,
+            to,
+            out_type,
+            tokenizer_pre,
+        } => convert(&from, &to, out_type, tokenizer_pre)?,
         Cmd::Chat {
             model,
             system,

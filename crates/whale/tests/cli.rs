@@ -226,9 +226,72 @@ fn gguf_files_run_from_the_command_line() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["tokens"], exp["greedy"]);
-    assert!(v.get("text").is_none());
+    // The tokenizer comes from the file's metadata.
+    assert!(v["text"].is_string(), "{v}");
     let (ok, out, err) = whale(&["logits", "--model", g, "--tokens", "1,2,3"]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["logits"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn convert_writes_a_gguf_that_chats_on_its_own() {
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/whale-tiny-chat");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("whale-tiny-chat-q8_0.gguf");
+    let g = gguf.to_str().unwrap();
+    let (ok, _, err) = whale(&[
+        "convert",
+        "--from",
+        bundled.to_str().unwrap(),
+        "--to",
+        g,
+        "--type",
+        "q8_0",
+        "--tokenizer-pre",
+        "gpt-2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("wrote") && err.contains("67 tensors"), "{err}");
+    // Same ids from the GGUF's own tokenizer as from tokenizer.json.
+    let text = "What is 37 + 48?";
+    let (_, from_gguf, _) = whale(&["tokenize", "--model", g, "--text", text]);
+    let (_, from_dir, _) = whale(&[
+        "tokenize",
+        "--model",
+        bundled.to_str().unwrap(),
+        "--text",
+        text,
+    ]);
+    assert_eq!(from_gguf, from_dir);
+    // Chat through the template stored in the file, with nothing beside it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whale"))
+        .args(["chat", "--model", g, "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"What is 37 + 48?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "37 + 48 = 85"
+    );
+    // A tokenizer whale cannot name is refused with the way out.
+    let (ok, _, err) = whale(&[
+        "convert",
+        "--from",
+        bundled.to_str().unwrap(),
+        "--to",
+        dir.path().join("x.gguf").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--tokenizer-pre"), "{err}");
+    assert!(!dir.path().join("x.gguf").exists());
 }

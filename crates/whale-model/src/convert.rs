@@ -1,0 +1,682 @@
+//! Hugging Face folder → llama.cpp GGUF (`whale convert`): the `deepseek2`
+//! metadata, the tokenizer, and every tensor under llama.cpp's name in the
+//! newer MLA layout (`attn_k_b` + `attn_v_b` instead of `attn_kv_b`), quantised
+//! as `llama-quantize` would quantise it.
+
+use crate::config::{ModelConfig, ModelType, RopeScaling};
+use crate::error::ModelError;
+use crate::gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
+use crate::model::TensorSource;
+use crate::weights::{Tensor, WeightStore};
+use serde_json::Value;
+use std::path::Path;
+use whale_kernels::quantize::can_quantize;
+use whale_kernels::DType;
+
+/// What `convert_to_gguf` did.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertReport {
+    /// Every tensor written, with its type.
+    pub tensors: Vec<(String, DType)>,
+    /// Tensors stored in another type than asked because their rows are not whole
+    /// blocks of it (llama.cpp's fallback: Q4_K → Q5_0, Q6_K → Q8_0, then F16).
+    pub fallbacks: Vec<(String, DType)>,
+    /// Warnings about what GGUF cannot express.
+    pub warnings: Vec<String>,
+}
+
+/// Options of `convert_to_gguf`.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Type of the 2-D weights (norms, biases and the router stay F32).
+    pub dtype: DType,
+    /// `tokenizer.ggml.pre` to write; detected from `tokenizer.json` when `None`.
+    pub tokenizer_pre: Option<String>,
+}
+
+/// The type a weight of `shape` is stored in when `target` is asked for.
+fn storage_type(name: &str, shape: &[usize], target: DType) -> DType {
+    // llama.cpp keeps 1-D tensors and the expert router in F32.
+    if shape.len() < 2 || name.contains("ffn_gate_inp") {
+        return DType::F32;
+    }
+    let cols = *shape.last().unwrap_or(&1);
+    if target.bytes_for(cols).is_some() {
+        return target;
+    }
+    let fallback = match target {
+        DType::Q4K => DType::Q5_0,
+        DType::Q5K => DType::Q5_1,
+        DType::Q6K => DType::Q8_0,
+        t => t,
+    };
+    if fallback.bytes_for(cols).is_some() {
+        fallback
+    } else {
+        DType::F16
+    }
+}
+
+/// llama.cpp's `general.file_type` (`llama_ftype`) of a mostly-`t` file.
+fn file_type(t: DType) -> u32 {
+    match t {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Q4_0 => 2,
+        DType::Q4_1 => 3,
+        DType::Q8_0 => 7,
+        DType::Q5_0 => 8,
+        DType::Q5_1 => 9,
+        DType::Q4K => 14,
+        DType::Q5K => 16,
+        DType::Q6K => 18,
+        DType::BF16 => 32,
+    }
+}
+
+/// Rows of a stored tensor (all dims but the last flattened).
+struct Rows(Tensor);
+
+impl RowSource for Rows {
+    fn rows(&self) -> usize {
+        self.0.shape().iter().rev().skip(1).product()
+    }
+    fn cols(&self) -> usize {
+        *self.0.shape().last().unwrap_or(&1)
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        let rb = self.0.dtype().bytes_for(self.cols()).expect("whole blocks");
+        whale_kernels::decode_into(self.0.dtype(), &self.0.bytes()[r * rb..(r + 1) * rb], out);
+    }
+}
+
+/// Several same-shaped matrices stacked (`[E, rows, cols]` from E experts).
+struct Stack(Vec<Tensor>);
+
+impl RowSource for Stack {
+    fn rows(&self) -> usize {
+        self.0.iter().map(|t| t.shape()[0]).sum()
+    }
+    fn cols(&self) -> usize {
+        self.0.first().map_or(0, |t| t.shape()[1])
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        let per = self.0[0].shape()[0];
+        self.0[r / per].mat().row_into(r % per, out);
+    }
+}
+
+/// Values computed at conversion time (the split `kv_b_proj`).
+struct Owned {
+    data: Vec<f32>,
+    cols: usize,
+}
+
+impl RowSource for Owned {
+    fn rows(&self) -> usize {
+        self.data.len() / self.cols
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.data[r * self.cols..(r + 1) * self.cols]);
+    }
+}
+
+/// Splits `kv_b_proj` `[H·(P+V), C]` into llama.cpp's `attn_k_b` `[H, C, P]`
+/// (W_UK per head, transposed) and `attn_v_b` `[H, V, C]` (W_UV per head).
+fn split_kv_b(w: &[f32], h: usize, p: usize, v: usize, c: usize) -> (Owned, Owned) {
+    // w: [H, P+V, C]
+    let mut k_b = vec![0.0; h * c * p];
+    let mut v_b = vec![0.0; h * v * c];
+    for head in 0..h {
+        let base = head * (p + v) * c;
+        for i in 0..p {
+            for j in 0..c {
+                k_b[head * c * p + j * p + i] = w[base + i * c + j];
+            }
+        }
+        v_b[head * v * c..(head + 1) * v * c].copy_from_slice(&w[base + p * c..base + (p + v) * c]);
+    }
+    (Owned { data: k_b, cols: p }, Owned { data: v_b, cols: c })
+}
+
+/// Known pre-tokenizers, recognised by the first regex of their split sequence.
+fn detect_pre(tokenizer: &Value) -> Option<&'static str> {
+    let pre = tokenizer.get("pre_tokenizer")?;
+    let steps = match pre.get("pretokenizers") {
+        Some(Value::Array(a)) => a.clone(),
+        _ => vec![pre.clone()],
+    };
+    let regexes: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| s.get("pattern")?.get("Regex")?.as_str())
+        .collect();
+    match regexes.as_slice() {
+        ["[\r\n]", l, ..] if l.starts_with("\\s?[A-Za-z\u{b5}") => Some("deepseek-llm"),
+        ["[\r\n]", "\\s?\\p{L}+", ..] => Some("deepseek-coder"),
+        ["\\p{N}{1,3}", ..] => Some("deepseek-v3"),
+        [] if steps.len() == 1
+            && pre.get("type").and_then(Value::as_str) == Some("ByteLevel")
+            && pre.get("use_regex").and_then(Value::as_bool) != Some(false) =>
+        {
+            Some("gpt-2")
+        }
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))
+}
+
+/// A special-token entry of `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_content(v: Option<&Value>) -> Option<&str> {
+    match v? {
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("content").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+/// `tokenizer.*` metadata from `tokenizer.json` and `tokenizer_config.json`, laid
+/// out as llama.cpp's converter lays it out (vocabulary padded to `vocab_size`).
+fn tokenizer_meta(
+    dir: &Path,
+    vocab_size: usize,
+    pre: Option<&str>,
+) -> Result<Vec<(String, MetaValue)>, ModelError> {
+    let tj = dir.join("tokenizer.json");
+    let tok = read_json(&tj)?;
+    let model = &tok["model"];
+    if model.get("type").and_then(Value::as_str) != Some("BPE") {
+        return Err(ModelError::format(
+            &tj,
+            "only byte-level BPE tokenizers can be written to GGUF",
+        ));
+    }
+    let pre = match pre {
+        Some(p) => p.to_string(),
+        None => detect_pre(&tok).map(String::from).ok_or_else(|| {
+            ModelError::format(
+                &tj,
+                "the pre-tokenizer is none of DeepSeek's (deepseek-llm, deepseek-coder, deepseek-v3); \
+                 name the closest with --tokenizer-pre",
+            )
+        })?,
+    };
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![1i32; vocab_size];
+    let mut place = |id: u64, text: &str, ty: i32| -> Result<(), ModelError> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            ModelError::format(
+                &tj,
+                format!("token {text:?} has id {id}, beyond vocab_size {vocab_size}"),
+            )
+        })?;
+        *slot = Some(text.to_string());
+        types[id as usize] = ty;
+        Ok(())
+    };
+    if let Some(vocab) = model.get("vocab").and_then(Value::as_object) {
+        for (text, id) in vocab {
+            place(id.as_u64().unwrap_or(u64::MAX), text, 1)?;
+        }
+    }
+    for a in tok["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(text)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            continue;
+        };
+        let special = a["special"].as_bool().unwrap_or(false);
+        place(id, text, if special { 3 } else { 4 })?;
+    }
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    let merges: Vec<String> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .collect();
+    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    let tc = dir.join("tokenizer_config.json");
+    let cfg = if tc.is_file() {
+        read_json(&tc)?
+    } else {
+        Value::Null
+    };
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            MetaValue::Str("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".to_string(), MetaValue::Str(pre)),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            MetaValue::StrArray(tokens.clone()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            MetaValue::I32Array(types),
+        ),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            MetaValue::StrArray(merges),
+        ),
+    ];
+    for (key, gguf) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = token_content(cfg.get(key)).and_then(id_of) {
+            meta.push((gguf.to_string(), MetaValue::U32(id)));
+        }
+    }
+    for key in ["add_bos_token", "add_eos_token"] {
+        if let Some(b) = cfg.get(key).and_then(Value::as_bool) {
+            meta.push((format!("tokenizer.ggml.{key}"), MetaValue::Bool(b)));
+        }
+    }
+    let template = match cfg.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => {
+            let jinja = dir.join("chat_template.jinja");
+            jinja
+                .is_file()
+                .then(|| std::fs::read_to_string(&jinja))
+                .transpose()
+                .map_err(|e| ModelError::io(&jinja, e))?
+        }
+    };
+    if let Some(t) = template {
+        meta.push(("tokenizer.chat_template".into(), MetaValue::Str(t)));
+    }
+    Ok(meta)
+}
+
+/// `deepseek2.*` and `general.*` metadata of a configuration.
+fn model_meta(
+    cfg: &ModelConfig,
+    name: &str,
+    dtype: DType,
+    warnings: &mut Vec<String>,
+) -> Vec<(String, MetaValue)> {
+    let a = |k: &str| format!("deepseek2.{k}");
+    let u = |v: usize| MetaValue::U32(v as u32);
+    let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+    let mut m = vec![
+        (
+            "general.architecture".to_string(),
+            MetaValue::Str("deepseek2".into()),
+        ),
+        ("general.type".to_string(), MetaValue::Str("model".into())),
+        ("general.name".to_string(), MetaValue::Str(name.to_string())),
+        (
+            "general.file_type".to_string(),
+            MetaValue::U32(file_type(dtype)),
+        ),
+        (
+            "general.quantization_version".to_string(),
+            MetaValue::U32(2),
+        ),
+        (a("block_count"), u(cfg.num_hidden_layers)),
+        (a("context_length"), u(cfg.max_position_embeddings)),
+        (a("embedding_length"), u(cfg.hidden_size)),
+        (a("feed_forward_length"), u(cfg.intermediate_size)),
+        (a("attention.head_count"), u(cfg.num_attention_heads)),
+        // MLA runs as multi-query attention over the latent: one KV "head" of C + R.
+        (a("attention.head_count_kv"), u(1)),
+        (a("attention.key_length"), u(c + r)),
+        (a("attention.value_length"), u(c)),
+        (a("attention.key_length_mla"), u(cfg.qk_nope_head_dim + r)),
+        (a("attention.value_length_mla"), u(cfg.v_head_dim)),
+        (a("attention.kv_lora_rank"), u(c)),
+        (a("rope.dimension_count"), u(r)),
+        (a("rope.freq_base"), MetaValue::F32(cfg.rope_theta as f32)),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(cfg.rms_norm_eps),
+        ),
+        (a("leading_dense_block_count"), u(cfg.first_k_dense_replace)),
+        (a("vocab_size"), u(cfg.vocab_size)),
+    ];
+    if let Some(q) = cfg.q_lora_rank {
+        m.push((a("attention.q_lora_rank"), u(q)));
+    }
+    if cfg.n_routed_experts > 0 {
+        m.extend([
+            (a("expert_count"), u(cfg.n_routed_experts)),
+            (a("expert_used_count"), u(cfg.num_experts_per_tok)),
+            (a("expert_shared_count"), u(cfg.n_shared_experts)),
+            (
+                a("expert_feed_forward_length"),
+                u(cfg.moe_intermediate_size),
+            ),
+            (
+                a("expert_weights_scale"),
+                MetaValue::F32(cfg.routed_scaling_factor),
+            ),
+            (
+                a("expert_weights_norm"),
+                MetaValue::Bool(cfg.norm_topk_prob),
+            ),
+            (a("expert_group_count"), u(cfg.n_group)),
+            (a("expert_group_used_count"), u(cfg.topk_group)),
+            (
+                a("expert_gating_func"),
+                u(if cfg.model_type == ModelType::DeepseekV3 {
+                    2
+                } else {
+                    1
+                }),
+            ),
+        ]);
+    }
+    if let RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings,
+        beta_fast,
+        beta_slow,
+        mscale,
+        mscale_all_dim,
+        attention_factor,
+    } = cfg.rope_scaling
+    {
+        if mscale != mscale_all_dim || attention_factor.is_some() {
+            warnings.push(format!(
+                "YaRN mscale {mscale} differs from mscale_all_dim {mscale_all_dim} (or an attention_factor is set): \
+                 GGUF keeps only yarn_log_multiplier = 0.1 · mscale_all_dim, so the file's RoPE amplitude differs"
+            ));
+        }
+        m.extend([
+            (a("rope.scaling.type"), MetaValue::Str("yarn".into())),
+            (a("rope.scaling.factor"), MetaValue::F32(factor as f32)),
+            (
+                a("rope.scaling.original_context_length"),
+                u(original_max_position_embeddings as usize),
+            ),
+            (
+                a("rope.scaling.yarn_beta_fast"),
+                MetaValue::F32(beta_fast as f32),
+            ),
+            (
+                a("rope.scaling.yarn_beta_slow"),
+                MetaValue::F32(beta_slow as f32),
+            ),
+            (
+                a("rope.scaling.yarn_log_multiplier"),
+                MetaValue::F32((0.1 * mscale_all_dim) as f32),
+            ),
+        ]);
+    }
+    if !cfg.rope_interleave {
+        warnings.push(
+            "rope_interleave = false cannot be expressed in GGUF (llama.cpp always rotates adjacent pairs)".into(),
+        );
+    }
+    m
+}
+
+/// The tensors to write, each with its storage type.
+struct Planner<'a> {
+    plans: Vec<TensorPlan<'a>>,
+    target: DType,
+    st: &'a WeightStore,
+}
+
+impl<'a> Planner<'a> {
+    fn add(&mut self, name: String, shape: Vec<usize>, source: Box<dyn RowSource + 'a>) {
+        let dtype = storage_type(&name, &shape, self.target);
+        self.plans.push(TensorPlan {
+            name,
+            shape,
+            dtype,
+            source,
+        });
+    }
+
+    /// A tensor copied (and re-typed) from the checkpoint under a new name.
+    fn plain(&mut self, gguf: &str, hf: &str, shape: &[usize]) -> Result<(), ModelError> {
+        let t = self.st.get(hf, shape)?;
+        self.add(gguf.to_string(), shape.to_vec(), Box::new(Rows(t)));
+        Ok(())
+    }
+}
+
+/// Converts the Hugging Face model folder `dir` into a GGUF file at `out`.
+pub fn convert_to_gguf(
+    dir: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64, &str),
+) -> Result<ConvertReport, ModelError> {
+    if !can_quantize(opts.dtype) {
+        return Err(ModelError::config(format!(
+            "whale cannot write {}; choose f32, f16, bf16, q8_0, q5_0, q4_0, q4_k or q6_k",
+            opts.dtype.name()
+        )));
+    }
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let st = WeightStore::open_dir(dir)?;
+    let mut report = ConvertReport::default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let mut meta = model_meta(&cfg, &name, opts.dtype, &mut report.warnings);
+    if dir.join("tokenizer.json").is_file() {
+        meta.extend(tokenizer_meta(
+            dir,
+            cfg.vocab_size,
+            opts.tokenizer_pre.as_deref(),
+        )?);
+    }
+
+    let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
+    let (p, r, v, c) = (
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    );
+    let mut pl = Planner {
+        plans: Vec::new(),
+        target: opts.dtype,
+        st: &st,
+    };
+    let vocab = cfg.vocab_size;
+    pl.plain(
+        "token_embd.weight",
+        "model.embed_tokens.weight",
+        &[vocab, d],
+    )?;
+    for li in 0..cfg.num_hidden_layers {
+        let hf = |s: &str| format!("model.layers.{li}.{s}");
+        let gg = |s: &str| format!("blk.{li}.{s}");
+        let mut plain =
+            |gguf: &str, hf_name: &str, shape: &[usize]| pl.plain(&gg(gguf), &hf(hf_name), shape);
+        plain("attn_norm.weight", "input_layernorm.weight", &[d])?;
+        match cfg.q_lora_rank {
+            Some(q) => {
+                plain("attn_q_a.weight", "self_attn.q_a_proj.weight", &[q, d])?;
+                plain(
+                    "attn_q_a_norm.weight",
+                    "self_attn.q_a_layernorm.weight",
+                    &[q],
+                )?;
+                plain(
+                    "attn_q_b.weight",
+                    "self_attn.q_b_proj.weight",
+                    &[h * (p + r), q],
+                )?;
+            }
+            None => plain(
+                "attn_q.weight",
+                "self_attn.q_proj.weight",
+                &[h * (p + r), d],
+            )?,
+        }
+        plain(
+            "attn_kv_a_mqa.weight",
+            "self_attn.kv_a_proj_with_mqa.weight",
+            &[c + r, d],
+        )?;
+        plain(
+            "attn_kv_a_norm.weight",
+            "self_attn.kv_a_layernorm.weight",
+            &[c],
+        )?;
+        plain("attn_output.weight", "self_attn.o_proj.weight", &[d, h * v])?;
+        plain("ffn_norm.weight", "post_attention_layernorm.weight", &[d])?;
+        if !cfg.is_moe_layer(li) {
+            let i = cfg.intermediate_size;
+            plain("ffn_gate.weight", "mlp.gate_proj.weight", &[i, d])?;
+            plain("ffn_up.weight", "mlp.up_proj.weight", &[i, d])?;
+            plain("ffn_down.weight", "mlp.down_proj.weight", &[d, i])?;
+        } else {
+            let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
+            plain("ffn_gate_inp.weight", "mlp.gate.weight", &[e, d])?;
+            if cfg.model_type == ModelType::DeepseekV3 {
+                plain("exp_probs_b.bias", "mlp.gate.e_score_correction_bias", &[e])?;
+            }
+            if cfg.n_shared_experts > 0 {
+                let w = i * cfg.n_shared_experts;
+                plain(
+                    "ffn_gate_shexp.weight",
+                    "mlp.shared_experts.gate_proj.weight",
+                    &[w, d],
+                )?;
+                plain(
+                    "ffn_up_shexp.weight",
+                    "mlp.shared_experts.up_proj.weight",
+                    &[w, d],
+                )?;
+                plain(
+                    "ffn_down_shexp.weight",
+                    "mlp.shared_experts.down_proj.weight",
+                    &[d, w],
+                )?;
+            }
+            // [E, I, d] / [E, d, I]: expert k's matrix is rows k·I.. of the stack.
+            let experts = st.experts(&hf("mlp"), e, i, d)?;
+            let stack = |f: fn(&crate::linear::Mlp) -> &Tensor| {
+                Box::new(Stack(experts.iter().map(|m| f(m).clone()).collect()))
+            };
+            pl.add(
+                gg("ffn_gate_exps.weight"),
+                vec![e, i, d],
+                stack(|m| m.gate.tensor()),
+            );
+            pl.add(
+                gg("ffn_up_exps.weight"),
+                vec![e, i, d],
+                stack(|m| m.up.tensor()),
+            );
+            pl.add(
+                gg("ffn_down_exps.weight"),
+                vec![e, d, i],
+                stack(|m| m.down.tensor()),
+            );
+        }
+        let kv_b = st.get(&hf("self_attn.kv_b_proj.weight"), &[h * (p + v), c])?;
+        let (k_b, v_b) = split_kv_b(&kv_b.mat().to_f32(), h, p, v, c);
+        pl.add(gg("attn_k_b.weight"), vec![h, c, p], Box::new(k_b));
+        pl.add(gg("attn_v_b.weight"), vec![h, v, c], Box::new(v_b));
+    }
+    pl.plain("output_norm.weight", "model.norm.weight", &[d])?;
+    if !cfg.tie_word_embeddings {
+        pl.plain("output.weight", "lm_head.weight", &[vocab, d])?;
+    }
+    let plans = pl.plans;
+    for t in &plans {
+        report.tensors.push((t.name.clone(), t.dtype));
+        if t.dtype != opts.dtype && t.dtype != DType::F32 {
+            report.fallbacks.push((t.name.clone(), t.dtype));
+        }
+    }
+    write_gguf(out, &meta, &plans, progress)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_types_follow_llama_cpp() {
+        // DeepSeek-V2-Lite: expert rows of 1408 and dense rows of 10944 are not whole 256-blocks.
+        assert_eq!(
+            storage_type("blk.1.ffn_down_exps.weight", &[64, 2048, 1408], DType::Q4K),
+            DType::Q5_0
+        );
+        assert_eq!(
+            storage_type("blk.0.ffn_down.weight", &[2048, 10944], DType::Q6K),
+            DType::Q8_0
+        );
+        assert_eq!(
+            storage_type("blk.1.ffn_up_exps.weight", &[64, 1408, 2048], DType::Q4K),
+            DType::Q4K
+        );
+        assert_eq!(
+            storage_type("blk.0.attn_k_b.weight", &[16, 512, 128], DType::Q4K),
+            DType::Q5_0
+        );
+        assert_eq!(
+            storage_type("blk.0.attn_norm.weight", &[2048], DType::Q4_0),
+            DType::F32
+        );
+        assert_eq!(
+            storage_type("blk.1.ffn_gate_inp.weight", &[64, 2048], DType::Q8_0),
+            DType::F32
+        );
+        assert_eq!(
+            storage_type("blk.0.attn_k_b.weight", &[4, 32, 16], DType::Q8_0),
+            DType::F16
+        );
+        assert_eq!(
+            storage_type("blk.0.attn_k_b.weight", &[4, 32, 16], DType::BF16),
+            DType::BF16
+        );
+    }
+
+    #[test]
+    fn kv_b_split_matches_the_per_head_layout() {
+        let (h, p, v, c) = (2, 3, 2, 4);
+        let vals: Vec<f32> = (0..h * (p + v) * c).map(|x| x as f32).collect();
+        let (k_b, v_b) = split_kv_b(&vals, h, p, v, c);
+        // k_b[head, j, i] = kv_b[head·(p+v) + i, j]
+        for head in 0..h {
+            for j in 0..c {
+                for i in 0..p {
+                    assert_eq!(
+                        k_b.data[head * c * p + j * p + i],
+                        vals[(head * (p + v) + i) * c + j]
+                    );
+                }
+            }
+            for i in 0..v {
+                for j in 0..c {
+                    assert_eq!(
+                        v_b.data[head * v * c + i * c + j],
+                        vals[(head * (p + v) + p + i) * c + j]
+                    );
+                }
+            }
+        }
+    }
+}
