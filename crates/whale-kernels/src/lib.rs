@@ -17,12 +17,16 @@
 //! ```
 #![deny(missing_docs)]
 
+mod attn;
 mod dtype;
 mod matmul;
 mod ops;
+pub mod qdot;
 pub mod quant;
 pub mod quantize;
+pub mod simd_f32;
 
+pub use attn::{mqa_scores, mqa_values};
 pub use dtype::{decode_into, DType, MatRef};
-pub use matmul::{axpy_row, matmul, matmul_t_vec};
+pub use matmul::{axpy_row, matmul, matmul_t_vec, matmul_with};
 pub use ops::{dot, rmsnorm, rmsnorm_inplace, silu, softmax_inplace};

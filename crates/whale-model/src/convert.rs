@@ -35,7 +35,7 @@ pub struct ConvertOptions {
 }
 
 /// The type a weight of `shape` is stored in when `target` is asked for.
-fn storage_type(name: &str, shape: &[usize], target: DType) -> DType {
+pub(crate) fn storage_type(name: &str, shape: &[usize], target: DType) -> DType {
     // llama.cpp keeps 1-D tensors and the expert router in F32.
     if shape.len() < 2 || name.contains("ffn_gate_inp") {
         return DType::F32;
@@ -181,19 +181,47 @@ fn token_content(v: Option<&Value>) -> Option<&str> {
     }
 }
 
-/// `tokenizer.*` metadata from `tokenizer.json` and `tokenizer_config.json`, laid
-/// out as llama.cpp's converter lays it out (vocabulary padded to `vocab_size`).
+/// `tokenizer.*` metadata from a folder's `tokenizer.json`, `tokenizer_config.json`
+/// and chat template.
 fn tokenizer_meta(
     dir: &Path,
     vocab_size: usize,
     pre: Option<&str>,
 ) -> Result<Vec<(String, MetaValue)>, ModelError> {
-    let tj = dir.join("tokenizer.json");
-    let tok = read_json(&tj)?;
+    let tc = dir.join("tokenizer_config.json");
+    let cfg = if tc.is_file() {
+        read_json(&tc)?
+    } else {
+        Value::Null
+    };
+    let template = match cfg.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => {
+            let jinja = dir.join("chat_template.jinja");
+            jinja
+                .is_file()
+                .then(|| std::fs::read_to_string(&jinja))
+                .transpose()
+                .map_err(|e| ModelError::io(&jinja, e))?
+        }
+    };
+    tokenizer_meta_from(&dir.join("tokenizer.json"), &cfg, template, vocab_size, pre)
+}
+
+/// `tokenizer.*` metadata from `tokenizer.json` plus a `tokenizer_config.json` value,
+/// laid out as llama.cpp's converter lays it out (vocabulary padded to `vocab_size`).
+pub(crate) fn tokenizer_meta_from(
+    tj: &Path,
+    cfg: &Value,
+    template: Option<String>,
+    vocab_size: usize,
+    pre: Option<&str>,
+) -> Result<Vec<(String, MetaValue)>, ModelError> {
+    let tok = read_json(tj)?;
     let model = &tok["model"];
     if model.get("type").and_then(Value::as_str) != Some("BPE") {
         return Err(ModelError::format(
-            &tj,
+            tj,
             "only byte-level BPE tokenizers can be written to GGUF",
         ));
     }
@@ -201,7 +229,7 @@ fn tokenizer_meta(
         Some(p) => p.to_string(),
         None => detect_pre(&tok).map(String::from).ok_or_else(|| {
             ModelError::format(
-                &tj,
+                tj,
                 "the pre-tokenizer is none of DeepSeek's (deepseek-llm, deepseek-coder, deepseek-v3); \
                  name the closest with --tokenizer-pre",
             )
@@ -212,7 +240,7 @@ fn tokenizer_meta(
     let mut place = |id: u64, text: &str, ty: i32| -> Result<(), ModelError> {
         let slot = tokens.get_mut(id as usize).ok_or_else(|| {
             ModelError::format(
-                &tj,
+                tj,
                 format!("token {text:?} has id {id}, beyond vocab_size {vocab_size}"),
             )
         })?;
@@ -253,12 +281,6 @@ fn tokenizer_meta(
         })
         .collect();
     let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
-    let tc = dir.join("tokenizer_config.json");
-    let cfg = if tc.is_file() {
-        read_json(&tc)?
-    } else {
-        Value::Null
-    };
     let mut meta = vec![
         (
             "tokenizer.ggml.model".to_string(),
@@ -292,17 +314,6 @@ fn tokenizer_meta(
             meta.push((format!("tokenizer.ggml.{key}"), MetaValue::Bool(b)));
         }
     }
-    let template = match cfg.get("chat_template") {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => {
-            let jinja = dir.join("chat_template.jinja");
-            jinja
-                .is_file()
-                .then(|| std::fs::read_to_string(&jinja))
-                .transpose()
-                .map_err(|e| ModelError::io(&jinja, e))?
-        }
-    };
     if let Some(t) = template {
         meta.push(("tokenizer.chat_template".into(), MetaValue::Str(t)));
     }
@@ -310,7 +321,7 @@ fn tokenizer_meta(
 }
 
 /// `deepseek2.*` and `general.*` metadata of a configuration.
-fn model_meta(
+pub(crate) fn model_meta(
     cfg: &ModelConfig,
     name: &str,
     dtype: DType,

@@ -29,6 +29,7 @@ mod mla;
 mod model;
 mod moe;
 mod rope;
+mod synth;
 mod tokenizer;
 mod weights;
 
@@ -43,5 +44,6 @@ pub use gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
 pub use mla::MlaMode;
 pub use model::{DeepseekModel, Logits};
 pub use rope::Rope;
+pub use synth::{preset, synth_gguf, SynthOptions};
 pub use tokenizer::Tokenizer;
 pub use weights::{Tensor, WeightStore};

@@ -1,16 +1,18 @@
 //! A bias-free linear layer over a memory-mapped weight `[out, in]`.
 
 use crate::weights::Tensor;
-use whale_kernels::{matmul, MatRef};
+use whale_kernels::{matmul_with, MatRef};
 
 /// `y = x · Wᵀ` with `W` borrowed from the weights file.
 pub(crate) struct Linear {
     w: Tensor,
+    /// f32 arithmetic on dequantised weights instead of 8-bit activations.
+    pub exact: bool,
 }
 
 impl Linear {
     pub fn new(w: Tensor) -> Self {
-        Linear { w }
+        Linear { w, exact: false }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -25,9 +27,14 @@ impl Linear {
         &self.w
     }
 
+    /// Bytes of the weight as stored.
+    pub fn bytes(&self) -> usize {
+        self.w.bytes().len()
+    }
+
     /// `x`: `[n, in]` → `y`: `[n, out]`.
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        matmul(x, n, self.w.mat(), y);
+        matmul_with(x, n, self.w.mat(), y, self.exact);
     }
 }
 
@@ -54,6 +61,18 @@ impl Mlp {
             up: Linear::new(up.0.rows(up.1, i, d)),
             down: Linear::new(down.rows(k * d, d, i)),
         }
+    }
+
+    /// Chooses exact f32 arithmetic for all three weights.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.gate.exact = exact;
+        self.up.exact = exact;
+        self.down.exact = exact;
+    }
+
+    /// Bytes of the three weights as stored.
+    pub fn bytes(&self) -> usize {
+        self.gate.bytes() + self.up.bytes() + self.down.bytes()
     }
 
     /// `x`: `[n, d]` → `y`: `[n, d]` (overwritten).

@@ -18,7 +18,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::Tensor;
 use rayon::prelude::*;
-use whale_kernels::{dot, matmul, matmul_t_vec, rmsnorm_inplace, softmax_inplace, MatRef};
+use whale_kernels::{dot, matmul_t_vec, matmul_with, rmsnorm_inplace, softmax_inplace};
 
 /// Which MLA formulation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -55,8 +55,10 @@ pub(crate) enum KvUp {
 
 impl KvUp {
     /// `q_lat = W_UK[h]ᵀ q_nope`: `[P]` → `[C]`.
+    #[allow(clippy::too_many_arguments)]
     fn absorb_query(
         &self,
+        exact: bool,
         h: usize,
         q_nope: &[f32],
         p: usize,
@@ -66,7 +68,9 @@ impl KvUp {
     ) {
         match self {
             KvUp::Fused(w) => matmul_t_vec(q_nope, w.mat().row_range(h * (p + v), p), q_lat),
-            KvUp::Split { k_b_t, .. } => matmul(q_nope, 1, k_b_t.rows(h * c, c, p).mat(), q_lat),
+            KvUp::Split { k_b_t, .. } => {
+                matmul_with(q_nope, 1, k_b_t.rows(h * c, c, p).mat(), q_lat, exact)
+            }
         }
     }
 
@@ -79,7 +83,17 @@ impl KvUp {
     }
 
     /// Decompressed `[N, H, P+V]` (k_nope then v per head) of latents `[N, C]`.
-    fn expand(&self, lat: &[f32], n: usize, nh: usize, p: usize, v: usize, c: usize) -> Vec<f32> {
+    #[allow(clippy::too_many_arguments)]
+    fn expand(
+        &self,
+        exact: bool,
+        lat: &[f32],
+        n: usize,
+        nh: usize,
+        p: usize,
+        v: usize,
+        c: usize,
+    ) -> Vec<f32> {
         let mut kvx = vec![0.0f32; n * nh * (p + v)];
         match self {
             KvUp::Fused(w) => w.forward(lat, n, &mut kvx),
@@ -102,7 +116,7 @@ impl KvUp {
                             );
                         }
                     }
-                    matmul(lat, n, v_b.rows(h * v, v, c).mat(), &mut vv);
+                    matmul_with(lat, n, v_b.rows(h * v, v, c).mat(), &mut vv, exact);
                     for u in 0..n {
                         let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
                         dst[..p].copy_from_slice(&k[u * p..(u + 1) * p]);
@@ -132,6 +146,40 @@ pub(crate) struct Mla {
     pub v_dim: usize,
     pub kv_rank: usize,
     pub scale: f32,
+    /// f32 arithmetic on dequantised latent up-projections.
+    pub exact: bool,
+}
+
+impl Mla {
+    /// Chooses exact f32 arithmetic for every projection of the layer.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+        match &mut self.q {
+            QProj::Plain(w) => w.exact = exact,
+            QProj::Lora { a, b, .. } => {
+                a.exact = exact;
+                b.exact = exact;
+            }
+        }
+        self.kv_a.exact = exact;
+        if let KvUp::Fused(w) = &mut self.kv_up {
+            w.exact = exact;
+        }
+        self.o.exact = exact;
+    }
+
+    /// Bytes of the layer's weights as stored (norms as f32).
+    pub fn weight_bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::Plain(w) => w.bytes(),
+            QProj::Lora { a, norm, b } => a.bytes() + 4 * norm.len() + b.bytes(),
+        };
+        let up = match &self.kv_up {
+            KvUp::Fused(w) => w.bytes(),
+            KvUp::Split { k_b_t, v_b } => k_b_t.bytes().len() + v_b.bytes().len(),
+        };
+        q + self.kv_a.bytes() + 4 * self.kv_a_norm.len() + up + self.o.bytes()
+    }
 }
 
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with
@@ -212,7 +260,8 @@ impl Mla {
         self.o.forward(&attn, t, out);
     }
 
-    /// Per head `[T, V]` outputs by the absorbed form.
+    /// Per head `[T, V]` outputs by the absorbed form: multi-query attention over the
+    /// latent rows `[c ‖ k_pe]`, all heads at once, so each cache row is read once.
     fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
         let (nh, p, r, v, c) = (
             self.n_head,
@@ -222,36 +271,46 @@ impl Mla {
             self.kv_rank,
         );
         let qk = p + r;
-        (0..nh)
-            .into_par_iter()
-            .map(|hi| {
+        debug_assert_eq!(kv.len(), n * (c + r));
+        let mut out = vec![vec![0.0f32; t * v]; nh];
+        // q_cat: [H, C+R] = [W_UKᵀ q_nope ‖ q_pe] per head.
+        let mut q_cat = vec![0.0f32; nh * (c + r)];
+        let mut scores = vec![0.0f32; nh * n];
+        let mut o_lat = vec![0.0f32; nh * c];
+        for ti in 0..t {
+            let qt = &q[ti * nh * qk..(ti + 1) * nh * qk];
+            q_cat
+                .par_chunks_mut(c + r)
+                .enumerate()
+                .for_each(|(hi, qc)| {
+                    let qh = &qt[hi * qk..(hi + 1) * qk];
+                    self.kv_up
+                        .absorb_query(self.exact, hi, &qh[..p], p, v, c, &mut qc[..c]);
+                    qc[c..].copy_from_slice(&qh[p..]);
+                });
+            let visible = past + ti + 1;
+            let sc = &mut scores[..nh * visible];
+            // scores: [H, visible]
+            whale_kernels::mqa_scores(&q_cat, nh, kv, c + r, visible, self.scale, sc);
+            for row in sc.chunks_mut(visible) {
+                softmax_inplace(row);
+            }
+            // õ: [H, C]
+            whale_kernels::mqa_values(sc, nh, kv, c + r, visible, &mut o_lat);
+            // o = W_UV õ per head: [V]
+            out.par_iter_mut().enumerate().for_each(|(hi, oh)| {
                 let w_uv = self.kv_up.w_uv(hi, p, v, c); // [V, C]
-                let w_uv: MatRef<'_> = w_uv.mat();
-                let mut out = vec![0.0f32; t * v];
-                let mut q_lat = vec![0.0f32; c];
-                let mut o_lat = vec![0.0f32; c];
-                let mut scores = vec![0.0f32; n];
-                for ti in 0..t {
-                    let qh = &q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk];
-                    // q_lat = W_UKᵀ q_nope: [C]
-                    self.kv_up.absorb_query(hi, &qh[..p], p, v, c, &mut q_lat);
-                    let visible = past + ti + 1;
-                    for (u, s) in scores[..visible].iter_mut().enumerate() {
-                        let row = &kv[u * (c + r)..(u + 1) * (c + r)];
-                        *s = (dot(&q_lat, &row[..c]) + dot(&qh[p..], &row[c..])) * self.scale;
-                    }
-                    softmax_inplace(&mut scores[..visible]);
-                    // õ = Σ_u a_u c_u: [C]
-                    o_lat.fill(0.0);
-                    for (u, &a) in scores[..visible].iter().enumerate() {
-                        whale_kernels::axpy_row(a, &kv[u * (c + r)..u * (c + r) + c], &mut o_lat);
-                    }
-                    // o = W_UV õ: [V]
-                    matmul(&o_lat, 1, w_uv, &mut out[ti * v..(ti + 1) * v]);
-                }
-                out
-            })
-            .collect()
+                let o_h = &o_lat[hi * c..(hi + 1) * c];
+                matmul_with(
+                    o_h,
+                    1,
+                    w_uv.mat(),
+                    &mut oh[ti * v..(ti + 1) * v],
+                    self.exact,
+                );
+            });
+        }
+        out
     }
 
     /// Per head `[T, V]` outputs by the expanded form.
@@ -270,7 +329,7 @@ impl Mla {
             lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
         }
         // decompressed: [N, H, P+V]
-        let kvx = self.kv_up.expand(&lat, n, nh, p, v, c);
+        let kvx = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
         (0..nh)
             .into_par_iter()
             .map(|hi| {

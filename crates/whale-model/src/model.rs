@@ -112,6 +112,7 @@ impl DeepseekModel {
                 v_dim: v,
                 kv_rank: c,
                 scale: cfg.softmax_scale(),
+                exact: false,
             };
             let ffn = if cfg.is_moe_layer(li) {
                 Ffn::Moe(load_moe(st, &cfg, &format!("{pre}.mlp"))?)
@@ -150,6 +151,48 @@ impl DeepseekModel {
     /// Bytes of weights in the files.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Weight bytes one decode step reads: all attention, dense and shared-expert
+    /// weights, the router, `top_k` average routed experts per MoE layer, one
+    /// embedding row and the output head.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let emb = self.embed.mat();
+        let mut total = emb.row_bytes() + self.lm_head.bytes() + 4 * self.norm.len();
+        for l in &self.layers {
+            total += l.attn.weight_bytes() + 4 * (l.input_norm.len() + l.post_norm.len());
+            total += match &l.ffn {
+                Ffn::Dense(m) => m.bytes(),
+                Ffn::Moe(m) => {
+                    let experts: usize = m.experts.iter().map(Mlp::bytes).sum();
+                    let per = experts / m.experts.len().max(1);
+                    4 * m.router.weight.len()
+                        + m.shared.as_ref().map_or(0, Mlp::bytes)
+                        + per * m.router.top_k
+                }
+            };
+        }
+        total
+    }
+
+    /// Chooses the arithmetic for quantised weights: `true` multiplies the dequantised
+    /// weights in f32 (the reference answer for the file's weights); `false` (the
+    /// default) rounds activations to 8-bit blocks and uses integer kernels, as
+    /// llama.cpp does.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.lm_head.exact = exact;
+        for l in &mut self.layers {
+            l.attn.set_exact(exact);
+            match &mut l.ffn {
+                Ffn::Dense(m) => m.set_exact(exact),
+                Ffn::Moe(m) => {
+                    m.experts.iter_mut().for_each(|e| e.set_exact(exact));
+                    if let Some(s) = &mut m.shared {
+                        s.set_exact(exact);
+                    }
+                }
+            }
+        }
     }
 
     /// Chooses the MLA form (default: expanded for prefill, absorbed for decode).

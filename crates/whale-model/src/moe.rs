@@ -3,6 +3,7 @@
 
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::linear::Mlp;
+use rayon::prelude::*;
 
 /// The router of one MoE layer (all math in f32, as transformers does it).
 pub(crate) struct Router {
@@ -141,22 +142,36 @@ impl Moe {
                 per_expert[e].push((t, w));
             }
         }
-        match &self.shared {
-            Some(s) => s.forward(x, n, y),
-            None => y.fill(0.0),
-        }
+        let active: Vec<(usize, &Vec<(usize, f32)>)> = per_expert
+            .iter()
+            .enumerate()
+            .filter(|(_, toks)| !toks.is_empty())
+            .collect();
+        // The shared expert and the routed ones run side by side, each routed expert
+        // over all its tokens at once: [m, d] → [m, d].
+        let (_, outs) = rayon::join(
+            || match &self.shared {
+                Some(s) => s.forward(x, n, y),
+                None => y.fill(0.0),
+            },
+            || {
+                active
+                    .par_iter()
+                    .map(|&(e, toks)| {
+                        let m = toks.len();
+                        let mut xe = vec![0.0f32; m * d];
+                        for (j, &(t, _)) in toks.iter().enumerate() {
+                            xe[j * d..(j + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+                        }
+                        let mut ye = vec![0.0f32; m * d];
+                        self.experts[e].forward(&xe, m, &mut ye);
+                        ye
+                    })
+                    .collect::<Vec<_>>()
+            },
+        );
         let mut routed = vec![0.0f32; n * d];
-        for (e, toks) in per_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
-            }
-            let m = toks.len();
-            let mut xe = vec![0.0f32; m * d];
-            for (j, &(t, _)) in toks.iter().enumerate() {
-                xe[j * d..(j + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            let mut ye = vec![0.0f32; m * d];
-            self.experts[e].forward(&xe, m, &mut ye);
+        for (&(_, toks), ye) in active.iter().zip(&outs) {
             for (j, &(t, w)) in toks.iter().enumerate() {
                 whale_kernels::axpy_row(
                     w,

@@ -1,5 +1,6 @@
 //! `whale`: run DeepSeek-family models. JSON goes to stdout, logs to stderr.
 
+mod bench;
 mod chat;
 
 use anyhow::{bail, Context, Result};
@@ -81,6 +82,47 @@ enum Cmd {
         /// `tokenizer.ggml.pre` to write (default: detected from tokenizer.json).
         #[arg(long)]
         tokenizer_pre: Option<String>,
+    },
+    /// Write a GGUF with a preset's exact shapes and random weights (for speed measurements).
+    Synth {
+        /// Shapes to use.
+        #[arg(long, default_value = "deepseek-v2-lite")]
+        preset: String,
+        /// Type of the 2-D weights (as for convert).
+        #[arg(long = "type", value_enum, default_value_t = OutType::Q4_0)]
+        out_type: OutType,
+        /// tokenizer.json to embed (the real DeepSeek-V2 one).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The GGUF file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fewer layers than the preset (llama.cpp loads V2-Lite shapes only at 26 or 27).
+        #[arg(long)]
+        layers: Option<usize>,
+    },
+    /// Measure prompt processing and generation speed (llama-bench's -p, -n, -d).
+    Bench {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Prompt tokens per prompt-processing run.
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        prompt: usize,
+        /// Tokens generated per generation run.
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        gen: usize,
+        /// Tokens already in the cache when each measurement starts.
+        #[arg(short = 'd', long, default_value_t = 0)]
+        depth: usize,
+        /// Repetitions of each measurement (mean reported).
+        #[arg(short = 'r', long, default_value_t = 1)]
+        reps: usize,
+        /// Worker threads.
+        #[arg(short = 't', long)]
+        threads: Option<usize>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Interactive chat through the model's chat template (/reset, /exit).
     Chat {
@@ -265,8 +307,7 @@ fn open(dir: &Path) -> Result<ModelFolder> {
     Ok(folder)
 }
 
-fn convert(from: &Path, to: &Path, out_type: OutType, tokenizer_pre: Option<String>) -> Result<()> {
-    let t = Instant::now();
+fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -274,6 +315,12 @@ fn convert(from: &Path, to: &Path, out_type: OutType, tokenizer_pre: Option<Stri
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar
+}
+
+fn convert(from: &Path, to: &Path, out_type: OutType, tokenizer_pre: Option<String>) -> Result<()> {
+    let t = Instant::now();
+    let bar = progress_bar();
     let opts = whale_model::ConvertOptions {
         dtype: out_type.dtype(),
         tokenizer_pre,
@@ -395,6 +442,63 @@ fn run(cli: Cli) -> Result<()> {
             out_type,
             tokenizer_pre,
         } => convert(&from, &to, out_type, tokenizer_pre)?,
+        Cmd::Synth {
+            preset,
+            out_type,
+            tokenizer,
+            out,
+            layers,
+        } => {
+            let t = Instant::now();
+            let bar = progress_bar();
+            let opts = whale_model::SynthOptions {
+                preset,
+                dtype: out_type.dtype(),
+                tokenizer,
+                layers,
+            };
+            let cfg = whale_model::synth_gguf(&opts, &out, &mut |done, total, name| {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(name.to_string());
+            })
+            .with_context(|| format!("cannot write {}", out.display()))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "wrote {} ({} layers, {:.2} GB, {:.0}s)",
+                out.display(),
+                cfg.num_hidden_layers,
+                std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) as f64 / 1e9,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Cmd::Bench {
+            model,
+            prompt,
+            gen,
+            depth,
+            reps,
+            threads,
+            json,
+        } => {
+            let threads = threads.unwrap_or_else(rayon::current_num_threads);
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global()
+                .context("thread pool")?;
+            let t = Instant::now();
+            let folder = open(&model.path()?)?;
+            let load_s = t.elapsed().as_secs_f64();
+            let args = bench::BenchArgs {
+                prompt,
+                gen,
+                depth,
+                reps: reps.max(1),
+                threads,
+                json,
+            };
+            bench::run(&folder, load_s, &args)?;
+        }
         Cmd::Chat {
             model,
             system,

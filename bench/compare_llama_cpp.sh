@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# whale against llama.cpp on the same synthetic DeepSeek-V2-Lite GGUF, same machine, same threads.
+#
+#   bench/compare_llama_cpp.sh                 Q4_0 and Q8_0, depths 0 and 4096 (about an hour on 2 cores)
+#   TYPES="q4_0" DEPTHS="0" bench/compare_llama_cpp.sh
+#   bench/compare_llama_cpp.sh --build-only    just build llama-bench / llama-server
+#
+# Builds llama.cpp's own llama-bench from the llama-cpp-python source distribution (the llama.cpp
+# vendored by llama-cpp-python 0.3.36; cmake and ninja from PyPI; about 10 minutes on 2 cores,
+# cached in $WHALE_CACHE, default target/llama-cpp), writes the synthetic models with `whale synth`
+# (cached), then runs llama-bench (flash attention off and on) and `whale bench` one after the other
+# for each file and depth, and prints both engines' numbers with whale's ratio against llama.cpp's
+# better flash-attention setting per figure. Results: bench/results/compare.json.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${WHALE_CACHE:-$ROOT/target/llama-cpp}
+VERSION=0.3.36
+THREADS=${THREADS:-2}
+TYPES=${TYPES:-"q4_0 q8_0"}
+DEPTHS=${DEPTHS:-"0 4096"}
+PP=${PP:-512}
+TG=${TG:-128}
+SRC=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
+BUILD=$CACHE/build-$VERSION
+mkdir -p "$CACHE" "$ROOT/bench/results"
+
+if [ ! -d "$SRC" ]; then
+  TGZ=$CACHE/llama_cpp_python-$VERSION.tar.gz
+  if [ ! -f "$TGZ" ]; then
+    URL=$(curl -fsSL https://pypi.org/simple/llama-cpp-python/ | grep -o "https://[^\"#]*llama_cpp_python-$VERSION.tar.gz" | head -1)
+    curl -fsSL "$URL" -o "$TGZ"
+  fi
+  tar -xzf "$TGZ" -C "$CACHE"
+fi
+
+if [ ! -x "$BUILD/bin/llama-bench" ]; then
+  python3 -m venv "$CACHE/venv"
+  "$CACHE/venv/bin/pip" install -q cmake ninja
+  PATH="$CACHE/venv/bin:$PATH" cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DBUILD_SHARED_LIBS=OFF > "$CACHE/cmake.log"
+  PATH="$CACHE/venv/bin:$PATH" ninja -C "$BUILD" llama-bench llama-server > "$CACHE/ninja.log"
+fi
+[ "${1:-}" = "--build-only" ] && { echo "built $BUILD/bin/llama-bench"; exit 0; }
+
+cargo build --release -p whale --manifest-path "$ROOT/Cargo.toml" -q
+WHALE=$ROOT/target/release/whale
+TOKENIZER=$CACHE/deepseek-v2-tokenizer.json
+[ -f "$TOKENIZER" ] || gzip -dc "$ROOT/tests/fixtures/deepseek_v2_tokenizer.json.gz" > "$TOKENIZER"
+
+OUT=$ROOT/bench/results/compare.jsonl
+: > "$OUT"
+for T in $TYPES; do
+  MODEL=$CACHE/synth-v2-lite-$T.gguf
+  [ -f "$MODEL" ] || "$WHALE" synth --preset deepseek-v2-lite --type "$T" --tokenizer "$TOKENIZER" --out "$MODEL"
+  for D in $DEPTHS; do
+    echo "== $T depth $D: llama-bench" >&2
+    "$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n "$TG" -d "$D" -t "$THREADS" -fa 0,1 -r 2 -o jsonl \
+      | sed "s/^/{\"engine\":\"llama.cpp\",\"type\":\"$T\",\"row\":/; s/\$/}/" >> "$OUT"
+    echo "== $T depth $D: whale bench" >&2
+    "$WHALE" bench --model "$MODEL" -p "$PP" -n "$TG" --depth "$D" --threads "$THREADS" --json \
+      | sed "s/^/{\"engine\":\"whale\",\"type\":\"$T\",\"row\":/; s/\$/}/" >> "$OUT"
+  done
+done
+python3 "$ROOT/bench/report.py" "$OUT"

@@ -1,0 +1,60 @@
+//! Quantised weights through the integer kernels: decode (1 row) and prefill-sized
+//! products on a matrix larger than the caches. Run: `cargo bench -p whale-kernels --bench quant`
+//! (`WHALE_SCALAR=1` forces the scalar twin).
+
+use std::time::Instant;
+use whale_kernels::quantize::quantize_row;
+use whale_kernels::{matmul, qdot, DType, MatRef};
+
+fn median_secs(mut f: impl FnMut(), reps: usize) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[reps / 2]
+}
+
+fn main() {
+    let out: usize = std::env::var("ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32768);
+    let inp = 2048usize;
+    let w: Vec<f32> = (0..out * inp)
+        .map(|i| ((i % 977) as f32 * 0.013).sin())
+        .collect();
+    println!(
+        "threads: {}, isa: {:?}",
+        rayon::current_num_threads(),
+        qdot::isa()
+    );
+    println!(
+        "{:<6} {:>5} {:>10} {:>10} {:>12}",
+        "dtype", "rows", "ms", "GB/s(w)", "GMAC/s"
+    );
+    for dt in [DType::Q4_0, DType::Q8_0] {
+        let rb = dt.bytes_for(inp).unwrap();
+        let mut bytes = vec![0u8; out * rb];
+        for (r, o) in bytes.chunks_mut(rb).enumerate() {
+            quantize_row(dt, &w[r * inp..(r + 1) * inp], o);
+        }
+        let m = MatRef::new(dt, &bytes, out, inp).unwrap();
+        for n in [1usize, 4, 64] {
+            let x: Vec<f32> = (0..n * inp).map(|i| (i as f32 * 0.001).cos()).collect();
+            let mut y = vec![0.0f32; n * out];
+            let s = median_secs(|| matmul(&x, n, m, &mut y), if n == 1 { 21 } else { 5 });
+            println!(
+                "{:<6} {n:>5} {:>10.3} {:>10.2} {:>12.2}",
+                dt.name(),
+                s * 1e3,
+                bytes.len() as f64 / s / 1e9,
+                (n * out * inp) as f64 / s / 1e9
+            );
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Integer dot products of quantised weight rows with activations quantised to
+//! 8-bit blocks, as llama.cpp's `vec_dot_q4_0_q8_0` computes them.
+//!
+//! An activation row `x` becomes [`Q8Row`]: per block of 32 values a scale
+//! `d = max|x| / 127`, the rounded `q = x / d` as `i8`, and `s = d · Σ q` (for the
+//! weight formats with an offset). A weight block then contributes
+//! `d_w · d_x · Σ w_j q_j` in exact integer arithmetic.
+//!
+//! Each kernel has a portable scalar twin ([`scalar`]) and x86 paths ([`x86`]:
+//! AVX-512 VNNI on 256-bit lanes, and AVX2), chosen once at run time from the
+//! CPU's features; the property tests compare every path with the scalar one.
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use crate::DType;
+use std::sync::OnceLock;
+
+/// Values per activation block.
+pub const QK8: usize = 32;
+
+/// One activation row quantised to 8-bit blocks.
+#[derive(Clone, Debug, Default)]
+pub struct Q8Row {
+    /// Rounded values, `cols` of them.
+    pub qs: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// `d · Σ q` per block.
+    pub s: Vec<f32>,
+}
+
+impl Q8Row {
+    /// Quantises `x` (length a multiple of 32).
+    pub fn from_f32(x: &[f32]) -> Self {
+        let mut r = Q8Row::default();
+        r.set(x);
+        r
+    }
+
+    /// Re-quantises into this row's buffers.
+    pub fn set(&mut self, x: &[f32]) {
+        assert!(x.len().is_multiple_of(QK8), "Q8Row: {} values", x.len());
+        let nb = x.len() / QK8;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if isa() != Isa::Scalar {
+            // SAFETY: `isa()` reports AVX2 only after detecting AVX2, FMA and F16C.
+            unsafe { x86::quantize_row_avx2(x, &mut self.qs, &mut self.d, &mut self.s) };
+            return;
+        }
+        quantize_body(x, &mut self.qs, &mut self.d, &mut self.s);
+    }
+}
+
+/// Per block: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σ q`. Written once and
+/// compiled twice (here, and with AVX2 in `x86`), so both paths round identically.
+#[inline(always)]
+pub(crate) fn quantize_body(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [f32]) {
+    for ((xs, q), (d, s)) in x
+        .chunks_exact(QK8)
+        .zip(qs.chunks_exact_mut(QK8))
+        .zip(ds.iter_mut().zip(ss.iter_mut()))
+    {
+        let mut amax = 0.0f32;
+        for v in xs {
+            amax = amax.max(v.abs());
+        }
+        let dv = amax / 127.0;
+        let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
+        let mut sum = 0i32;
+        for (qv, &v) in q.iter_mut().zip(xs) {
+            *qv = (v * id).round() as i8;
+            sum += *qv as i32;
+        }
+        *d = dv;
+        *s = dv * sum as f32;
+    }
+}
+
+/// Which implementation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 VNNI (with VL and BW) on 256-bit vectors.
+    Avx512Vnni,
+}
+
+/// The best implementation this CPU runs, detected once.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("WHALE_SCALAR").is_some() {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx512vnni() {
+                return Isa::Avx512Vnni;
+            }
+            if x86::has_avx2() {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Whether `dtype` has an integer kernel here.
+pub fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q8_0)
+}
+
+/// Asks for the cache lines of `bytes` ahead of use (a hint; no effect elsewhere).
+#[inline]
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes.len()).step_by(64) {
+        // SAFETY: prefetching is a hint that never faults; the address is inside `bytes`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                bytes.as_ptr().add(off) as *const i8,
+            )
+        };
+    }
+}
+
+/// `out[t] = w · a[t]` for one weight row `w` (bytes of `dtype`) and up to four
+/// activation rows (all `a` of the same length). `isa` must be one the CPU runs
+/// (as [`isa`] returns).
+pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    debug_assert!(a.len() <= 4 && out.len() == a.len());
+    match isa {
+        Isa::Scalar => scalar::dot_rows(dtype, w, a, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_rows(isa, dtype, w, a, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::dot_rows(dtype, w, a, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::quantize_row;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 3.0
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx2() {
+                v.push(Isa::Avx2);
+            }
+            if x86::has_avx512vnni() {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn every_path_equals_the_scalar_twin_and_approximates_f32() {
+        for cols in [32, 64, 96, 2048, 1408] {
+            for dtype in [DType::Q4_0, DType::Q8_0] {
+                let w = lcg(cols, cols as u64);
+                let mut wq = vec![0u8; dtype.bytes_for(cols).unwrap()];
+                quantize_row(dtype, &w, &mut wq);
+                let mut wf = vec![0.0; cols];
+                crate::decode_into(dtype, &wq, &mut wf);
+                let xs: Vec<Vec<f32>> = (0..4).map(|t| lcg(cols, 99 + t)).collect();
+                let rows: Vec<Q8Row> = xs.iter().map(|x| Q8Row::from_f32(x)).collect();
+                for n in 1..=4 {
+                    let a: Vec<&Q8Row> = rows[..n].iter().collect();
+                    let mut want = vec![0.0; n];
+                    scalar::dot_rows(dtype, &wq, &a, &mut want);
+                    for t in 0..n {
+                        // The integer dot approximates the f32 dot with the dequantised weights.
+                        let exact: f32 = wf.iter().zip(&xs[t]).map(|(p, q)| p * q).sum();
+                        let norm: f32 = wf.iter().map(|v| v.abs()).sum::<f32>() * 3.0;
+                        assert!((want[t] - exact).abs() <= norm / 127.0, "{dtype:?} {cols}");
+                    }
+                    for isa in isas() {
+                        let mut got = vec![0.0; n];
+                        dot_rows(isa, dtype, &wq, &a, &mut got);
+                        for t in 0..n {
+                            let tol = 1e-5 * want[t].abs().max(1.0);
+                            assert!(
+                                (got[t] - want[t]).abs() <= tol,
+                                "{isa:?} {dtype:?} cols {cols} n {n}: {} vs {}",
+                                got[t],
+                                want[t]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantisation_is_the_same_on_every_path() {
+        let x = lcg(4096, 5);
+        let nb = x.len() / QK8;
+        let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
+        quantize_body(&x, &mut q1, &mut d1, &mut s1);
+        let r = Q8Row::from_f32(&x);
+        assert_eq!((r.qs, r.d, r.s), (q1.clone(), d1.clone(), s1.clone()));
+        #[cfg(target_arch = "x86_64")]
+        if x86::has_avx2() {
+            let (mut q2, mut d2, mut s2) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
+            // SAFETY: AVX2, FMA and F16C were detected just above.
+            unsafe { x86::quantize_row_avx2(&x, &mut q2, &mut d2, &mut s2) };
+            assert_eq!((q2, d2, s2), (q1, d1, s1));
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        // Q8_0 weights at -128 (a file may hold them) times activations at ±127.
+        let cols = 256;
+        let mut wq = vec![0u8; DType::Q8_0.bytes_for(cols).unwrap()];
+        for b in wq.chunks_mut(34) {
+            b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+            for (j, q) in b[2..].iter_mut().enumerate() {
+                *q = if j % 2 == 0 { 0x80 } else { 0x7f };
+            }
+        }
+        let x: Vec<f32> = (0..cols)
+            .map(|j| if j % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let a = Q8Row::from_f32(&x);
+        let mut want = [0.0];
+        scalar::dot_rows(DType::Q8_0, &wq, &[&a], &mut want);
+        for isa in isas() {
+            let mut got = [0.0];
+            dot_rows(isa, DType::Q8_0, &wq, &[&a], &mut got);
+            assert_eq!(got, want, "{isa:?}");
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Portable twins of the x86 kernels: the definition the SIMD paths are tested against.
+
+use super::{Q8Row, QK8};
+use crate::DType;
+use half::f16;
+
+#[inline]
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Σ over blocks of `d_w · (d_x Σ q_w q_x)` for Q4_0 (`q_w = nibble - 8`) or Q8_0.
+pub fn dot_rows(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(a) {
+        *o = match dtype {
+            DType::Q4_0 => q4_0(w, x),
+            DType::Q8_0 => q8_0(w, x),
+            other => panic!("no integer kernel for {}", other.name()),
+        };
+    }
+}
+
+fn q4_0(w: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let q = &x.qs[b * QK8..(b + 1) * QK8];
+        let mut sum = 0i32;
+        for j in 0..16 {
+            sum += (blk[2 + j] & 0x0F) as i32 * q[j] as i32;
+            sum += (blk[2 + j] >> 4) as i32 * q[j + 16] as i32;
+        }
+        // Σ (n - 8) q = Σ n q - 8 Σ q.
+        acc += f16_at(blk, 0) * (x.d[b] * sum as f32 - 8.0 * x.s[b]);
+    }
+    acc
+}
+
+fn q8_0(w: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let q = &x.qs[b * QK8..(b + 1) * QK8];
+        let sum: i32 = blk[2..]
+            .iter()
+            .zip(q)
+            .map(|(&wq, &xq)| wq as i8 as i32 * xq as i32)
+            .sum();
+        acc += f16_at(blk, 0) * x.d[b] * sum as f32;
+    }
+    acc
+}

@@ -1,0 +1,227 @@
+//! x86-64 kernels: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, which Zen 4 runs at
+//! full rate) and AVX2 (`vpmaddubsw` + `vpmaddwd`). One weight block is unpacked
+//! once and multiplied with up to four activation rows, so prefill reuses it.
+
+use super::{Isa, Q8Row, QK8};
+use crate::DType;
+use std::arch::x86_64::*;
+
+/// AVX2, FMA and F16C.
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// AVX-512 F/BW/VL/VNNI on top of AVX2.
+pub fn has_avx512vnni() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// [`super::quantize_body`] compiled with AVX2 (vector rounding instead of `roundf` calls).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C ([`has_avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    super::quantize_body(x, qs, d, s)
+}
+
+/// Dispatches to the kernel for `isa`, `dtype` and the number of rows.
+pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    let (vals, bytes) = dtype.block();
+    let nb = w.len() / bytes;
+    for x in a {
+        assert!(x.qs.len() >= nb * vals && x.d.len() >= nb && x.s.len() >= nb);
+    }
+    assert!(out.len() == a.len() && a.len() <= 4 && w.len() == nb * bytes);
+    macro_rules! go {
+        ($f:ident) => {
+            match a.len() {
+                // SAFETY: the features each kernel enables were detected at run time
+                // (`isa` comes from `super::isa`, or from a test that checked them), and
+                // the asserts above keep every load inside `w` and the activation rows.
+                1 => unsafe { $f::<1>(w, nb, a, out) },
+                2 => unsafe { $f::<2>(w, nb, a, out) },
+                3 => unsafe { $f::<3>(w, nb, a, out) },
+                4 => unsafe { $f::<4>(w, nb, a, out) },
+                _ => {}
+            }
+        };
+    }
+    match (isa, dtype) {
+        (Isa::Avx512Vnni, DType::Q4_0) => go!(q4_0_vnni),
+        (Isa::Avx512Vnni, DType::Q8_0) => go!(q8_0_vnni),
+        (Isa::Avx2, DType::Q4_0) => go!(q4_0_avx2),
+        (Isa::Avx2, DType::Q8_0) => go!(q8_0_avx2),
+        _ => super::scalar::dot_rows(dtype, w, a, out),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The 32 weights of a Q4_0 block as unsigned nibbles in element order.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_nibbles(qs: *const u8) -> __m256i {
+    // The 16 bytes in both halves, the upper half shifted right by 4, then the low
+    // nibble of every byte: low nibbles (elements 0..16) below, high ones above.
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs as *const __m128i));
+    let v = _mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0));
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// Block scales of a run of `nb` blocks: `d_w` (f16 at `stride`-byte steps from `p`)
+/// times each activation row's `d` into `sc`, and `Σ d_w · s` added to `corr`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_scales<const N: usize>(
+    p: *const u8,
+    stride: usize,
+    b0: usize,
+    nb: usize,
+    a: &[&Q8Row],
+    sc: &mut [[f32; CHUNK]; N],
+    corr: &mut [__m256; N],
+) {
+    let mut bits = [0u16; CHUNK];
+    for (j, v) in bits.iter_mut().enumerate().take(nb) {
+        *v = (p.add(j * stride) as *const u16).read_unaligned();
+    }
+    let full = nb / 8 * 8;
+    for j in (0..full).step_by(8) {
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().add(j) as *const __m128i));
+        for t in 0..N {
+            let d = _mm256_loadu_ps(a[t].d.as_ptr().add(b0 + j));
+            let s = _mm256_loadu_ps(a[t].s.as_ptr().add(b0 + j));
+            _mm256_storeu_ps(sc[t].as_mut_ptr().add(j), _mm256_mul_ps(dw, d));
+            corr[t] = _mm256_fmadd_ps(dw, s, corr[t]);
+        }
+    }
+    if full < nb {
+        let mut dw = [0.0f32; 8];
+        _mm256_storeu_ps(
+            dw.as_mut_ptr(),
+            _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().add(full) as *const __m128i)),
+        );
+        for t in 0..N {
+            let mut c = [0.0f32; 8];
+            #[allow(clippy::needless_range_loop)]
+            for j in full..nb {
+                let k = j - full;
+                sc[t][j] = dw[k] * a[t].d[b0 + j];
+                c[k] = dw[k] * a[t].s[b0 + j];
+            }
+            corr[t] = _mm256_add_ps(corr[t], _mm256_loadu_ps(c.as_ptr()));
+        }
+    }
+}
+
+/// Blocks handled per scale conversion.
+const CHUNK: usize = 64;
+
+macro_rules! int_kernel {
+    ($name:ident, $features:literal, $bytes:literal, $offset:literal, |$blk:ident| $load:expr, |$wv:ident, $av:ident| $dot:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
+            let mut acc0 = [_mm256_setzero_ps(); N];
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let mut corr = [_mm256_setzero_ps(); N];
+            let mut sc = [[0.0f32; CHUNK]; N];
+            let wp = w.as_ptr();
+            let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+            for b0 in (0..nb).step_by(CHUNK) {
+                let m = CHUNK.min(nb - b0);
+                block_scales::<N>(wp.add(b0 * $bytes), $bytes, b0, m, a, &mut sc, &mut corr);
+                let mut j = 0;
+                // One row alternates two accumulators to hide the FMA latency; several
+                // rows already give independent chains (and need the registers).
+                while N == 1 && j + 1 < m {
+                    for (k, acc) in [(0usize, &mut acc0), (1, &mut acc1)] {
+                        let b = b0 + j + k;
+                        let $blk = wp.add(b * $bytes + 2);
+                        let $wv = $load;
+                        for t in 0..N {
+                            let $av = _mm256_loadu_si256(qs[t].add(b * QK8) as *const __m256i);
+                            let dp = $dot;
+                            let s = _mm256_broadcast_ss(&sc[t][j + k]);
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), s, acc[t]);
+                        }
+                    }
+                    j += 2;
+                }
+                while j < m {
+                    let b = b0 + j;
+                    let $blk = wp.add(b * $bytes + 2);
+                    let $wv = $load;
+                    for t in 0..N {
+                        let $av = _mm256_loadu_si256(qs[t].add(b * QK8) as *const __m256i);
+                        let dp = $dot;
+                        let s = _mm256_broadcast_ss(&sc[t][j]);
+                        acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), s, acc0[t]);
+                    }
+                    j += 1;
+                }
+            }
+            for t in 0..N {
+                out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) - $offset * hsum(corr[t]);
+            }
+        }
+    };
+}
+
+int_kernel!(
+    q4_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    18,
+    8.0,
+    |blk| q4_nibbles(blk),
+    |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av)
+);
+
+int_kernel!(
+    q4_0_avx2,
+    "avx2,fma,f16c",
+    18,
+    8.0,
+    |blk| q4_nibbles(blk),
+    |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), _mm256_set1_epi16(1))
+);
+
+// Q8_0 with VNNI: w + 128 as unsigned bytes, Σ (w + 128) q = Σ w q + 128 Σ q.
+int_kernel!(
+    q8_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    34,
+    128.0,
+    |blk| _mm256_xor_si256(
+        _mm256_loadu_si256(blk as *const __m256i),
+        _mm256_set1_epi8(-128)
+    ),
+    |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av)
+);
+
+// Q8_0 with AVX2: |w| · (q with w's sign), at most 128 · 127 · 2 per pair, inside i16.
+int_kernel!(
+    q8_0_avx2,
+    "avx2,fma,f16c",
+    34,
+    0.0,
+    |blk| _mm256_loadu_si256(blk as *const __m256i),
+    |wv, av| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv)),
+        _mm256_set1_epi16(1)
+    )
+);

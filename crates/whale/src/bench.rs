@@ -1,0 +1,145 @@
+//! `whale bench`: prompt processing and generation speed with llama-bench's meaning of
+//! depth (both measurements start with `depth` tokens already in the cache).
+
+use anyhow::{bail, Result};
+use serde_json::json;
+use std::time::Instant;
+use whale_model::{LatentCache, Logits, ModelFolder};
+
+/// What `whale bench` measures.
+pub struct BenchArgs {
+    pub prompt: usize,
+    pub gen: usize,
+    pub depth: usize,
+    pub reps: usize,
+    pub threads: usize,
+    pub json: bool,
+}
+
+/// Peak resident set of this process (`VmHWM`), bytes.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Deterministic token ids below `vocab` (xorshift).
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn fill(folder: &ModelFolder, cache: &mut LatentCache, depth: usize, chunk: usize) -> Result<()> {
+    let m = &folder.model;
+    let vocab = m.config().vocab_size.min(100_000);
+    let ids = tokens(depth, vocab, 7);
+    for c in ids.chunks(chunk.max(1)) {
+        m.forward(c, cache, Logits::Last)?;
+    }
+    Ok(())
+}
+
+pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
+    if a.prompt == 0 && a.gen == 0 {
+        bail!("nothing to measure: -p and -n are both 0");
+    }
+    let m = &folder.model;
+    let cfg = m.config();
+    let vocab = cfg.vocab_size.min(100_000);
+    let mut cache = m.new_cache();
+    let t0 = Instant::now();
+    fill(folder, &mut cache, a.depth, 512)?;
+    let fill_s = t0.elapsed().as_secs_f64();
+
+    let mut pp = vec![];
+    if a.prompt > 0 {
+        for r in 0..a.reps {
+            let ids = tokens(a.prompt, vocab, 100 + r as u64);
+            let t = Instant::now();
+            m.forward(&ids, &mut cache, Logits::Last)?;
+            pp.push(a.prompt as f64 / t.elapsed().as_secs_f64());
+            cache.truncate(a.depth);
+        }
+    }
+    let mut tg = vec![];
+    if a.gen > 0 {
+        for r in 0..a.reps {
+            let ids = tokens(a.gen, vocab, 200 + r as u64);
+            let t = Instant::now();
+            for &id in &ids {
+                m.forward(&[id], &mut cache, Logits::Last)?;
+            }
+            tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
+            cache.truncate(a.depth);
+        }
+    }
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    let (pp_s, tg_s) = (mean(&pp), mean(&tg));
+    let kv = cache.bytes_per_token();
+    let weights = m.decode_weight_bytes();
+    // A decode step at depth D reads the active weights and the cache of D (+ the new) tokens.
+    let cache_read = (a.depth + a.gen / 2) * kv;
+    let per_token = weights + cache_read;
+    let v = json!({
+        "model": folder.dir.display().to_string(),
+        "threads": a.threads,
+        "n_prompt": a.prompt,
+        "n_gen": a.gen,
+        "depth": a.depth,
+        "reps": a.reps,
+        "pp_tok_s": pp_s,
+        "tg_tok_s": tg_s,
+        "pp_samples": pp,
+        "tg_samples": tg,
+        "load_s": load_s,
+        "depth_fill_s": fill_s,
+        "kv_bytes_per_token": kv,
+        "weight_bytes": m.weight_bytes(),
+        "decode_weight_bytes_per_token": weights,
+        "decode_cache_bytes_per_token": cache_read,
+        "bytes_read_per_token": per_token,
+        "achieved_gb_s": per_token as f64 * tg_s / 1e9,
+        "peak_rss_bytes": peak_rss(),
+    });
+    if a.json {
+        println!("{v}");
+    } else {
+        println!(
+            "| model | threads | depth | pp{} tok/s | tg{} tok/s | GB/s (tg) | weights read/token | cache B/token | peak RSS |",
+            a.prompt, a.gen
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} MB | {} | {:.2} GB |",
+            folder.dir.display(),
+            a.threads,
+            a.depth,
+            pp_s,
+            tg_s,
+            per_token as f64 * tg_s / 1e9,
+            weights as f64 / 1e6,
+            kv,
+            peak_rss() as f64 / 1e9
+        );
+    }
+    Ok(())
+}
