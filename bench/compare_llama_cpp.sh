@@ -20,6 +20,8 @@ TYPES=${TYPES:-"q4_0 q8_0"}
 DEPTHS=${DEPTHS:-"0 4096"}
 PP=${PP:-512}
 TG=${TG:-128}
+REPS=${REPS:-2}          # repetitions at depth 0
+DEEP_REPS=${DEEP_REPS:-1} # at depth > 0 (each repetition refills the cache)
 SRC=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
 BUILD=$CACHE/build-$VERSION
 mkdir -p "$CACHE" "$ROOT/bench/results"
@@ -50,15 +52,17 @@ TOKENIZER=$CACHE/deepseek-v2-tokenizer.json
 
 OUT=$ROOT/bench/results/compare.jsonl
 : > "$OUT"
+echo "{\"engine\":\"machine\",\"type\":\"-\",\"row\":$(cargo bench -q -p whale-kernels --bench bandwidth --manifest-path "$ROOT/Cargo.toml" 2>/dev/null | tail -1)}" >> "$OUT"
 for T in $TYPES; do
   MODEL=$CACHE/synth-v2-lite-$T.gguf
   [ -f "$MODEL" ] || "$WHALE" synth --preset deepseek-v2-lite --type "$T" --tokenizer "$TOKENIZER" --out "$MODEL"
   for D in $DEPTHS; do
+    R=$REPS; [ "$D" -gt 0 ] && R=$DEEP_REPS
     echo "== $T depth $D: llama-bench" >&2
-    "$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n "$TG" -d "$D" -t "$THREADS" -fa 0,1 -r 2 -o jsonl \
+    "$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n "$TG" -d "$D" -t "$THREADS" -fa 0,1 -r "$R" -o jsonl \
       | sed "s/^/{\"engine\":\"llama.cpp\",\"type\":\"$T\",\"row\":/; s/\$/}/" >> "$OUT"
     echo "== $T depth $D: whale bench" >&2
-    "$WHALE" bench --model "$MODEL" -p "$PP" -n "$TG" --depth "$D" --threads "$THREADS" --json \
+    "$WHALE" bench --model "$MODEL" -p "$PP" -n "$TG" --depth "$D" --threads "$THREADS" -r "$R" --json \
       | sed "s/^/{\"engine\":\"whale\",\"type\":\"$T\",\"row\":/; s/\$/}/" >> "$OUT"
   done
 done

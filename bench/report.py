@@ -11,8 +11,12 @@ def main(path):
     rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
     llama = defaultdict(dict)  # (type, depth) -> {"pp": (best, fa), "tg": ...}
     whale = {}
+    bandwidth = None
     for r in rows:
-        row, key = r["row"], None
+        row = r["row"]
+        if r["engine"] == "machine":
+            bandwidth = row["read_gb_s"]
+            continue
         if r["engine"] == "llama.cpp":
             d = row.get("n_depth", 0)
             kind = "pp" if row["n_prompt"] > 0 else "tg"
@@ -33,7 +37,11 @@ def main(path):
             ratio = f"{w[field] / l[0]:.2f}x" if l else "-"
             lt = f"{l[0]:.2f} ({l[1]})" if l else "-"
             out.append(f"| {t} | {d} | {label} tok/s | {lt} | {w[field]:.2f} | {ratio} |")
-        out.append(f"| {t} | {d} | whale tg GB/s read (weights+cache) | | {w['achieved_gb_s']:.1f} | |")
+        roof = f" ({w['achieved_gb_s'] / bandwidth:.0%} of {bandwidth:.1f} GB/s)" if bandwidth else ""
+        out.append(f"| {t} | {d} | whale tg GB/s read (weights+cache){roof} | | {w['achieved_gb_s']:.1f} | |")
+        if bandwidth:
+            out.append(f"| {t} | {d} | tg roofline tok/s (bandwidth / bytes per token) | | "
+                       f"{bandwidth * 1e9 / w['bytes_read_per_token']:.2f} | |")
         out.append(f"| {t} | {d} | whale peak RSS GB | | {w['peak_rss_bytes'] / 1e9:.2f} | |")
     table = "\n".join(out)
     print(table)

@@ -43,7 +43,7 @@ fn main() {
                 let t = Instant::now();
                 for i in 0..iters {
                     let r = i % rows;
-                    dot_rows(isa, dt, &wq[r * rb..(r + 1) * rb], &a, &mut out[..n]);
+                    dot_rows(isa, dt, &wq[r * rb..(r + 1) * rb], None, &a, &mut out[..n]);
                     std::hint::black_box(&out);
                 }
                 let ns = t.elapsed().as_secs_f64() * 1e9 / iters as f64;

@@ -29,6 +29,12 @@ pub fn mqa_scores(
         .enumerate()
         .for_each(|(ci, chunk)| {
             let u0 = ci * ROWS_PER_TASK;
+            #[cfg(target_arch = "x86_64")]
+            if crate::qdot::isa() != crate::qdot::Isa::Scalar && l.is_multiple_of(8) {
+                // SAFETY: AVX2 and FMA were detected; the asserts above bound every row.
+                unsafe { x86::scores_rows(q, heads, l, rows, stride, u0, chunk, scale) };
+                return;
+            }
             for (k, out) in chunk.chunks_mut(heads).enumerate() {
                 let row = &rows[(u0 + k) * stride..(u0 + k) * stride + l];
                 for (h, o) in out.iter_mut().enumerate() {
@@ -59,6 +65,12 @@ pub fn mqa_values(
         .map(|ci| {
             let mut acc = vec![0.0f32; heads * c];
             let (u0, u1) = (ci * ROWS_PER_TASK, ((ci + 1) * ROWS_PER_TASK).min(n));
+            #[cfg(target_arch = "x86_64")]
+            if crate::qdot::isa() != crate::qdot::Isa::Scalar && c.is_multiple_of(8) {
+                // SAFETY: AVX2 and FMA were detected; the asserts above bound every row.
+                unsafe { x86::values_rows(probs, heads, n, rows, stride, u0, u1, &mut acc) };
+                return acc;
+            }
             for u in u0..u1 {
                 let row = &rows[u * stride..u * stride + c];
                 for h in 0..heads {
@@ -77,13 +89,122 @@ pub fn mqa_values(
     out.copy_from_slice(&partial);
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`), two rows
+    /// by two heads at a time so every load feeds two FMAs.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn scores_rows(
+        q: &[f32],
+        heads: usize,
+        l: usize,
+        rows: &[f32],
+        stride: usize,
+        u0: usize,
+        out: &mut [f32],
+        scale: f32,
+    ) {
+        let n = out.len() / heads;
+        let qp = q.as_ptr();
+        let mut k = 0;
+        while k < n {
+            let two = k + 1 < n;
+            let r0 = rows.as_ptr().add((u0 + k) * stride);
+            let r1 = if two { r0.add(stride) } else { r0 };
+            let mut h = 0;
+            while h < heads {
+                let h2 = h + 1 < heads;
+                let q0 = qp.add(h * l);
+                let q1 = if h2 { q0.add(l) } else { q0 };
+                let (mut a00, mut a01, mut a10, mut a11) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                for j in (0..l).step_by(8) {
+                    let x0 = _mm256_loadu_ps(r0.add(j));
+                    let x1 = _mm256_loadu_ps(r1.add(j));
+                    let y0 = _mm256_loadu_ps(q0.add(j));
+                    let y1 = _mm256_loadu_ps(q1.add(j));
+                    a00 = _mm256_fmadd_ps(x0, y0, a00);
+                    a01 = _mm256_fmadd_ps(x0, y1, a01);
+                    a10 = _mm256_fmadd_ps(x1, y0, a10);
+                    a11 = _mm256_fmadd_ps(x1, y1, a11);
+                }
+                out[k * heads + h] = hsum(a00) * scale;
+                if h2 {
+                    out[k * heads + h + 1] = hsum(a01) * scale;
+                }
+                if two {
+                    out[(k + 1) * heads + h] = hsum(a10) * scale;
+                    if h2 {
+                        out[(k + 1) * heads + h + 1] = hsum(a11) * scale;
+                    }
+                }
+                h += 2;
+            }
+            k += 2;
+        }
+    }
+
+    /// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]`, eight columns of four heads
+    /// at a time held in registers across the rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn values_rows(
+        probs: &[f32],
+        heads: usize,
+        n: usize,
+        rows: &[f32],
+        stride: usize,
+        u0: usize,
+        u1: usize,
+        acc: &mut [f32],
+    ) {
+        let c = acc.len() / heads;
+        let ap = acc.as_mut_ptr();
+        for h0 in (0..heads).step_by(4) {
+            let hn = (heads - h0).min(4);
+            for j in (0..c).step_by(8) {
+                let mut v = [_mm256_setzero_ps(); 4];
+                for (t, vt) in v.iter_mut().enumerate().take(hn) {
+                    *vt = _mm256_loadu_ps(ap.add((h0 + t) * c + j));
+                }
+                for u in u0..u1 {
+                    let x = _mm256_loadu_ps(rows.as_ptr().add(u * stride + j));
+                    for (t, vt) in v.iter_mut().enumerate().take(hn) {
+                        let p = _mm256_set1_ps(*probs.get_unchecked((h0 + t) * n + u));
+                        *vt = _mm256_fmadd_ps(p, x, *vt);
+                    }
+                }
+                for (t, vt) in v.iter().enumerate().take(hn) {
+                    _mm256_storeu_ps(ap.add((h0 + t) * c + j), *vt);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn shared_cache_attention_matches_per_head_loops() {
-        let (heads, l, stride, n) = (3, 40, 44, 300);
+        // Odd head and row counts exercise the pair kernels' edges.
+        let (heads, l, stride, n) = (5, 40, 44, 301);
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
         let rows: Vec<f32> = (0..n * stride).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut s = vec![0.0; heads * n];

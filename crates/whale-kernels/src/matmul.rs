@@ -74,6 +74,12 @@ fn matmul_q8(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
         let rows = chunk.len() / n;
         let mut quad: [&Q8Row; 4] = [&acts[0]; 4];
         let mut res = [0.0f32; 4];
+        // Several token quads reuse each row: convert its block scales once.
+        let nb = inp / qdot::QK8;
+        let mut dws = vec![0.0f32; if n > 4 { rows * nb } else { 0 }];
+        for (r, d) in dws.chunks_mut(nb.max(1)).enumerate() {
+            qdot::row_scales(dtype, &bytes[(r0 + r) * rb..(r0 + r + 1) * rb], d);
+        }
         for t0 in (0..n).step_by(4) {
             let k = (n - t0).min(4);
             for (j, q) in quad.iter_mut().take(k).enumerate() {
@@ -85,7 +91,8 @@ fn matmul_q8(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
                     let ahead = &bytes[(r0 + r + PREFETCH_ROWS) * rb..][..rb];
                     qdot::prefetch(ahead);
                 }
-                qdot::dot_rows(isa, dtype, wr, &quad[..k], &mut res[..k]);
+                let dw = (n > 4).then(|| &dws[r * nb..(r + 1) * nb]);
+                qdot::dot_rows(isa, dtype, wr, dw, &quad[..k], &mut res[..k]);
                 chunk[r * n + t0..r * n + t0 + k].copy_from_slice(&res[..k]);
             }
         }

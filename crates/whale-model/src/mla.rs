@@ -18,7 +18,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::Tensor;
 use rayon::prelude::*;
-use whale_kernels::{dot, matmul_t_vec, matmul_with, rmsnorm_inplace, softmax_inplace};
+use whale_kernels::{matmul_t_vec, matmul_with, rmsnorm_inplace, softmax_inplace};
 
 /// Which MLA formulation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -330,26 +330,32 @@ impl Mla {
         }
         // decompressed: [N, H, P+V]
         let kvx = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
+        let mut keys = vec![0.0f32; n * qk]; // [N, P+R] of one head
+        let mut vals = vec![0.0f32; n * v]; // [N, V] of one head
+        let mut qs = vec![0.0f32; t * qk]; // [T, P+R] of one head
+        let mut scores = vec![0.0f32; t * n]; // [T, N]
         (0..nh)
-            .into_par_iter()
             .map(|hi| {
-                let mut out = vec![0.0f32; t * v];
-                let mut scores = vec![0.0f32; n];
-                for ti in 0..t {
-                    let qh = &q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk];
-                    let visible = past + ti + 1;
-                    for (u, s) in scores[..visible].iter_mut().enumerate() {
-                        let k_nope = &kvx[u * nh * (p + v) + hi * (p + v)..][..p];
-                        let k_pe = &kv[u * (c + r) + c..(u + 1) * (c + r)];
-                        *s = (dot(&qh[..p], k_nope) + dot(&qh[p..], k_pe)) * self.scale;
-                    }
-                    softmax_inplace(&mut scores[..visible]);
-                    let o = &mut out[ti * v..(ti + 1) * v];
-                    for (u, &a) in scores[..visible].iter().enumerate() {
-                        let val = &kvx[u * nh * (p + v) + hi * (p + v) + p..][..v];
-                        whale_kernels::axpy_row(a, val, o);
-                    }
+                for u in 0..n {
+                    let x = &kvx[(u * nh + hi) * (p + v)..(u * nh + hi + 1) * (p + v)];
+                    keys[u * qk..u * qk + p].copy_from_slice(&x[..p]);
+                    keys[u * qk + p..(u + 1) * qk].copy_from_slice(&kv[u * (c + r) + c..(u + 1) * (c + r)]);
+                    vals[u * v..(u + 1) * v].copy_from_slice(&x[p..]);
                 }
+                for ti in 0..t {
+                    qs[ti * qk..(ti + 1) * qk]
+                        .copy_from_slice(&q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk]);
+                }
+                // The T queries of this head play the role of MQA's heads over its keys.
+                whale_kernels::mqa_scores(&qs, t, &keys, qk, n, self.scale, &mut scores);
+                for (ti, row) in scores.chunks_mut(n).enumerate() {
+                    // Causal: query ti sees positions ..= past + ti.
+                    let visible = past + ti + 1;
+                    softmax_inplace(&mut row[..visible]);
+                    row[visible..].fill(0.0);
+                }
+                let mut out = vec![0.0f32; t * v];
+                whale_kernels::mqa_values(&scores, t, &vals, v, n, &mut out);
                 out
             })
             .collect()

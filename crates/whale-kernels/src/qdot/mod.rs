@@ -131,15 +131,31 @@ pub fn prefetch(bytes: &[u8]) {
     }
 }
 
+/// The f32 scale of every block of the weight row `w` (for [`dot_rows`]'s `dw`).
+pub fn row_scales(dtype: DType, w: &[u8], out: &mut [f32]) {
+    let bytes = dtype.block().1;
+    for (o, b) in out.iter_mut().zip(w.chunks_exact(bytes)) {
+        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
 /// `out[t] = w · a[t]` for one weight row `w` (bytes of `dtype`) and up to four
-/// activation rows (all `a` of the same length). `isa` must be one the CPU runs
-/// (as [`isa`] returns).
-pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+/// activation rows (all `a` of the same length). `dw`, when given, holds the row's
+/// block scales from [`row_scales`] (prefill converts them once per row). `isa` must
+/// be one the CPU runs (as [`isa`] returns).
+pub fn dot_rows(
+    isa: Isa,
+    dtype: DType,
+    w: &[u8],
+    dw: Option<&[f32]>,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
     debug_assert!(a.len() <= 4 && out.len() == a.len());
     match isa {
         Isa::Scalar => scalar::dot_rows(dtype, w, a, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_rows(isa, dtype, w, a, out),
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_rows(isa, dtype, w, dw, a, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => scalar::dot_rows(dtype, w, a, out),
     }
@@ -197,9 +213,11 @@ mod tests {
                         let norm: f32 = wf.iter().map(|v| v.abs()).sum::<f32>() * 3.0;
                         assert!((want[t] - exact).abs() <= norm / 127.0, "{dtype:?} {cols}");
                     }
-                    for isa in isas() {
+                    let mut dw = vec![0.0; cols / 32];
+                    row_scales(dtype, &wq, &mut dw);
+                    for (isa, pre) in isas().into_iter().flat_map(|i| [(i, None), (i, Some(&dw[..]))]) {
                         let mut got = vec![0.0; n];
-                        dot_rows(isa, dtype, &wq, &a, &mut got);
+                        dot_rows(isa, dtype, &wq, pre, &a, &mut got);
                         for t in 0..n {
                             let tol = 1e-5 * want[t].abs().max(1.0);
                             assert!(
@@ -251,7 +269,7 @@ mod tests {
         scalar::dot_rows(DType::Q8_0, &wq, &[&a], &mut want);
         for isa in isas() {
             let mut got = [0.0];
-            dot_rows(isa, DType::Q8_0, &wq, &[&a], &mut got);
+            dot_rows(isa, DType::Q8_0, &wq, None, &[&a], &mut got);
             assert_eq!(got, want, "{isa:?}");
         }
     }

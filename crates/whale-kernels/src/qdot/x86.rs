@@ -32,23 +32,31 @@ pub unsafe fn quantize_row_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut
 }
 
 /// Dispatches to the kernel for `isa`, `dtype` and the number of rows.
-pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+pub fn dot_rows(
+    isa: Isa,
+    dtype: DType,
+    w: &[u8],
+    dw: Option<&[f32]>,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
     let (vals, bytes) = dtype.block();
     let nb = w.len() / bytes;
     for x in a {
         assert!(x.qs.len() >= nb * vals && x.d.len() >= nb && x.s.len() >= nb);
     }
     assert!(out.len() == a.len() && a.len() <= 4 && w.len() == nb * bytes);
+    assert!(dw.is_none_or(|d| d.len() >= nb));
     macro_rules! go {
         ($f:ident) => {
             match a.len() {
                 // SAFETY: the features each kernel enables were detected at run time
                 // (`isa` comes from `super::isa`, or from a test that checked them), and
                 // the asserts above keep every load inside `w` and the activation rows.
-                1 => unsafe { $f::<1>(w, nb, a, out) },
-                2 => unsafe { $f::<2>(w, nb, a, out) },
-                3 => unsafe { $f::<3>(w, nb, a, out) },
-                4 => unsafe { $f::<4>(w, nb, a, out) },
+                1 => unsafe { $f::<1>(w, dw, nb, a, out) },
+                2 => unsafe { $f::<2>(w, dw, nb, a, out) },
+                3 => unsafe { $f::<3>(w, dw, nb, a, out) },
+                4 => unsafe { $f::<4>(w, dw, nb, a, out) },
                 _ => {}
             }
         };
@@ -90,19 +98,33 @@ unsafe fn q4_nibbles(qs: *const u8) -> __m256i {
 unsafe fn block_scales<const N: usize>(
     p: *const u8,
     stride: usize,
+    pre: Option<&[f32]>,
     b0: usize,
     nb: usize,
     a: &[&Q8Row],
     sc: &mut [[f32; CHUNK]; N],
     corr: &mut [__m256; N],
 ) {
-    let mut bits = [0u16; CHUNK];
-    for (j, v) in bits.iter_mut().enumerate().take(nb) {
-        *v = (p.add(j * stride) as *const u16).read_unaligned();
-    }
+    // The row's scales as f32: given by the caller (converted once per row in
+    // prefill), or gathered from the blocks' f16 fields here.
+    let mut conv = [0.0f32; CHUNK];
+    let dws: &[f32] = match pre {
+        Some(d) => &d[b0..b0 + nb],
+        None => {
+            let mut bits = [0u16; CHUNK];
+            for (j, v) in bits.iter_mut().enumerate().take(nb) {
+                *v = (p.add(j * stride) as *const u16).read_unaligned();
+            }
+            for j in (0..nb).step_by(8) {
+                let h = _mm_loadu_si128(bits.as_ptr().add(j) as *const __m128i);
+                _mm256_storeu_ps(conv.as_mut_ptr().add(j), _mm256_cvtph_ps(h));
+            }
+            &conv[..nb]
+        }
+    };
     let full = nb / 8 * 8;
     for j in (0..full).step_by(8) {
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().add(j) as *const __m128i));
+        let dw = _mm256_loadu_ps(dws.as_ptr().add(j));
         for t in 0..N {
             let d = _mm256_loadu_ps(a[t].d.as_ptr().add(b0 + j));
             let s = _mm256_loadu_ps(a[t].s.as_ptr().add(b0 + j));
@@ -111,11 +133,7 @@ unsafe fn block_scales<const N: usize>(
         }
     }
     if full < nb {
-        let mut dw = [0.0f32; 8];
-        _mm256_storeu_ps(
-            dw.as_mut_ptr(),
-            _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().add(full) as *const __m128i)),
-        );
+        let dw = &dws[full..];
         for t in 0..N {
             let mut c = [0.0f32; 8];
             #[allow(clippy::needless_range_loop)]
@@ -135,7 +153,13 @@ const CHUNK: usize = 64;
 macro_rules! int_kernel {
     ($name:ident, $features:literal, $bytes:literal, $offset:literal, |$blk:ident| $load:expr, |$wv:ident, $av:ident| $dot:expr) => {
         #[target_feature(enable = $features)]
-        unsafe fn $name<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
+        unsafe fn $name<const N: usize>(
+            w: &[u8],
+            dw: Option<&[f32]>,
+            nb: usize,
+            a: &[&Q8Row],
+            out: &mut [f32],
+        ) {
             let mut acc0 = [_mm256_setzero_ps(); N];
             let mut acc1 = [_mm256_setzero_ps(); N];
             let mut corr = [_mm256_setzero_ps(); N];
@@ -144,7 +168,7 @@ macro_rules! int_kernel {
             let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
             for b0 in (0..nb).step_by(CHUNK) {
                 let m = CHUNK.min(nb - b0);
-                block_scales::<N>(wp.add(b0 * $bytes), $bytes, b0, m, a, &mut sc, &mut corr);
+                block_scales::<N>(wp.add(b0 * $bytes), $bytes, dw, b0, m, a, &mut sc, &mut corr);
                 let mut j = 0;
                 // One row alternates two accumulators to hide the FMA latency; several
                 // rows already give independent chains (and need the registers).
