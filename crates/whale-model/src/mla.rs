@@ -339,7 +339,8 @@ impl Mla {
                 for u in 0..n {
                     let x = &kvx[(u * nh + hi) * (p + v)..(u * nh + hi + 1) * (p + v)];
                     keys[u * qk..u * qk + p].copy_from_slice(&x[..p]);
-                    keys[u * qk + p..(u + 1) * qk].copy_from_slice(&kv[u * (c + r) + c..(u + 1) * (c + r)]);
+                    keys[u * qk + p..(u + 1) * qk]
+                        .copy_from_slice(&kv[u * (c + r) + c..(u + 1) * (c + r)]);
                     vals[u * v..(u + 1) * v].copy_from_slice(&x[p..]);
                 }
                 for ti in 0..t {

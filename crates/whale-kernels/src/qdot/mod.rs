@@ -215,7 +215,10 @@ mod tests {
                     }
                     let mut dw = vec![0.0; cols / 32];
                     row_scales(dtype, &wq, &mut dw);
-                    for (isa, pre) in isas().into_iter().flat_map(|i| [(i, None), (i, Some(&dw[..]))]) {
+                    for (isa, pre) in isas()
+                        .into_iter()
+                        .flat_map(|i| [(i, None), (i, Some(&dw[..]))])
+                    {
                         let mut got = vec![0.0; n];
                         dot_rows(isa, dtype, &wq, pre, &a, &mut got);
                         for t in 0..n {

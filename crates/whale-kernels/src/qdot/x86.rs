@@ -168,7 +168,16 @@ macro_rules! int_kernel {
             let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
             for b0 in (0..nb).step_by(CHUNK) {
                 let m = CHUNK.min(nb - b0);
-                block_scales::<N>(wp.add(b0 * $bytes), $bytes, dw, b0, m, a, &mut sc, &mut corr);
+                block_scales::<N>(
+                    wp.add(b0 * $bytes),
+                    $bytes,
+                    dw,
+                    b0,
+                    m,
+                    a,
+                    &mut sc,
+                    &mut corr,
+                );
                 let mut j = 0;
                 // One row alternates two accumulators to hide the FMA latency; several
                 // rows already give independent chains (and need the registers).
