@@ -2,22 +2,11 @@
 //! products on a matrix larger than the caches. Run: `cargo bench -p whale-kernels --bench quant`
 //! (`WHALE_SCALAR=1` forces the scalar twin).
 
-use std::time::Instant;
+mod common;
+use common::median_secs;
+
 use whale_kernels::quantize::quantize_row;
 use whale_kernels::{matmul, qdot, DType, MatRef};
-
-fn median_secs(mut f: impl FnMut(), reps: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[reps / 2]
-}
 
 fn main() {
     let out: usize = std::env::var("ROWS")

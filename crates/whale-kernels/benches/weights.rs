@@ -1,22 +1,11 @@
 //! f32 vs bf16/f16 weights decoded on the fly, decode-sized (1 row) and
 //! prefill-sized (64 rows) products. Run: `cargo bench -p whale-kernels --bench weights`.
 
-use half::{bf16, f16};
-use std::time::Instant;
-use whale_kernels::{matmul, DType, MatRef};
+mod common;
+use common::median_secs;
 
-fn median_secs(mut f: impl FnMut(), reps: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[reps / 2]
-}
+use half::{bf16, f16};
+use whale_kernels::{matmul, DType, MatRef};
 
 fn main() {
     let (out, inp) = (4096usize, 2048usize);

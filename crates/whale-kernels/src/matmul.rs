@@ -117,6 +117,88 @@ fn matmul_q8(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
     }
 }
 
+/// One product `y = W · x` of a [`matvec_many`] batch.
+pub struct MatVec<'a> {
+    /// The input vector `[in]`.
+    pub x: &'a [f32],
+    /// The weight `[out, in]`.
+    pub w: MatRef<'a>,
+    /// The output `[out]` (overwritten).
+    pub y: &'a mut [f32],
+}
+
+/// Rows per task of [`matvec_many`].
+const MANY_BLOCK: usize = 32;
+
+/// Runs independent matrix-vector products as one parallel pass over all their row
+/// blocks: decode's many small products (a MoE layer's experts, the heads' latent
+/// projections) keep both cores busy without a fork and join per product.
+/// `exact` as in [`matmul_with`].
+pub fn matvec_many(jobs: Vec<MatVec<'_>>, exact: bool) {
+    let isa = qdot::isa();
+    struct Task<'a> {
+        act: Option<&'a Q8Row>,
+        x: &'a [f32],
+        w: MatRef<'a>,
+        r0: usize,
+        y: &'a mut [f32],
+    }
+    let int =
+        |j: &MatVec| !exact && qdot::supports(j.w.dtype()) && j.w.cols().is_multiple_of(qdot::QK8);
+    let acts: Vec<Option<Q8Row>> = jobs
+        .iter()
+        .map(|j| {
+            assert_eq!(j.x.len(), j.w.cols(), "matvec_many: x has the wrong length");
+            assert_eq!(j.y.len(), j.w.rows(), "matvec_many: y has the wrong length");
+            int(j).then(|| Q8Row::from_f32(j.x))
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for (j, act) in jobs.into_iter().zip(&acts) {
+        for (bi, y) in j.y.chunks_mut(MANY_BLOCK).enumerate() {
+            tasks.push(Task {
+                act: act.as_ref(),
+                x: j.x,
+                w: j.w,
+                r0: bi * MANY_BLOCK,
+                y,
+            });
+        }
+    }
+    tasks.into_par_iter().for_each(|t| {
+        let rb = t.w.row_bytes();
+        let bytes = t.w.bytes();
+        match t.act {
+            Some(a) => {
+                let len = t.y.len();
+                for (k, yv) in t.y.iter_mut().enumerate() {
+                    let r = t.r0 + k;
+                    if k + PREFETCH_ROWS < len {
+                        qdot::prefetch(&bytes[(r + PREFETCH_ROWS) * rb..][..rb]);
+                    }
+                    let mut out = [0.0f32];
+                    qdot::dot_rows(
+                        isa,
+                        t.w.dtype(),
+                        &bytes[r * rb..(r + 1) * rb],
+                        None,
+                        &[a],
+                        &mut out,
+                    );
+                    *yv = out[0];
+                }
+            }
+            None => {
+                let mut row = vec![0.0f32; t.w.cols()];
+                for (k, yv) in t.y.iter_mut().enumerate() {
+                    t.w.row_into(t.r0 + k, &mut row);
+                    *yv = dot(t.x, &row);
+                }
+            }
+        }
+    });
+}
+
 /// `yt = W · xᵀ` as `[out, n]`, split over blocks of weight rows.
 fn product_transposed(x: &[f32], n: usize, w: MatRef<'_>, yt: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
@@ -224,6 +306,60 @@ mod tests {
             );
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "bf16 {n}x{out}x{inp}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn batched_products_equal_single_ones() {
+        let mut bufs = vec![];
+        for (i, &(out, inp)) in [(70usize, 64usize), (33, 96), (5, 32)].iter().enumerate() {
+            let w = data(out * inp, i as f32);
+            let mut q = vec![0u8; DType::Q4_0.bytes_for(out * inp).unwrap()];
+            crate::quantize::quantize_row(DType::Q4_0, &w, &mut q);
+            let f: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            bufs.push((out, inp, q, f, data(inp, 9.0 + i as f32)));
+        }
+        for exact in [false, true] {
+            let mut ys: Vec<Vec<f32>> = bufs.iter().map(|b| vec![0.0; 2 * b.0]).collect();
+            let jobs = bufs
+                .iter()
+                .zip(ys.iter_mut())
+                .flat_map(|((out, inp, q, f, x), y)| {
+                    let (a, b) = y.split_at_mut(*out);
+                    [
+                        MatVec {
+                            x,
+                            w: MatRef::new(DType::Q4_0, q, *out, *inp).unwrap(),
+                            y: a,
+                        },
+                        MatVec {
+                            x,
+                            w: MatRef::new(DType::F32, f, *out, *inp).unwrap(),
+                            y: b,
+                        },
+                    ]
+                })
+                .collect();
+            matvec_many(jobs, exact);
+            for ((out, inp, q, f, x), y) in bufs.iter().zip(&ys) {
+                let mut want = vec![0.0; 2 * out];
+                matmul_with(
+                    x,
+                    1,
+                    MatRef::new(DType::Q4_0, q, *out, *inp).unwrap(),
+                    &mut want[..*out],
+                    exact,
+                );
+                matmul(
+                    x,
+                    1,
+                    MatRef::new(DType::F32, f, *out, *inp).unwrap(),
+                    &mut want[*out..],
+                );
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+                }
             }
         }
     }

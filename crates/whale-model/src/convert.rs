@@ -188,23 +188,8 @@ fn tokenizer_meta(
     vocab_size: usize,
     pre: Option<&str>,
 ) -> Result<Vec<(String, MetaValue)>, ModelError> {
-    let tc = dir.join("tokenizer_config.json");
-    let cfg = if tc.is_file() {
-        read_json(&tc)?
-    } else {
-        Value::Null
-    };
-    let template = match cfg.get("chat_template") {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => {
-            let jinja = dir.join("chat_template.jinja");
-            jinja
-                .is_file()
-                .then(|| std::fs::read_to_string(&jinja))
-                .transpose()
-                .map_err(|e| ModelError::io(&jinja, e))?
-        }
-    };
+    let cfg = crate::tokenizer::read_tokenizer_config(dir)?;
+    let template = crate::tokenizer::chat_template_of(dir, &cfg)?;
     tokenizer_meta_from(&dir.join("tokenizer.json"), &cfg, template, vocab_size, pre)
 }
 

@@ -279,15 +279,34 @@ impl Mla {
         let mut o_lat = vec![0.0f32; nh * c];
         for ti in 0..t {
             let qt = &q[ti * nh * qk..(ti + 1) * nh * qk];
-            q_cat
-                .par_chunks_mut(c + r)
-                .enumerate()
-                .for_each(|(hi, qc)| {
-                    let qh = &qt[hi * qk..(hi + 1) * qk];
-                    self.kv_up
-                        .absorb_query(self.exact, hi, &qh[..p], p, v, c, &mut qc[..c]);
-                    qc[c..].copy_from_slice(&qh[p..]);
-                });
+            if let KvUp::Split { k_b_t, .. } = &self.kv_up {
+                // All heads' W_UKᵀ q_nope as one batch of products.
+                let w: Vec<Tensor> = (0..nh).map(|hi| k_b_t.rows(hi * c, c, p)).collect();
+                let jobs = q_cat
+                    .chunks_mut(c + r)
+                    .zip(&w)
+                    .enumerate()
+                    .map(|(hi, (qc, wh))| whale_kernels::MatVec {
+                        x: &qt[hi * qk..hi * qk + p],
+                        w: wh.mat(),
+                        y: &mut qc[..c],
+                    })
+                    .collect();
+                whale_kernels::matvec_many(jobs, self.exact);
+                for (hi, qc) in q_cat.chunks_mut(c + r).enumerate() {
+                    qc[c..].copy_from_slice(&qt[hi * qk + p..(hi + 1) * qk]);
+                }
+            } else {
+                q_cat
+                    .par_chunks_mut(c + r)
+                    .enumerate()
+                    .for_each(|(hi, qc)| {
+                        let qh = &qt[hi * qk..(hi + 1) * qk];
+                        self.kv_up
+                            .absorb_query(self.exact, hi, &qh[..p], p, v, c, &mut qc[..c]);
+                        qc[c..].copy_from_slice(&qh[p..]);
+                    });
+            }
             let visible = past + ti + 1;
             let sc = &mut scores[..nh * visible];
             // scores: [H, visible]

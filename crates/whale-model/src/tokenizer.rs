@@ -25,41 +25,47 @@ fn token_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// `dir/tokenizer_config.json` as JSON (`Null` when the folder has none).
+pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Value, ModelError> {
+    let tc = dir.join("tokenizer_config.json");
+    if !tc.is_file() {
+        return Ok(Value::Null);
+    }
+    let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::format(&tc, format!("invalid JSON: {e}")))
+}
+
+/// The chat template of a folder: `chat_template` in `tokenizer_config.json` (a string,
+/// or the entry named "default" of a list), else `chat_template.jinja`.
+pub(crate) fn chat_template_of(dir: &Path, cfg: &Value) -> Result<Option<String>, ModelError> {
+    let template = match cfg.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Value::as_str))
+            .map(String::from),
+        _ => None,
+    };
+    if template.is_some() {
+        return Ok(template);
+    }
+    let jinja = dir.join("chat_template.jinja");
+    jinja
+        .is_file()
+        .then(|| std::fs::read_to_string(&jinja))
+        .transpose()
+        .map_err(|e| ModelError::io(&jinja, e))
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let tj = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
-        let tc = dir.join("tokenizer_config.json");
-        let cfg: Value = if tc.is_file() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| ModelError::format(&tc, format!("invalid JSON: {e}")))?
-        } else {
-            Value::Null
-        };
-        let template = match cfg.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            // A list of named templates: take "default".
-            Some(Value::Array(a)) => a
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str))
-                .map(String::from),
-            _ => None,
-        };
-        let template = match template {
-            Some(t) => Some(t),
-            None => {
-                let jinja = dir.join("chat_template.jinja");
-                jinja
-                    .is_file()
-                    .then(|| std::fs::read_to_string(&jinja))
-                    .transpose()
-                    .map_err(|e| ModelError::io(&jinja, e))?
-            }
-        };
+        let cfg = read_tokenizer_config(dir)?;
+        let template = chat_template_of(dir, &cfg)?;
         Self::build(inner, &cfg, template)
     }
 
