@@ -7,7 +7,10 @@ use whale_kernels::quantize::quantize_row;
 use whale_kernels::DType;
 
 fn main() {
-    let cols = 2048;
+    let cols: usize = std::env::var("COLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
     let rows = 64;
     let w: Vec<f32> = (0..cols * rows)
         .map(|i| ((i % 977) as f32 * 0.013).sin())
