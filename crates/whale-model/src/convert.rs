@@ -428,30 +428,70 @@ pub(crate) fn model_meta(
     m
 }
 
-/// The tensors to write, each with its storage type.
-struct Planner<'a> {
-    plans: Vec<TensorPlan<'a>>,
-    target: DType,
-    st: &'a WeightStore,
+/// The layer index of `blk.N.…`.
+fn layer_of(name: &str) -> usize {
+    name.split('.')
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
-impl<'a> Planner<'a> {
-    fn add(&mut self, name: String, shape: Vec<usize>, source: Box<dyn RowSource + 'a>) {
-        let dtype = storage_type(&name, &shape, self.target);
-        self.plans.push(TensorPlan {
-            name,
-            shape,
-            dtype,
-            source,
-        });
+/// Every tensor of a `deepseek2` GGUF for `cfg`, in file order: (llama.cpp's name,
+/// shape outermost first). MLA in the split layout (`attn_k_b` `[H, C, P]`,
+/// `attn_v_b` `[H, V, C]`), routed experts stacked per layer.
+pub(crate) fn gguf_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, h, vocab) = (cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size);
+    let (p, r, v, c) = (
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    );
+    let mut t = vec![("token_embd.weight".to_string(), vec![vocab, d])];
+    for li in 0..cfg.num_hidden_layers {
+        let mut add = |name: &str, shape: Vec<usize>| t.push((format!("blk.{li}.{name}"), shape));
+        add("attn_norm.weight", vec![d]);
+        match cfg.q_lora_rank {
+            Some(q) => {
+                add("attn_q_a.weight", vec![q, d]);
+                add("attn_q_a_norm.weight", vec![q]);
+                add("attn_q_b.weight", vec![h * (p + r), q]);
+            }
+            None => add("attn_q.weight", vec![h * (p + r), d]),
+        }
+        add("attn_kv_a_mqa.weight", vec![c + r, d]);
+        add("attn_kv_a_norm.weight", vec![c]);
+        add("attn_output.weight", vec![d, h * v]);
+        add("ffn_norm.weight", vec![d]);
+        if cfg.is_moe_layer(li) {
+            let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
+            add("ffn_gate_inp.weight", vec![e, d]);
+            if cfg.model_type == ModelType::DeepseekV3 {
+                add("exp_probs_b.bias", vec![e]);
+            }
+            if cfg.n_shared_experts > 0 {
+                let s = i * cfg.n_shared_experts;
+                add("ffn_gate_shexp.weight", vec![s, d]);
+                add("ffn_up_shexp.weight", vec![s, d]);
+                add("ffn_down_shexp.weight", vec![d, s]);
+            }
+            add("ffn_gate_exps.weight", vec![e, i, d]);
+            add("ffn_up_exps.weight", vec![e, i, d]);
+            add("ffn_down_exps.weight", vec![e, d, i]);
+        } else {
+            let i = cfg.intermediate_size;
+            add("ffn_gate.weight", vec![i, d]);
+            add("ffn_up.weight", vec![i, d]);
+            add("ffn_down.weight", vec![d, i]);
+        }
+        add("attn_k_b.weight", vec![h, c, p]);
+        add("attn_v_b.weight", vec![h, v, c]);
     }
-
-    /// A tensor copied (and re-typed) from the checkpoint under a new name.
-    fn plain(&mut self, gguf: &str, hf: &str, shape: &[usize]) -> Result<(), ModelError> {
-        let t = self.st.get(hf, shape)?;
-        self.add(gguf.to_string(), shape.to_vec(), Box::new(Rows(t)));
-        Ok(())
+    t.push(("output_norm.weight".into(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        t.push(("output.weight".into(), vec![vocab, d]));
     }
+    t
 }
 
 /// Converts the Hugging Face model folder `dir` into a GGUF file at `out`.
@@ -483,122 +523,62 @@ pub fn convert_to_gguf(
         )?);
     }
 
-    let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
-    let (p, r, v, c) = (
+    let (h, p, v, c) = (
+        cfg.num_attention_heads,
         cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim,
         cfg.v_head_dim,
         cfg.kv_lora_rank,
     );
-    let mut pl = Planner {
-        plans: Vec::new(),
-        target: opts.dtype,
-        st: &st,
-    };
-    let vocab = cfg.vocab_size;
-    pl.plain(
-        "token_embd.weight",
-        "model.embed_tokens.weight",
-        &[vocab, d],
-    )?;
-    for li in 0..cfg.num_hidden_layers {
-        let hf = |s: &str| format!("model.layers.{li}.{s}");
-        let gg = |s: &str| format!("blk.{li}.{s}");
-        let mut plain =
-            |gguf: &str, hf_name: &str, shape: &[usize]| pl.plain(&gg(gguf), &hf(hf_name), shape);
-        plain("attn_norm.weight", "input_layernorm.weight", &[d])?;
-        match cfg.q_lora_rank {
-            Some(q) => {
-                plain("attn_q_a.weight", "self_attn.q_a_proj.weight", &[q, d])?;
-                plain(
-                    "attn_q_a_norm.weight",
-                    "self_attn.q_a_layernorm.weight",
-                    &[q],
+    let (e, i, d) = (
+        cfg.n_routed_experts,
+        cfg.moe_intermediate_size,
+        cfg.hidden_size,
+    );
+    let mut plans: Vec<TensorPlan> = Vec::new();
+    let mut v_b_next: Option<Owned> = None;
+    for (name, shape) in gguf_layout(&cfg) {
+        // `blk.N.attn_k_b.weight` → `attn_k_b.weight`; whole-model names → "".
+        let suffix = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .map_or("", |(_, x)| x);
+        let source: Box<dyn RowSource> = match suffix {
+            "attn_k_b.weight" => {
+                let li = layer_of(&name);
+                let kv_b = st.get(
+                    &format!("model.layers.{li}.self_attn.kv_b_proj.weight"),
+                    &[h * (p + v), c],
                 )?;
-                plain(
-                    "attn_q_b.weight",
-                    "self_attn.q_b_proj.weight",
-                    &[h * (p + r), q],
-                )?;
+                let (k_b, v_b) = split_kv_b(&kv_b.mat().to_f32(), h, p, v, c);
+                v_b_next = Some(v_b);
+                Box::new(k_b)
             }
-            None => plain(
-                "attn_q.weight",
-                "self_attn.q_proj.weight",
-                &[h * (p + r), d],
-            )?,
-        }
-        plain(
-            "attn_kv_a_mqa.weight",
-            "self_attn.kv_a_proj_with_mqa.weight",
-            &[c + r, d],
-        )?;
-        plain(
-            "attn_kv_a_norm.weight",
-            "self_attn.kv_a_layernorm.weight",
-            &[c],
-        )?;
-        plain("attn_output.weight", "self_attn.o_proj.weight", &[d, h * v])?;
-        plain("ffn_norm.weight", "post_attention_layernorm.weight", &[d])?;
-        if !cfg.is_moe_layer(li) {
-            let i = cfg.intermediate_size;
-            plain("ffn_gate.weight", "mlp.gate_proj.weight", &[i, d])?;
-            plain("ffn_up.weight", "mlp.up_proj.weight", &[i, d])?;
-            plain("ffn_down.weight", "mlp.down_proj.weight", &[d, i])?;
-        } else {
-            let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
-            plain("ffn_gate_inp.weight", "mlp.gate.weight", &[e, d])?;
-            if cfg.model_type == ModelType::DeepseekV3 {
-                plain("exp_probs_b.bias", "mlp.gate.e_score_correction_bias", &[e])?;
+            "attn_v_b.weight" => Box::new(v_b_next.take().expect("attn_k_b comes first")),
+            which @ ("ffn_gate_exps.weight" | "ffn_up_exps.weight" | "ffn_down_exps.weight") => {
+                // [E, I, d] / [E, d, I]: expert k's matrix is rows k·I.. of the stack.
+                let li = layer_of(&name);
+                let experts = st.experts(&format!("model.layers.{li}.mlp"), e, i, d)?;
+                let pick = |m: &crate::linear::Mlp| match which {
+                    "ffn_gate_exps.weight" => m.gate.tensor().clone(),
+                    "ffn_up_exps.weight" => m.up.tensor().clone(),
+                    _ => m.down.tensor().clone(),
+                };
+                Box::new(Stack(experts.iter().map(pick).collect()))
             }
-            if cfg.n_shared_experts > 0 {
-                let w = i * cfg.n_shared_experts;
-                plain(
-                    "ffn_gate_shexp.weight",
-                    "mlp.shared_experts.gate_proj.weight",
-                    &[w, d],
-                )?;
-                plain(
-                    "ffn_up_shexp.weight",
-                    "mlp.shared_experts.up_proj.weight",
-                    &[w, d],
-                )?;
-                plain(
-                    "ffn_down_shexp.weight",
-                    "mlp.shared_experts.down_proj.weight",
-                    &[d, w],
-                )?;
+            _ => {
+                let hf = crate::gguf_model::hf_name(&name)
+                    .expect("every other layout name maps one to one");
+                Box::new(Rows(st.get(&hf, &shape)?))
             }
-            // [E, I, d] / [E, d, I]: expert k's matrix is rows k·I.. of the stack.
-            let experts = st.experts(&hf("mlp"), e, i, d)?;
-            let stack = |f: fn(&crate::linear::Mlp) -> &Tensor| {
-                Box::new(Stack(experts.iter().map(|m| f(m).clone()).collect()))
-            };
-            pl.add(
-                gg("ffn_gate_exps.weight"),
-                vec![e, i, d],
-                stack(|m| m.gate.tensor()),
-            );
-            pl.add(
-                gg("ffn_up_exps.weight"),
-                vec![e, i, d],
-                stack(|m| m.up.tensor()),
-            );
-            pl.add(
-                gg("ffn_down_exps.weight"),
-                vec![e, d, i],
-                stack(|m| m.down.tensor()),
-            );
-        }
-        let kv_b = st.get(&hf("self_attn.kv_b_proj.weight"), &[h * (p + v), c])?;
-        let (k_b, v_b) = split_kv_b(&kv_b.mat().to_f32(), h, p, v, c);
-        pl.add(gg("attn_k_b.weight"), vec![h, c, p], Box::new(k_b));
-        pl.add(gg("attn_v_b.weight"), vec![h, v, c], Box::new(v_b));
+        };
+        let dtype = storage_type(&name, &shape, opts.dtype);
+        plans.push(TensorPlan {
+            name,
+            shape,
+            dtype,
+            source,
+        });
     }
-    pl.plain("output_norm.weight", "model.norm.weight", &[d])?;
-    if !cfg.tie_word_embeddings {
-        pl.plain("output.weight", "lm_head.weight", &[vocab, d])?;
-    }
-    let plans = pl.plans;
     for t in &plans {
         report.tensors.push((t.name.clone(), t.dtype));
         if t.dtype != opts.dtype && t.dtype != DType::F32 {

@@ -177,41 +177,63 @@ impl ModelConfig {
     }
 }
 
+/// Whole-model tensors: (transformers' name, llama.cpp's name).
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Per-layer tensors: (name after `model.layers.N.`, name after `blk.N.`). Experts
+/// and the split `kv_b_proj` have no one-to-one name and are handled apart.
+const LAYER_TENSORS: [(&str, &str); 18] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.q_a_proj.weight", "attn_q_a.weight"),
+    ("self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight"),
+    ("self_attn.q_b_proj.weight", "attn_q_b.weight"),
+    (
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_mqa.weight",
+    ),
+    ("self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight"),
+    ("self_attn.kv_b_proj.weight", "attn_kv_b.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("mlp.gate.weight", "ffn_gate_inp.weight"),
+    ("mlp.gate.e_score_correction_bias", "exp_probs_b.bias"),
+    (
+        "mlp.shared_experts.gate_proj.weight",
+        "ffn_gate_shexp.weight",
+    ),
+    ("mlp.shared_experts.up_proj.weight", "ffn_up_shexp.weight"),
+    (
+        "mlp.shared_experts.down_proj.weight",
+        "ffn_down_shexp.weight",
+    ),
+];
+
 /// transformers' tensor name → llama.cpp's.
 fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
+    if let Some((_, g)) = MODEL_TENSORS.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let mapped = match rest {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.q_a_proj.weight" => "attn_q_a.weight",
-        "self_attn.q_a_layernorm.weight" => "attn_q_a_norm.weight",
-        "self_attn.q_b_proj.weight" => "attn_q_b.weight",
-        "self_attn.kv_a_proj_with_mqa.weight" => "attn_kv_a_mqa.weight",
-        "self_attn.kv_a_layernorm.weight" => "attn_kv_a_norm.weight",
-        "self_attn.kv_b_proj.weight" => "attn_kv_b.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        "mlp.gate.weight" => "ffn_gate_inp.weight",
-        "mlp.gate.e_score_correction_bias" => "exp_probs_b.bias",
-        "mlp.shared_experts.gate_proj.weight" => "ffn_gate_shexp.weight",
-        "mlp.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",
-        "mlp.shared_experts.down_proj.weight" => "ffn_down_shexp.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{mapped}"))
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (_, g) = LAYER_TENSORS.iter().find(|(h, _)| *h == rest)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// llama.cpp's tensor name → transformers' (for the one-to-one names).
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = MODEL_TENSORS.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let (h, _) = LAYER_TENSORS.iter().find(|(_, g)| *g == rest)?;
+    Some(format!("model.layers.{layer}.{h}"))
 }
 
 impl GgufFile {

@@ -4,7 +4,7 @@
 //! timed on identical bytes.
 
 use crate::config::{ModelConfig, ModelType, RopeScaling, ScoringFunc, TopkMethod};
-use crate::convert::{model_meta, storage_type, tokenizer_meta_from};
+use crate::convert::{gguf_layout, model_meta, storage_type, tokenizer_meta_from};
 use crate::error::ModelError;
 use crate::gguf_write::{write_gguf, RowSource, TensorPlan};
 use serde_json::json;
@@ -142,76 +142,33 @@ pub fn synth_gguf(
         None,
     )?);
 
-    let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
-    let (p, r, v, c) = (
-        cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim,
-        cfg.v_head_dim,
-        cfg.kv_lora_rank,
-    );
-    let mut plans: Vec<TensorPlan> = vec![];
-    let mut add = |name: String, shape: Vec<usize>| {
-        let cols = *shape.last().unwrap_or(&1);
-        let rows = shape.iter().rev().skip(1).product();
-        let is_norm = shape.len() == 1;
-        let seed = plans.len() as u64 + 1;
-        let source = Random {
-            seed,
-            rows,
-            cols,
-            offset: if is_norm { 1.0 } else { 0.0 },
-            // Uniform with variance 1/cols keeps activations O(1) through the layers.
-            amplitude: if is_norm {
-                0.1
-            } else {
-                (3.0 / cols as f32).sqrt()
-            },
-        };
-        let dtype = storage_type(&name, &shape, opts.dtype);
-        plans.push(TensorPlan {
-            name,
-            shape,
-            dtype,
-            source: Box::new(source),
-        });
-    };
-    add("token_embd.weight".into(), vec![cfg.vocab_size, d]);
-    for li in 0..cfg.num_hidden_layers {
-        let b = |s: &str| format!("blk.{li}.{s}");
-        add(b("attn_norm.weight"), vec![d]);
-        match cfg.q_lora_rank {
-            Some(q) => {
-                add(b("attn_q_a.weight"), vec![q, d]);
-                add(b("attn_q_a_norm.weight"), vec![q]);
-                add(b("attn_q_b.weight"), vec![h * (p + r), q]);
+    let plans: Vec<TensorPlan> = gguf_layout(&cfg)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let cols = *shape.last().unwrap_or(&1);
+            let rows = shape.iter().rev().skip(1).product();
+            let is_norm = shape.len() == 1;
+            let source = Random {
+                seed: k as u64 + 1,
+                rows,
+                cols,
+                offset: if is_norm { 1.0 } else { 0.0 },
+                // Uniform with variance 1/cols keeps activations O(1) through the layers.
+                amplitude: if is_norm {
+                    0.1
+                } else {
+                    (3.0 / cols as f32).sqrt()
+                },
+            };
+            TensorPlan {
+                dtype: storage_type(&name, &shape, opts.dtype),
+                name,
+                shape,
+                source: Box::new(source) as Box<dyn RowSource>,
             }
-            None => add(b("attn_q.weight"), vec![h * (p + r), d]),
-        }
-        add(b("attn_kv_a_mqa.weight"), vec![c + r, d]);
-        add(b("attn_kv_a_norm.weight"), vec![c]);
-        add(b("attn_k_b.weight"), vec![h, c, p]);
-        add(b("attn_v_b.weight"), vec![h, v, c]);
-        add(b("attn_output.weight"), vec![d, h * v]);
-        add(b("ffn_norm.weight"), vec![d]);
-        if cfg.is_moe_layer(li) {
-            let (e, i) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
-            let s = i * cfg.n_shared_experts;
-            add(b("ffn_gate_inp.weight"), vec![e, d]);
-            add(b("ffn_gate_exps.weight"), vec![e, i, d]);
-            add(b("ffn_up_exps.weight"), vec![e, i, d]);
-            add(b("ffn_down_exps.weight"), vec![e, d, i]);
-            add(b("ffn_gate_shexp.weight"), vec![s, d]);
-            add(b("ffn_up_shexp.weight"), vec![s, d]);
-            add(b("ffn_down_shexp.weight"), vec![d, s]);
-        } else {
-            let i = cfg.intermediate_size;
-            add(b("ffn_gate.weight"), vec![i, d]);
-            add(b("ffn_up.weight"), vec![i, d]);
-            add(b("ffn_down.weight"), vec![d, i]);
-        }
-    }
-    add("output_norm.weight".into(), vec![d]);
-    add("output.weight".into(), vec![cfg.vocab_size, d]);
+        })
+        .collect();
     write_gguf(out, &meta, &plans, progress)?;
     Ok(cfg)
 }

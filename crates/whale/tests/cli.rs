@@ -23,6 +23,25 @@ fn whale(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `whale chat ARGS` fed `input` on stdin: (stdout, stderr); asserts success.
+fn chat(args: &[&str], input: &[u8]) -> (String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whale"))
+        .arg("chat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
 fn expected(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap())
         .unwrap()
@@ -159,31 +178,9 @@ fn tokenize_works_with_only_tokenizer_files() {
 #[test]
 fn chat_answers_resets_and_exits() {
     let dir = fixture("v2-lite");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_whale"))
-        .args([
-            "chat",
-            "--model",
-            dir.to_str().unwrap(),
-            "--max-tokens",
-            "6",
-            "--temperature",
-            "0",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"Hi\nAnd again\n/reset\nHi\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let d = dir.to_str().unwrap();
+    let args = ["--model", d, "--max-tokens", "6", "--temperature", "0"];
+    let (stdout, stderr) = chat(&args, b"Hi\nAnd again\n/reset\nHi\n/exit\n");
     let turns: Vec<&str> = stdout.lines().collect();
     assert!(turns.len() >= 3, "{stdout:?}");
     // After /reset the same question gets the same greedy answer as the first time.
@@ -265,25 +262,8 @@ fn convert_writes_a_gguf_that_chats_on_its_own() {
     ]);
     assert_eq!(from_gguf, from_dir);
     // Chat through the template stored in the file, with nothing beside it.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_whale"))
-        .args(["chat", "--model", g, "--temperature", "0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"What is 37 + 48?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
-        "37 + 48 = 85"
-    );
+    let (stdout, _) = chat(&["--model", g, "--temperature", "0"], b"What is 37 + 48?\n");
+    assert_eq!(stdout.trim(), "37 + 48 = 85");
     // A tokenizer whale cannot name is refused with the way out.
     let (ok, _, err) = whale(&[
         "convert",
