@@ -10,7 +10,8 @@
 # cached in $WHALE_CACHE, default target/llama-cpp), writes the synthetic models with `whale synth`
 # (cached), then runs llama-bench (flash attention off and on) and `whale bench` one after the other
 # for each file and depth, and prints both engines' numbers with whale's ratio against llama.cpp's
-# better flash-attention setting per figure. Results: bench/results/compare.json.
+# better flash-attention setting per figure. Results: bench/results/compare.jsonl (RESULTS=name to
+# write bench/results/name.jsonl instead), with report.py's table (.md) and plot (.png) beside it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${WHALE_CACHE:-$ROOT/target/llama-cpp}
@@ -50,7 +51,7 @@ WHALE=$ROOT/target/release/whale
 TOKENIZER=$CACHE/deepseek-v2-tokenizer.json
 [ -f "$TOKENIZER" ] || gzip -dc "$ROOT/tests/fixtures/deepseek_v2_tokenizer.json.gz" > "$TOKENIZER"
 
-OUT=$ROOT/bench/results/compare.jsonl
+OUT=$ROOT/bench/results/${RESULTS:-compare}.jsonl
 : > "$OUT"
 echo "{\"engine\":\"machine\",\"type\":\"-\",\"row\":$(cargo bench -q -p whale-kernels --bench bandwidth --manifest-path "$ROOT/Cargo.toml" 2>/dev/null | tail -1)}" >> "$OUT"
 for T in $TYPES; do

@@ -145,19 +145,31 @@ pub fn matvec_many(jobs: Vec<MatVec<'_>>, exact: bool) {
     }
     let int =
         |j: &MatVec| !exact && qdot::supports(j.w.dtype()) && j.w.cols().is_multiple_of(qdot::QK8);
-    let acts: Vec<Option<Q8Row>> = jobs
-        .iter()
-        .map(|j| {
-            assert_eq!(j.x.len(), j.w.cols(), "matvec_many: x has the wrong length");
-            assert_eq!(j.y.len(), j.w.rows(), "matvec_many: y has the wrong length");
-            int(j).then(|| Q8Row::from_f32(j.x))
-        })
-        .collect();
+    // Quantise each distinct input once (the experts' gate and up products share one).
+    let mut acts: Vec<Q8Row> = Vec::new();
+    let mut act_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+    for (k, j) in jobs.iter().enumerate() {
+        assert_eq!(j.x.len(), j.w.cols(), "matvec_many: x has the wrong length");
+        assert_eq!(j.y.len(), j.w.rows(), "matvec_many: y has the wrong length");
+        if !int(j) {
+            act_of.push(None);
+            continue;
+        }
+        let same = jobs[..k]
+            .iter()
+            .zip(&act_of)
+            .find(|(p, a)| a.is_some() && std::ptr::eq(p.x, j.x))
+            .and_then(|(_, a)| *a);
+        act_of.push(Some(same.unwrap_or_else(|| {
+            acts.push(Q8Row::from_f32(j.x));
+            acts.len() - 1
+        })));
+    }
     let mut tasks = Vec::new();
-    for (j, act) in jobs.into_iter().zip(&acts) {
+    for (j, act) in jobs.into_iter().zip(&act_of) {
         for (bi, y) in j.y.chunks_mut(MANY_BLOCK).enumerate() {
             tasks.push(Task {
-                act: act.as_ref(),
+                act: act.map(|i| &acts[i]),
                 x: j.x,
                 w: j.w,
                 r0: bi * MANY_BLOCK,
