@@ -167,16 +167,23 @@ impl<'a> Cursor<'a> {
     }
 }
 
+static POPULATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether GGUF files opened from now on get all their page-table entries at open
+/// (MAP_POPULATE) instead of on first touch. Off by default: start to first token on
+/// the 8.9 GB V2-Lite Q4_0 file is 1.1 s lazily and 2.0 s populated (warm page cache),
+/// and populating in a background thread slowed the first tokens more than the faults
+/// it saved. `whale bench` turns it on so no measurement pays a first-touch fault.
+pub fn set_populate(on: bool) {
+    POPULATE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl GgufFile {
     /// Opens and indexes `path`.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        // Page-table entries for the whole file at map time (MAP_POPULATE): on a warm
-        // page cache this costs well under a second for 9 GB, and spares every first
-        // touch of an expert a page fault in the middle of a decode step. Set
-        // WHALE_NO_POPULATE=1 to map lazily (e.g. a file larger than RAM).
         let mut opts = memmap2::MmapOptions::new();
-        if std::env::var_os("WHALE_NO_POPULATE").is_none() {
+        if POPULATE.load(std::sync::atomic::Ordering::Relaxed) {
             opts.populate();
         }
         // SAFETY: a read-only private map; whale never writes through it (see weights.rs).

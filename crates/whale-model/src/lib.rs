@@ -39,7 +39,7 @@ pub use config::{yarn_get_mscale, ModelConfig, ModelType, RopeScaling, ScoringFu
 pub use convert::{convert_to_gguf, ConvertOptions, ConvertReport};
 pub use error::ModelError;
 pub use folder::{open_tokenizer, GenerationConfig, ModelFolder};
-pub use gguf::{ggml_type_name, GgufFile, GgufTensorInfo, GgufValue};
+pub use gguf::{ggml_type_name, set_populate, GgufFile, GgufTensorInfo, GgufValue};
 pub use gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
 pub use mla::MlaMode;
 pub use model::{DeepseekModel, Logits};
