@@ -100,22 +100,21 @@ impl KvUp {
             KvUp::Split { k_b_t, v_b } => {
                 let mut k = vec![0.0f32; n * p];
                 let mut vv = vec![0.0f32; n * v];
-                let mut row = vec![0.0f32; p];
+                let mut w_uk = vec![0u8; p * c * 4];
                 for h in 0..nh {
-                    // k_nope[u] = Σ_c lat[u, c] · W_UKᵀ[c, :]
-                    let kt = k_b_t.rows(h * c, c, p);
-                    let kt = kt.mat();
-                    k.fill(0.0);
-                    for ci in 0..c {
-                        kt.row_into(ci, &mut row);
-                        for u in 0..n {
-                            whale_kernels::axpy_row(
-                                lat[u * c + ci],
-                                &row,
-                                &mut k[u * p..(u + 1) * p],
-                            );
+                    // k_nope = lat · W_UKᵀᵀ: W_UK[h] ([P, C], f32) rebuilt from the stored
+                    // transpose [C, P] once per head, then one product over all N rows
+                    // (an axpy per latent element and row cost 100× more at depth).
+                    let kt = k_b_t.rows(h * c, c, p).mat().to_f32(); // [C, P]
+                    for (ci, krow) in kt.chunks_exact(p).enumerate() {
+                        for (pi, &x) in krow.iter().enumerate() {
+                            w_uk[(pi * c + ci) * 4..(pi * c + ci + 1) * 4]
+                                .copy_from_slice(&x.to_le_bytes());
                         }
                     }
+                    let w = whale_kernels::MatRef::new(whale_kernels::DType::F32, &w_uk, p, c)
+                        .expect("[P, C] f32");
+                    matmul_with(lat, n, w, &mut k, true);
                     matmul_with(lat, n, v_b.rows(h * v, v, c).mat(), &mut vv, exact);
                     for u in 0..n {
                         let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
