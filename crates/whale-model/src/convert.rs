@@ -4,7 +4,7 @@
 //! as `llama-quantize` would quantise it.
 
 use crate::config::{ModelConfig, ModelType, RopeScaling};
-use crate::error::ModelError;
+use crate::error::{read_json, ModelError};
 use crate::gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
 use crate::model::TensorSource;
 use crate::weights::{Tensor, WeightStore};
@@ -165,11 +165,6 @@ fn detect_pre(tokenizer: &Value) -> Option<&'static str> {
         }
         _ => None,
     }
-}
-
-fn read_json(path: &Path) -> Result<Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))
 }
 
 /// A special-token entry of `tokenizer_config.json`: a string or `{"content": ...}`.

@@ -103,3 +103,9 @@ impl ModelError {
         }
     }
 }
+
+/// Reads and parses the JSON file `path`; errors name the file.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))
+}

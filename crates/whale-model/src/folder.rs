@@ -20,9 +20,7 @@ pub struct GenerationConfig {
 
 impl GenerationConfig {
     fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))?;
+        let v = crate::error::read_json(path)?;
         let eos = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
             Some(Value::Array(a)) => a

@@ -31,8 +31,7 @@ pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Value, ModelError> {
     if !tc.is_file() {
         return Ok(Value::Null);
     }
-    let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::format(&tc, format!("invalid JSON: {e}")))
+    crate::error::read_json(&tc)
 }
 
 /// The chat template of a folder: `chat_template` in `tokenizer_config.json` (a string,

@@ -105,9 +105,7 @@ impl WeightStore {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::format(&index, format!("invalid JSON: {e}")))?;
+            let v = crate::error::read_json(&index)?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
