@@ -276,11 +276,15 @@ impl Mla {
         let mut q_cat = vec![0.0f32; nh * (c + r)];
         let mut scores = vec![0.0f32; nh * n];
         let mut o_lat = vec![0.0f32; nh * c];
+        // Per-head views of W_UKᵀ [C, P] (split layout), made once for all T tokens.
+        let w: Vec<Tensor> = match &self.kv_up {
+            KvUp::Split { k_b_t, .. } => (0..nh).map(|hi| k_b_t.rows(hi * c, c, p)).collect(),
+            KvUp::Fused(_) => Vec::new(),
+        };
         for ti in 0..t {
             let qt = &q[ti * nh * qk..(ti + 1) * nh * qk];
-            if let KvUp::Split { k_b_t, .. } = &self.kv_up {
+            if !w.is_empty() {
                 // All heads' W_UKᵀ q_nope as one batch of products.
-                let w: Vec<Tensor> = (0..nh).map(|hi| k_b_t.rows(hi * c, c, p)).collect();
                 let jobs = q_cat
                     .chunks_mut(c + r)
                     .zip(&w)
