@@ -40,6 +40,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The engine ran out of cache or was shut down before the request could finish.
+    InsufficientResource,
 }
 
 impl FinishReason {
@@ -48,6 +50,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::InsufficientResource => "insufficient_system_resource",
         }
     }
 }

@@ -15,8 +15,11 @@
 mod chat;
 mod detok;
 mod generate;
+mod pages;
 mod rng;
 mod sampler;
+mod scheduler;
+mod stats;
 mod stop;
 
 pub use chat::chat_prompt;
@@ -24,6 +27,11 @@ pub use detok::Detokenizer;
 pub use generate::{
     generate, generate_with_cache, EngineError, FinishReason, GenerateRequest, Generation,
 };
+pub use pages::{PagePool, PrefixCache, PrefixHit};
 pub use rng::Rng;
+pub use scheduler::{
+    log_softmax, top_k, Engine, EngineConfig, Event, Request, SubmitError, TokenLogprob, Usage,
+};
+pub use stats::{EngineStats, Histogram};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::StopStrings;

@@ -60,6 +60,40 @@ impl LatentCache {
         self.n_tokens = self.n_tokens.min(n);
     }
 
+    /// A new cache holding a copy of this one's first `n` tokens (a reused prompt prefix).
+    pub fn copy_prefix(&self, n: usize) -> LatentCache {
+        let n = n.min(self.n_tokens);
+        LatentCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l[..n * self.latent_dim].to_vec())
+                .collect(),
+            latent_dim: self.latent_dim,
+            n_tokens: n,
+        }
+    }
+
+    /// Makes room for `n` tokens in every layer without further reallocation; a paged
+    /// pool grows sequences a page at a time with this so memory follows its accounting.
+    pub fn reserve_tokens(&mut self, n: usize) {
+        for l in &mut self.layers {
+            let want = n * self.latent_dim;
+            if want > l.capacity() {
+                l.reserve_exact(want - l.len());
+            }
+        }
+    }
+
+    /// Tokens every layer can hold without reallocating.
+    pub fn capacity_tokens(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.capacity() / self.latent_dim.max(1))
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Clears the cache.
     pub fn clear(&mut self) {
         self.truncate(0);

@@ -42,7 +42,7 @@ pub use folder::{open_tokenizer, GenerationConfig, ModelFolder};
 pub use gguf::{ggml_type_name, set_populate, GgufFile, GgufTensorInfo, GgufValue};
 pub use gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
 pub use mla::MlaMode;
-pub use model::{DeepseekModel, Logits};
+pub use model::{BatchItem, DeepseekModel, Logits};
 pub use rope::Rope;
 pub use synth::{preset, synth_gguf, SynthOptions};
 pub use tokenizer::Tokenizer;

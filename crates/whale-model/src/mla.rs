@@ -186,13 +186,16 @@ impl Mla {
 const LATENT_NORM_EPS: f32 = 1e-6;
 
 impl Mla {
-    /// Attention for the `T` new tokens `h` (`[T, d]`, already normalised) at positions
-    /// `cache.len()..`; appends their latents to `cache` layer `layer` and writes `[T, d]` to `out`.
-    pub fn forward(
+    /// Attention for a batch of sequences: `h` (`[T, d]`, already normalised) holds the
+    /// new rows of each `(cache, rows)` segment in turn, at positions `cache.len()..` of
+    /// that segment's cache. The projections run over all `T` rows at once (one pass over
+    /// the weights); attention runs per sequence over its own latents. Appends each
+    /// segment's latents to its cache layer `layer` and writes `[T, d]` to `out`.
+    pub fn forward_batch(
         &self,
         h: &[f32],
         rope: &Rope,
-        cache: &mut LatentCache,
+        segs: &mut [(&mut LatentCache, usize)],
         layer: usize,
         mode: MlaMode,
         out: &mut [f32],
@@ -206,7 +209,15 @@ impl Mla {
         );
         let qk = p + r;
         let t = h.len() / self.kv_a.mat().cols();
-        let past = cache.len();
+        debug_assert_eq!(segs.iter().map(|s| s.1).sum::<usize>(), t);
+        // Position of every row.
+        let pos: Vec<usize> = segs
+            .iter()
+            .flat_map(|(cache, n)| {
+                let past = cache.len();
+                (0..*n).map(move |i| past + i)
+            })
+            .collect();
 
         // q: [T, H, P+R]
         let mut q = vec![0.0f32; t * nh * qk];
@@ -221,41 +232,59 @@ impl Mla {
                 b.forward(&cq, t, &mut q);
             }
         }
-        for (ti, qt) in q.chunks_mut(nh * qk).enumerate() {
+        for (qt, &at) in q.chunks_mut(nh * qk).zip(&pos) {
             for qh in qt.chunks_mut(qk) {
-                rope.apply(&mut qh[p..], past + ti);
+                rope.apply(&mut qh[p..], at);
             }
         }
 
         // latent rows: [T, C+R] = [RMSNorm(c_kv) ‖ RoPE(k_pe)]
         let mut lat = vec![0.0f32; t * (c + r)];
         self.kv_a.forward(h, t, &mut lat);
-        for (ti, row) in lat.chunks_mut(c + r).enumerate() {
+        for (row, &at) in lat.chunks_mut(c + r).zip(&pos) {
             rmsnorm_inplace(&mut row[..c], &self.kv_a_norm, LATENT_NORM_EPS);
-            rope.apply(&mut row[c..], past + ti);
+            rope.apply(&mut row[c..], at);
         }
-        cache.append(layer, &lat);
-        let kv = cache.layer(layer); // [N, C+R]
-        let n = past + t;
 
-        let absorbed = match mode {
-            MlaMode::Auto => t == 1,
-            MlaMode::Absorbed => true,
-            MlaMode::Expanded => false,
-        };
-        // attn: [T, H·V]
-        let heads: Vec<Vec<f32>> = if absorbed {
-            self.absorbed(&q, t, past, kv, n)
-        } else {
-            self.expanded(&q, t, past, kv, n)
-        };
+        // attn: [T, H·V], each sequence over its own cache (sequences in parallel).
         let mut attn = vec![0.0f32; t * nh * v];
-        for (hi, ho) in heads.iter().enumerate() {
-            for ti in 0..t {
-                attn[ti * nh * v + hi * v..ti * nh * v + (hi + 1) * v]
-                    .copy_from_slice(&ho[ti * v..(ti + 1) * v]);
+        let mut parts = Vec::with_capacity(segs.len());
+        {
+            let mut q_rest = &q[..];
+            let mut lat_rest = &lat[..];
+            let mut attn_rest = &mut attn[..];
+            for (cache, n) in segs.iter_mut() {
+                let (qs, qr) = q_rest.split_at(*n * nh * qk);
+                let (ls, lr) = lat_rest.split_at(*n * (c + r));
+                let (os, or) = std::mem::take(&mut attn_rest).split_at_mut(*n * nh * v);
+                q_rest = qr;
+                lat_rest = lr;
+                attn_rest = or;
+                parts.push((&mut **cache, *n, qs, ls, os));
             }
         }
+        parts.par_iter_mut().for_each(|(cache, ts, qs, ls, os)| {
+            let past = cache.len();
+            cache.append(layer, ls);
+            let kv = cache.layer(layer); // [N, C+R]
+            let n = past + *ts;
+            let absorbed = match mode {
+                MlaMode::Auto => *ts == 1,
+                MlaMode::Absorbed => true,
+                MlaMode::Expanded => false,
+            };
+            let heads: Vec<Vec<f32>> = if absorbed {
+                self.absorbed(qs, *ts, past, kv, n)
+            } else {
+                self.expanded(qs, *ts, past, kv, n)
+            };
+            for (hi, ho) in heads.iter().enumerate() {
+                for ti in 0..*ts {
+                    os[ti * nh * v + hi * v..ti * nh * v + (hi + 1) * v]
+                        .copy_from_slice(&ho[ti * v..(ti + 1) * v]);
+                }
+            }
+        });
         self.o.forward(&attn, t, out);
     }
 

@@ -31,6 +31,8 @@ pub enum Logits {
     All,
     /// Only the last input token's row.
     Last,
+    /// No rows (a prefill chunk that is not the prompt's last).
+    None,
 }
 
 /// A loaded DeepSeek-V2/V3 model. Weights stay in the memory-mapped files.
@@ -214,21 +216,44 @@ impl DeepseekModel {
         cache: &mut LatentCache,
         which: Logits,
     ) -> Result<Vec<f32>, ModelError> {
-        let t = tokens.len();
+        let mut items = [BatchItem {
+            tokens,
+            cache,
+            logits: which,
+        }];
+        Ok(self.forward_batch(&mut items)?.pop().unwrap_or_default())
+    }
+
+    /// One step over several sequences at once: every item's tokens (a decode token or a
+    /// prefill chunk) run at positions `item.cache.len()..` of its own cache, and all rows
+    /// go through each weight matrix together, so a step reads the weights once however
+    /// many sequences it carries (the MoE reads each expert the batch routes to once).
+    ///
+    /// Returns, per item, logits `[rows, vocab]` for the rows its `logits` asks for.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let d = self.cfg.hidden_size;
-        if t == 0 {
-            return Err(ModelError::Input("forward needs at least one token".into()));
+        let mut tokens = Vec::new();
+        for it in items.iter() {
+            if it.tokens.is_empty() {
+                return Err(ModelError::Input("forward needs at least one token".into()));
+            }
+            if let Some(&bad) = it
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.cfg.vocab_size)
+            {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is out of range (vocab_size {})",
+                    self.cfg.vocab_size
+                )));
+            }
+            tokens.extend_from_slice(it.tokens);
         }
-        if let Some(&bad) = tokens
-            .iter()
-            .find(|&&id| id as usize >= self.cfg.vocab_size)
-        {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is out of range (vocab_size {})",
-                self.cfg.vocab_size
-            )));
+        if tokens.is_empty() {
+            return Ok(Vec::new());
         }
-        // x: [T, d]
+        let t = tokens.len();
+        // x: [T, d], the items' rows one after another.
         let mut x = vec![0.0f32; t * d];
         let emb = self.embed.mat();
         for (i, &id) in tokens.iter().enumerate() {
@@ -237,6 +262,10 @@ impl DeepseekModel {
         let eps = self.cfg.rms_norm_eps;
         let mut h = vec![0.0f32; t * d];
         let mut o = vec![0.0f32; t * d];
+        let mut segs: Vec<(&mut LatentCache, usize)> = items
+            .iter_mut()
+            .map(|it| (&mut *it.cache, it.tokens.len()))
+            .collect();
         for (li, layer) in self.layers.iter().enumerate() {
             h.copy_from_slice(&x);
             for row in h.chunks_mut(d) {
@@ -244,7 +273,7 @@ impl DeepseekModel {
             }
             layer
                 .attn
-                .forward(&h, &self.rope, cache, li, self.mla_mode, &mut o);
+                .forward_batch(&h, &self.rope, &mut segs, li, self.mla_mode, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -260,18 +289,52 @@ impl DeepseekModel {
                 *xv += ov;
             }
         }
-        cache.commit(t);
-        let (rows, xs) = match which {
-            Logits::All => (t, &mut x[..]),
-            Logits::Last => (1, &mut x[(t - 1) * d..]),
-        };
-        for row in xs.chunks_mut(d) {
+        for (cache, n) in segs {
+            cache.commit(n);
+        }
+        // Final norm and lm_head over the rows asked for, all items together.
+        let mut picked: Vec<f32> = Vec::new();
+        let mut rows_of = Vec::with_capacity(items.len());
+        let mut start = 0;
+        for it in items.iter() {
+            let n = it.tokens.len();
+            let (from, rows) = match it.logits {
+                Logits::All => (start, n),
+                Logits::Last => (start + n - 1, 1),
+                Logits::None => (start, 0),
+            };
+            picked.extend_from_slice(&x[from * d..(from + rows) * d]);
+            rows_of.push(rows);
+            start += n;
+        }
+        for row in picked.chunks_mut(d) {
             rmsnorm_inplace(row, &self.norm, eps);
         }
-        let mut logits = vec![0.0f32; rows * self.cfg.vocab_size];
-        self.lm_head.forward(xs, rows, &mut logits);
-        Ok(logits)
+        let rows: usize = rows_of.iter().sum();
+        if rows == 0 {
+            return Ok(vec![Vec::new(); items.len()]);
+        }
+        let vocab = self.cfg.vocab_size;
+        let mut logits = vec![0.0f32; rows * vocab];
+        self.lm_head.forward(&picked, rows, &mut logits);
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for r in rows_of {
+            out.push(logits[at * vocab..(at + r) * vocab].to_vec());
+            at += r;
+        }
+        Ok(out)
     }
+}
+
+/// One sequence's share of a [`DeepseekModel::forward_batch`] step.
+pub struct BatchItem<'a> {
+    /// New tokens of this sequence (one when decoding, a chunk when prefilling).
+    pub tokens: &'a [u32],
+    /// The sequence's latent cache; the tokens run at positions `cache.len()..`.
+    pub cache: &'a mut LatentCache,
+    /// Which of its rows get logits.
+    pub logits: Logits,
 }
 
 /// Where the model's tensors come from, addressed by transformers' names.

@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use whale_model::{Logits, MlaMode, ModelConfig, ModelFolder};
+use whale_model::{BatchItem, Logits, MlaMode, ModelConfig, ModelFolder};
 
 fn greedy(folder: &ModelFolder, prompt: &[u32], n: usize) -> Vec<u32> {
     let m = &folder.model;
@@ -204,4 +204,48 @@ fn out_of_range_token_is_an_error() {
         e.to_string().contains("token id 99999 is out of range"),
         "{e}"
     );
+}
+
+#[test]
+fn batched_step_equals_each_sequence_alone() {
+    // Three sequences at different depths in one step: a prefill chunk, and two decode
+    // tokens over caches of different lengths. Each item's logits must be the ones the
+    // sequence gets alone (transformers' logits for the fixture's tokens).
+    let folder = ModelFolder::open(&model_dir("v3")).unwrap();
+    let exp = expected("v3");
+    let m = &folder.model;
+    let toks = &exp.tokens;
+    let (mut a, mut b, mut c) = (m.new_cache(), m.new_cache(), m.new_cache());
+    m.forward(&toks[..3], &mut b, Logits::Last).unwrap();
+    m.forward(&toks[..6], &mut c, Logits::Last).unwrap();
+    let out = m
+        .forward_batch(&mut [
+            BatchItem {
+                tokens: &toks[..4],
+                cache: &mut a,
+                logits: Logits::All,
+            },
+            BatchItem {
+                tokens: &toks[3..4],
+                cache: &mut b,
+                logits: Logits::Last,
+            },
+            BatchItem {
+                tokens: &toks[6..7],
+                cache: &mut c,
+                logits: Logits::Last,
+            },
+        ])
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    let e0 = max_abs_diff(&out[0], &exp.logits[..4]);
+    let e1 = max_abs_diff(&out[1], &exp.logits[3..4]);
+    let e2 = max_abs_diff(&out[2], &exp.logits[6..7]);
+    assert!(e0 < 1e-4 && e1 < 1e-4 && e2 < 1e-4, "{e0} {e1} {e2}");
+    assert_eq!((a.len(), b.len(), c.len()), (4, 4, 7));
+    // A copied prefix continues exactly as the original.
+    let mut d = c.copy_prefix(5);
+    assert_eq!(d.len(), 5);
+    let tail = m.forward(&toks[5..], &mut d, Logits::All).unwrap();
+    assert!(max_abs_diff(&tail, &exp.logits[5..]) < 1e-4);
 }

@@ -1,0 +1,592 @@
+//! Continuous batching: many requests share every model step.
+//!
+//! One engine thread owns the model's step loop. Each step it takes in new
+//! requests, admits waiting ones whose KV pages can be reserved, and runs one
+//! [`DeepseekModel::forward_batch`] over every running sequence: one token for each
+//! decoding stream plus a chunk of at most `prefill_chunk` prompt tokens for
+//! sequences still prefilling, so long prompts never stall running streams.
+//! Sequences join and leave between steps. A request whose receiver is dropped
+//! (the client went away) is removed at the next step and its pages freed.
+
+use crate::detok::Detokenizer;
+use crate::generate::FinishReason;
+use crate::pages::{PagePool, PrefixCache};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stats::EngineStats;
+use crate::stop::StopStrings;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use whale_model::{BatchItem, DeepseekModel, LatentCache, Logits, Tokenizer};
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most sequences in one step.
+    pub max_batch: usize,
+    /// Most requests waiting for admission; more are refused ([`SubmitError::QueueFull`]).
+    pub max_waiting: usize,
+    /// Tokens per KV page.
+    pub page_tokens: usize,
+    /// Pages in the KV pool.
+    pub total_pages: usize,
+    /// Most prompt tokens prefilled in one step (over all prefilling sequences).
+    pub prefill_chunk: usize,
+    /// Keep finished requests' caches for reuse by prompts with the same prefix.
+    pub prefix_cache: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch: 16,
+            max_waiting: 256,
+            page_tokens: 64,
+            total_pages: 1024,
+            prefill_chunk: 256,
+            prefix_cache: true,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Prompt ids (BOS and template included).
+    pub prompt: Vec<u32>,
+    /// Most new tokens.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Ids that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation (not included in the text).
+    pub stop: Vec<String>,
+    /// Log-probabilities to return per token: `None` none, `Some(k)` the chosen token's
+    /// and the `k` most likely.
+    pub logprobs: Option<usize>,
+    /// Prefix-cache isolation scope (the API key).
+    pub cache_scope: String,
+    /// When the request arrived (for time to first token).
+    pub arrival: Instant,
+}
+
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The chosen token.
+    pub id: u32,
+    /// Its natural-log probability under the model (before sampling filters).
+    pub logprob: f32,
+    /// The most likely tokens and theirs, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Token usage of a finished request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens (hit + miss).
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose latents came from the prefix cache.
+    pub prompt_cache_hit_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+impl Usage {
+    /// Prompt tokens that were computed.
+    pub fn prompt_cache_miss_tokens(&self) -> usize {
+        self.prompt_tokens - self.prompt_cache_hit_tokens
+    }
+}
+
+/// What the engine tells a request's owner.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Admitted: pages reserved, prefill starts.
+    Started {
+        /// Prompt tokens reused from the prefix cache.
+        prompt_cache_hit_tokens: usize,
+    },
+    /// A generated token and the text it completes (possibly empty: text is held back
+    /// while it could still become a stop string or an incomplete character).
+    Token {
+        /// Token id.
+        id: u32,
+        /// New text.
+        text: String,
+        /// Log-probabilities when asked for.
+        logprob: Option<TokenLogprob>,
+    },
+    /// Done; nothing follows.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Text still held back, released at the end.
+        text: String,
+        /// Token counts.
+        usage: Usage,
+    },
+}
+
+/// Why a request was not taken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Too many requests wait already.
+    #[error("the server is overloaded: {0} requests are waiting")]
+    QueueFull(usize),
+    /// The request can never fit the KV pool.
+    #[error("the request needs {need} KV pages but the pool has {total}")]
+    TooLarge {
+        /// Pages it needs.
+        need: usize,
+        /// Pages in the pool.
+        total: usize,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Job {
+    req: Request,
+    tx: UnboundedSender<Event>,
+}
+
+/// A handle to a running engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<EngineStats>,
+    cfg: EngineConfig,
+    alive: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Starts the engine thread over `model` and `tokenizer`.
+    pub fn start(model: Arc<DeepseekModel>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        EngineStats::set(&stats.pages_total, cfg.total_pages as u64);
+        let alive = Arc::new(AtomicBool::new(true));
+        let (s2, c2, a2) = (stats.clone(), cfg.clone(), alive.clone());
+        std::thread::Builder::new()
+            .name("whale-engine".into())
+            .spawn(move || {
+                let mut core = Core::new(&model, &tokenizer, c2, s2);
+                core.run(rx);
+                a2.store(false, Ordering::Relaxed);
+            })
+            .expect("spawn the engine thread");
+        Engine {
+            tx,
+            stats,
+            cfg,
+            alive,
+        }
+    }
+
+    /// Queues a request; its events arrive on the returned receiver. Dropping the
+    /// receiver cancels the request and frees its pages.
+    pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if !self.alive.load(Ordering::Relaxed) {
+            return Err(SubmitError::Stopped);
+        }
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        req.sampling.validate().map_err(SubmitError::Invalid)?;
+        let need = (req.prompt.len() + req.max_tokens).div_ceil(self.cfg.page_tokens);
+        if need > self.cfg.total_pages {
+            return Err(SubmitError::TooLarge {
+                need,
+                total: self.cfg.total_pages,
+            });
+        }
+        let waiting = EngineStats::get(&self.stats.waiting) as usize;
+        if waiting >= self.cfg.max_waiting {
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        EngineStats::add(&self.stats.waiting, 1);
+        let (tx, rx) = unbounded_channel();
+        self.tx.send(Job { req, tx }).map_err(|_| {
+            self.stats
+                .waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            SubmitError::Stopped
+        })?;
+        Ok(rx)
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+}
+
+struct Seq<'t> {
+    job: Job,
+    cache: LatentCache,
+    /// Tokens not yet run through the model (prompt remainder, then the last sample).
+    feed: Vec<u32>,
+    /// Tokens whose latents are in `cache`, in order.
+    fed: Vec<u32>,
+    output: Vec<u32>,
+    sampler: Sampler,
+    detok: Detokenizer<'t>,
+    stops: StopStrings,
+    pages: usize,
+    hit: usize,
+    last_token_at: Option<Instant>,
+}
+
+struct Core<'m> {
+    model: &'m DeepseekModel,
+    tok: &'m Tokenizer,
+    cfg: EngineConfig,
+    stats: Arc<EngineStats>,
+    pool: PagePool,
+    prefix: PrefixCache,
+    waiting: VecDeque<Job>,
+    running: Vec<Seq<'m>>,
+}
+
+impl<'m> Core<'m> {
+    fn new(
+        model: &'m DeepseekModel,
+        tok: &'m Tokenizer,
+        cfg: EngineConfig,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        Core {
+            model,
+            tok,
+            pool: PagePool::new(cfg.total_pages, cfg.page_tokens),
+            cfg,
+            stats,
+            prefix: PrefixCache::default(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.publish();
+            if self.running.is_empty() {
+                // Nothing admissible (cannot happen with the size check at submit, but
+                // never spin): wait for the next request.
+                if !self.waiting.is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                continue;
+            }
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        EngineStats::set(&s.waiting, self.waiting.len() as u64);
+        EngineStats::set(&s.running, self.running.len() as u64);
+        EngineStats::set(&s.pages_used, self.pool.used() as u64);
+        EngineStats::set(&s.pages_cached, self.prefix.pages() as u64);
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|j| !j.tx.is_closed());
+        let mut gone = before - self.waiting.len();
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].job.tx.is_closed() {
+                let s = self.running.swap_remove(i);
+                self.pool.give(s.pages);
+                gone += 1;
+            } else {
+                i += 1;
+            }
+        }
+        EngineStats::add(&self.stats.finished_aborted, gone as u64);
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_batch {
+            let Some(job) = self.waiting.front() else {
+                return;
+            };
+            let need = self
+                .pool
+                .pages_for(job.req.prompt.len() + job.req.max_tokens);
+            while self.pool.free() < need && self.prefix.evict_one(&mut self.pool) {}
+            if self.pool.free() < need {
+                return; // first come, first served: later requests wait too
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            self.pool.take(need);
+            let hit = if self.cfg.prefix_cache {
+                self.prefix
+                    .lookup(&job.req.cache_scope, &job.req.prompt, self.pool.page_tokens())
+            } else {
+                None
+            };
+            let (mut cache, hit) = match hit {
+                Some(h) => (h.cache, h.tokens),
+                None => (self.model.new_cache(), 0),
+            };
+            cache.reserve_tokens(
+                (hit + self.cfg.prefill_chunk.min(job.req.prompt.len() - hit))
+                    .next_multiple_of(self.pool.page_tokens()),
+            );
+            let s = &self.stats;
+            EngineStats::add(&s.prompt_tokens, job.req.prompt.len() as u64);
+            EngineStats::add(&s.prompt_cache_hit_tokens, hit as u64);
+            let _ = job.tx.send(Event::Started {
+                prompt_cache_hit_tokens: hit,
+            });
+            let seq = Seq {
+                feed: job.req.prompt[hit..].to_vec(),
+                fed: job.req.prompt[..hit].to_vec(),
+                output: Vec::new(),
+                sampler: Sampler::new(job.req.sampling.clone()),
+                detok: Detokenizer::new(self.tok, true),
+                stops: StopStrings::new(&job.req.stop),
+                pages: need,
+                hit,
+                last_token_at: None,
+                cache,
+                job,
+            };
+            self.running.push(seq);
+        }
+    }
+
+    fn step(&mut self) {
+        // Decode rows first (one token each), then prompt chunks in arrival order.
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        let mut take: Vec<usize> = Vec::with_capacity(self.running.len());
+        for s in &self.running {
+            let prefilling = s.output.is_empty();
+            let n = if !prefilling {
+                s.feed.len()
+            } else {
+                let n = s.feed.len().min(budget);
+                budget -= n;
+                n
+            };
+            take.push(n);
+        }
+        let page = self.pool.page_tokens();
+        let mut items = Vec::with_capacity(self.running.len());
+        let mut which = Vec::with_capacity(self.running.len());
+        for (i, (s, &n)) in self.running.iter_mut().zip(&take).enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let last = n == s.feed.len();
+            // Grow the buffers a page at a time, within the pages reserved at admission.
+            let want = s.cache.len() + n;
+            if want > s.cache.capacity_tokens() {
+                s.cache.reserve_tokens(want.next_multiple_of(page));
+            }
+            items.push(BatchItem {
+                tokens: &s.feed[..n],
+                cache: &mut s.cache,
+                logits: if last { Logits::Last } else { Logits::None },
+            });
+            which.push(i);
+        }
+        let rows = items.len();
+        let result = self.model.forward_batch(&mut items);
+        drop(items);
+        EngineStats::add(&self.stats.steps, 1);
+        EngineStats::add(&self.stats.step_sequences, rows as u64);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("model step failed: {e}");
+                // Every sequence in the step is ended; the engine keeps serving.
+                let ended: Vec<usize> = which.clone();
+                for &i in ended.iter().rev() {
+                    let s = self.running.swap_remove(i);
+                    self.finish(s, FinishReason::InsufficientResource);
+                }
+                return;
+            }
+        };
+        let mut done: Vec<(usize, FinishReason)> = Vec::new();
+        for (&i, row) in which.iter().zip(logits) {
+            let n = take[i];
+            let s = &mut self.running[i];
+            let fed: Vec<u32> = s.feed.drain(..n).collect();
+            s.fed.extend_from_slice(&fed);
+            if !s.feed.is_empty() {
+                continue; // prefill continues next step
+            }
+            if let Some(r) = Self::sample(s, row, &self.stats) {
+                done.push((i, r));
+            }
+        }
+        done.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, r) in done {
+            let s = self.running.swap_remove(i);
+            self.finish(s, r);
+        }
+    }
+
+    /// Samples the next token of `s` from `logits`, sends it; returns a finish reason if it ends.
+    fn sample(s: &mut Seq<'_>, mut logits: Vec<f32>, stats: &EngineStats) -> Option<FinishReason> {
+        let logprob = s.job.req.logprobs.map(|k| (log_softmax(&logits), k));
+        let next = s.sampler.sample(&mut logits, &s.job.req.prompt, &s.output);
+        s.output.push(next);
+        EngineStats::add(&stats.generation_tokens, 1);
+        let now = Instant::now();
+        match s.last_token_at {
+            None => EngineStats::observe(
+                &stats.ttft,
+                now.duration_since(s.job.req.arrival).as_secs_f64(),
+            ),
+            Some(t) => EngineStats::observe(&stats.itl, now.duration_since(t).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        let lp = logprob.map(|(lp, k)| TokenLogprob {
+            id: next,
+            logprob: lp[next as usize],
+            top: top_k(&lp, k),
+        });
+        if s.job.req.stop_token_ids.contains(&next) {
+            let _ = s.job.tx.send(Event::Token {
+                id: next,
+                text: String::new(),
+                logprob: lp,
+            });
+            return Some(FinishReason::Stop);
+        }
+        let piece = match s.detok.push(next) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("detokenizing {next}: {e}");
+                String::new()
+            }
+        };
+        let text = s.stops.push(&piece);
+        let _ = s.job.tx.send(Event::Token {
+            id: next,
+            text,
+            logprob: lp,
+        });
+        if s.stops.stopped() {
+            return Some(FinishReason::Stop);
+        }
+        if s.output.len() >= s.job.req.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        s.feed.push(next);
+        None
+    }
+
+    fn finish(&mut self, mut s: Seq<'m>, reason: FinishReason) {
+        let mut text = String::new();
+        if !s.stops.stopped() {
+            if let Ok(rest) = s.detok.flush() {
+                text.push_str(&s.stops.push(&rest));
+            }
+            if !s.stops.stopped() {
+                text.push_str(&s.stops.flush());
+            }
+        }
+        let usage = Usage {
+            prompt_tokens: s.job.req.prompt.len(),
+            prompt_cache_hit_tokens: s.hit,
+            completion_tokens: s.output.len(),
+        };
+        let st = &self.stats;
+        match reason {
+            FinishReason::Stop => EngineStats::add(&st.finished_stop, 1),
+            FinishReason::Length => EngineStats::add(&st.finished_length, 1),
+            FinishReason::InsufficientResource => EngineStats::add(&st.finished_aborted, 1),
+        }
+        EngineStats::observe(&st.e2e, s.job.req.arrival.elapsed().as_secs_f64());
+        let _ = s.job.tx.send(Event::Finished {
+            reason,
+            text,
+            usage,
+        });
+        self.pool.give(s.pages);
+        if self.cfg.prefix_cache && reason != FinishReason::InsufficientResource {
+            let scope = std::mem::take(&mut s.job.req.cache_scope);
+            self.prefix.insert(&scope, s.fed, s.cache, &mut self.pool);
+        }
+    }
+}
+
+/// Natural-log softmax of a row.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
+
+/// The `k` largest entries of `v` as `(index, value)`, largest first (ties: lower index).
+pub fn top_k(v: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in v.iter().enumerate() {
+        if best.len() == k && x <= best[k - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= x);
+        best.insert(at, (i as u32, x));
+        best.truncate(k);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_low() {
+        assert_eq!(
+            top_k(&[0.1, 0.5, 0.5, -1.0, 0.9], 3),
+            vec![(4, 0.9), (1, 0.5), (2, 0.5)]
+        );
+        assert!(top_k(&[1.0], 0).is_empty());
+        assert_eq!(top_k(&[1.0, 2.0], 5), vec![(1, 2.0), (0, 1.0)]);
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let s: f32 = lp.iter().map(|x| x.exp()).sum();
+        assert!((s - 1.0).abs() < 1e-6);
+        assert!(lp[2] > lp[1] && lp[1] > lp[0]);
+    }
+}
