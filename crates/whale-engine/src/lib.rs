@@ -29,9 +29,9 @@ pub use generate::{
 };
 pub use pages::{PagePool, PrefixCache, PrefixHit};
 pub use rng::Rng;
+pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{
     log_softmax, top_k, Engine, EngineConfig, Event, Request, SubmitError, TokenLogprob, Usage,
 };
 pub use stats::{EngineStats, Histogram};
-pub use sampler::{Sampler, SamplingParams};
 pub use stop::StopStrings;

@@ -348,8 +348,11 @@ impl<'m> Core<'m> {
             let job = self.waiting.pop_front().expect("front exists");
             self.pool.take(need);
             let hit = if self.cfg.prefix_cache {
-                self.prefix
-                    .lookup(&job.req.cache_scope, &job.req.prompt, self.pool.page_tokens())
+                self.prefix.lookup(
+                    &job.req.cache_scope,
+                    &job.req.prompt,
+                    self.pool.page_tokens(),
+                )
             } else {
                 None
             };

@@ -137,6 +137,11 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of a token given by its text (an added/special token or a vocabulary entry).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// BOS id.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos.as_ref().map(|b| b.1)

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -124,6 +125,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the DeepSeek/OpenAI API (chat, completions with FIM, models, balance,
+    /// tokenize, health, metrics) with continuous batching and per-key billing.
+    Serve(serve::ServeArgs),
+    /// Manage API keys, balances and usage in the billing database.
+    Keys(serve::KeysArgs),
     /// Interactive chat through the model's chat template (/reset, /exit).
     Chat {
         #[command(flatten)]
@@ -501,6 +507,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             bench::run(&folder, load_s, &args)?;
         }
+        Cmd::Serve(args) => serve::serve(args)?,
+        Cmd::Keys(args) => serve::keys(args)?,
         Cmd::Chat {
             model,
             system,
