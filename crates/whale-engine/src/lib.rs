@@ -15,6 +15,7 @@
 mod chat;
 mod detok;
 mod generate;
+mod grammar;
 mod pages;
 mod rng;
 mod sampler;
@@ -27,6 +28,7 @@ pub use detok::Detokenizer;
 pub use generate::{
     generate, generate_with_cache, EngineError, FinishReason, GenerateRequest, Generation,
 };
+pub use grammar::{Constraint, Grammars};
 pub use pages::{PagePool, PrefixCache, PrefixHit};
 pub use rng::Rng;
 pub use sampler::{Sampler, SamplingParams};

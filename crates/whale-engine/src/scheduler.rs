@@ -70,6 +70,8 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Prefix-cache isolation scope (the API key).
     pub cache_scope: String,
+    /// A grammar the output must follow (JSON mode, JSON schema).
+    pub constraint: Option<crate::grammar::Constraint>,
     /// When the request arrived (for time to first token).
     pub arrival: Instant,
 }
@@ -166,6 +168,7 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     cfg: EngineConfig,
     alive: Arc<AtomicBool>,
+    vocab_size: usize,
 }
 
 impl Engine {
@@ -175,6 +178,7 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         EngineStats::set(&stats.pages_total, cfg.total_pages as u64);
         let alive = Arc::new(AtomicBool::new(true));
+        let vocab_size = model.config().vocab_size;
         let (s2, c2, a2) = (stats.clone(), cfg.clone(), alive.clone());
         std::thread::Builder::new()
             .name("whale-engine".into())
@@ -189,6 +193,7 @@ impl Engine {
             stats,
             cfg,
             alive,
+            vocab_size,
         }
     }
 
@@ -222,6 +227,11 @@ impl Engine {
             SubmitError::Stopped
         })?;
         Ok(rx)
+    }
+
+    /// Rows of the model's logits.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     /// Live counters.
@@ -463,6 +473,11 @@ impl<'m> Core<'m> {
     /// Samples the next token of `s` from `logits`, sends it; returns a finish reason if it ends.
     fn sample(s: &mut Seq<'_>, mut logits: Vec<f32>, stats: &EngineStats) -> Option<FinishReason> {
         let logprob = s.job.req.logprobs.map(|k| (log_softmax(&logits), k));
+        if let Some(c) = s.job.req.constraint.as_mut() {
+            if !c.mask(&mut logits) {
+                return Some(FinishReason::Stop);
+            }
+        }
         let next = s.sampler.sample(&mut logits, &s.job.req.prompt, &s.output);
         s.output.push(next);
         EngineStats::add(&stats.generation_tokens, 1);
@@ -503,6 +518,13 @@ impl<'m> Core<'m> {
         });
         if s.stops.stopped() {
             return Some(FinishReason::Stop);
+        }
+        if let Some(c) = s.job.req.constraint.as_mut() {
+            // A token the grammar refuses cannot be sampled (it was masked); a
+            // complete document ends the answer.
+            if c.consume(next).is_err() || c.is_done() {
+                return Some(FinishReason::Stop);
+            }
         }
         if s.output.len() >= s.job.req.max_tokens {
             return Some(FinishReason::Length);

@@ -137,6 +137,12 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The underlying Hugging Face tokenizer (for libraries that take one, e.g. the
+    /// grammar engine's token trie).
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// The id of a token given by its text (an added/special token or a vocabulary entry).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

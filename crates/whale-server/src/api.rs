@@ -242,6 +242,19 @@ pub struct Common {
     pub logprobs: Option<usize>,
     /// Do not stop at EOS.
     pub ignore_eos: bool,
+    /// What the output must be.
+    pub format: Format,
+}
+
+/// `response_format`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    /// Free text.
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A document following this JSON Schema.
+    JsonSchema(Value),
 }
 
 /// Most stop strings, as DeepSeek.
@@ -347,6 +360,7 @@ fn common(
             .unwrap_or(false),
         logprobs,
         ignore_eos: ignore_eos.unwrap_or(false),
+        format: Format::Text,
     })
 }
 
@@ -372,17 +386,38 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::param("messages", "messages must not be empty"));
         }
-        if let Some(f) = &self.response_format {
-            match f.kind.as_str() {
-                "text" => {}
-                "json_object" | "json_schema" => {
-                    return Err(ApiError::param(
-                        "response_format",
-                        format!(
-                            "response_format type {} needs constrained decoding, which this whale build does not have yet",
-                            f.kind
-                        ),
-                    ))
+        let format = match &self.response_format {
+            None => Format::Text,
+            Some(f) => match f.kind.as_str() {
+                "text" => Format::Text,
+                "json_object" => Format::JsonObject,
+                "json_schema" => {
+                    let js = f.json_schema.as_ref().ok_or_else(|| {
+                        ApiError::param("response_format", "json_schema needs a json_schema object")
+                    })?;
+                    if let Some(name) = js.get("name").and_then(Value::as_str) {
+                        let ok = !name.is_empty()
+                            && name.len() <= 64
+                            && name
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                        if !ok {
+                            return Err(ApiError::param(
+                                "response_format",
+                                "json_schema.name must be 1-64 characters of a-z, A-Z, 0-9, _ and -",
+                            ));
+                        }
+                    }
+                    match js.get("schema") {
+                        Some(schema @ Value::Object(_)) => Format::JsonSchema(schema.clone()),
+                        None => Format::JsonSchema(serde_json::json!({})),
+                        Some(_) => {
+                            return Err(ApiError::param(
+                                "response_format",
+                                "json_schema.schema must be a JSON Schema object",
+                            ))
+                        }
+                    }
                 }
                 other => {
                     return Err(ApiError::param(
@@ -390,8 +425,8 @@ impl ChatRequest {
                         format!("response_format type must be text, json_object or json_schema, got {other}"),
                     ))
                 }
-            }
-        }
+            },
+        };
         if let Some(tools) = &self.tools {
             if tools.len() > 128 {
                 return Err(ApiError::param("tools", "at most 128 tools"));
@@ -405,7 +440,7 @@ impl ChatRequest {
                 "tool calling needs the model's tool-call format, which this whale build does not parse yet; send tool_choice \"none\"",
             ));
         }
-        common(
+        let mut c = common(
             self.max_tokens.or(self.max_completion_tokens),
             self.temperature,
             self.top_p,
@@ -421,7 +456,9 @@ impl ChatRequest {
             self.stream_options.clone(),
             logprobs,
             self.ignore_eos,
-        )
+        )?;
+        c.format = format;
+        Ok(c)
     }
 }
 

@@ -66,6 +66,7 @@ pub struct AppState {
     pub(crate) cfg: ServerConfig,
     pub(crate) http: HttpStats,
     windows: Mutex<HashMap<String, Window>>,
+    grammars: Result<whale_engine::Grammars, String>,
 }
 
 /// Who a request is billed to.
@@ -86,7 +87,12 @@ impl AppState {
         ledger: Arc<Ledger>,
         cfg: ServerConfig,
     ) -> Self {
+        let grammars = whale_engine::Grammars::new(&tok, &cfg.eos_token_ids, engine.vocab_size());
+        if let Err(e) = &grammars {
+            tracing::warn!("JSON mode is unavailable: {e}");
+        }
         AppState {
+            grammars,
             engine,
             tok,
             ledger,
@@ -213,6 +219,20 @@ impl AppState {
         max_tokens: usize,
     ) -> Result<Vec<tokio::sync::mpsc::UnboundedReceiver<whale_engine::Event>>, ApiError> {
         let arrival = Instant::now();
+        let constraint = match &c.format {
+            api::Format::Text => None,
+            f => {
+                let g = self
+                    .grammars
+                    .as_ref()
+                    .map_err(|e| ApiError::param("response_format", e.clone()))?;
+                let made = match f {
+                    api::Format::JsonSchema(schema) => g.json_schema(schema),
+                    _ => g.json_object(),
+                };
+                Some(made.map_err(|e| ApiError::param("response_format", e))?)
+            }
+        };
         let mut out = Vec::with_capacity(c.n);
         for i in 0..c.n {
             let mut sampling = c.sampling.clone();
@@ -230,6 +250,7 @@ impl AppState {
                 logprobs: c.logprobs,
                 cache_scope: caller.key.clone(),
                 arrival,
+                constraint: constraint.clone(),
             };
             match self.engine.submit(req) {
                 Ok(rx) => out.push(rx),

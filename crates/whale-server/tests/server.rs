@@ -680,3 +680,75 @@ async fn concurrent_streams_share_steps() {
     );
     assert_eq!(s.metric("vllm:generation_tokens_total").await, 240.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_mode_and_json_schema_are_enforced() {
+    let s = start(Opts::default()).await;
+    let ask = |rf: Value, stream: bool| {
+        json!({"model": "deepseek-chat", "temperature": 0, "max_tokens": 80, "stream": stream,
+            "messages": [{"role": "user", "content": "What is 37 + 48? Answer in JSON."}],
+            "response_format": rf})
+    };
+    // json_object: the answer is a JSON object.
+    let (st, r) = s
+        .json(
+            "/chat/completions",
+            None,
+            ask(json!({"type": "json_object"}), false),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    let doc: Value =
+        serde_json::from_str(r["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(doc.is_object());
+    // json_schema: every constraint of the schema holds.
+    let schema = json!({"type": "object", "additionalProperties": false,
+        "required": ["answer", "words", "flags", "mood"],
+        "properties": {
+            "answer": {"type": "integer", "minimum": 0, "maximum": 999},
+            "words": {"type": "string", "maxLength": 10},
+            "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+            "mood": {"enum": ["happy", "sad"]}}});
+    let rf = json!({"type": "json_schema", "json_schema": {"name": "sum", "strict": true, "schema": schema}});
+    let (st, r) = s
+        .json("/chat/completions", None, ask(rf.clone(), false))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let o = doc.as_object().unwrap();
+    assert_eq!(o.len(), 4, "{doc}");
+    assert!(o["answer"].as_u64().unwrap() <= 999);
+    assert!(o["words"].as_str().unwrap().chars().count() <= 10);
+    let flags = o["flags"].as_array().unwrap();
+    assert!(flags.len() <= 3 && flags.iter().all(Value::is_boolean));
+    assert!(["happy", "sad"].contains(&o["mood"].as_str().unwrap()));
+    // Streamed, the same document.
+    let (_, sse) = s
+        .post("/chat/completions", None, &ask(rf, true).to_string())
+        .await;
+    let streamed: String = sse
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, text);
+    // A schema llguidance cannot compile is a 422 on response_format.
+    let bad =
+        json!({"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "wat"}}});
+    let (st, r) = s.json("/chat/completions", None, ask(bad, false)).await;
+    assert_eq!(
+        (st, r["error"]["param"].as_str()),
+        (422, Some("response_format"))
+    );
+}
