@@ -70,6 +70,8 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Prefix-cache isolation scope (the API key).
     pub cache_scope: String,
+    /// Drop special tokens from the text (false keeps e.g. tool-call markers).
+    pub skip_special: bool,
     /// A grammar the output must follow (JSON mode, JSON schema).
     pub constraint: Option<crate::grammar::Constraint>,
     /// When the request arrived (for time to first token).
@@ -319,8 +321,9 @@ impl<'m> Core<'m> {
     }
 
     fn publish(&self) {
+        // `waiting` is counted up by `submit` and down here as jobs leave the queue, so
+        // it never misses a job still in the channel.
         let s = &self.stats;
-        EngineStats::set(&s.waiting, self.waiting.len() as u64);
         EngineStats::set(&s.running, self.running.len() as u64);
         EngineStats::set(&s.pages_used, self.pool.used() as u64);
         EngineStats::set(&s.pages_cached, self.prefix.pages() as u64);
@@ -330,6 +333,7 @@ impl<'m> Core<'m> {
         let before = self.waiting.len();
         self.waiting.retain(|j| !j.tx.is_closed());
         let mut gone = before - self.waiting.len();
+        self.stats.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].job.tx.is_closed() {
@@ -356,6 +360,7 @@ impl<'m> Core<'m> {
                 return; // first come, first served: later requests wait too
             }
             let job = self.waiting.pop_front().expect("front exists");
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             self.pool.take(need);
             let hit = if self.cfg.prefix_cache {
                 self.prefix.lookup(
@@ -385,7 +390,7 @@ impl<'m> Core<'m> {
                 fed: job.req.prompt[..hit].to_vec(),
                 output: Vec::new(),
                 sampler: Sampler::new(job.req.sampling.clone()),
-                detok: Detokenizer::new(self.tok, true),
+                detok: Detokenizer::new(self.tok, job.req.skip_special),
                 stops: StopStrings::new(&job.req.stop),
                 pages: need,
                 hit,

@@ -129,6 +129,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub tool_choice: Option<Value>,
     #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
@@ -427,19 +429,6 @@ impl ChatRequest {
                 }
             },
         };
-        if let Some(tools) = &self.tools {
-            if tools.len() > 128 {
-                return Err(ApiError::param("tools", "at most 128 tools"));
-            }
-        }
-        let tool_choice_none = matches!(&self.tool_choice, None | Some(Value::Null))
-            || self.tool_choice == Some(Value::String("none".into()));
-        if !tool_choice_none && self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::param(
-                "tools",
-                "tool calling needs the model's tool-call format, which this whale build does not parse yet; send tool_choice \"none\"",
-            ));
-        }
         let mut c = common(
             self.max_tokens.or(self.max_completion_tokens),
             self.temperature,

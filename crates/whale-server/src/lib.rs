@@ -14,6 +14,7 @@ pub mod error;
 pub mod metrics;
 mod routes;
 mod sse;
+pub mod tools;
 
 pub use billing::{KeyInfo, Ledger, Prices, UsageRow};
 pub use error::ApiError;

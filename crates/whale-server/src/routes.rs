@@ -5,6 +5,7 @@ use crate::billing::{money, KeyInfo, Ledger};
 use crate::error::ApiError;
 use crate::metrics::HttpStats;
 use crate::sse::{self, Job, Kind};
+use crate::tools::{self, ToolMode};
 use axum::body::Bytes;
 use axum::extract::{OriginalUri, Request, State};
 use axum::http::{header, HeaderMap};
@@ -217,9 +218,14 @@ impl AppState {
         prompt: Vec<u32>,
         c: &Common,
         max_tokens: usize,
+        tool_mode: &ToolMode,
     ) -> Result<Vec<tokio::sync::mpsc::UnboundedReceiver<whale_engine::Event>>, ApiError> {
         let arrival = Instant::now();
-        let constraint = match &c.format {
+        let format = match tool_mode {
+            ToolMode::Forced(schema) => api::Format::JsonSchema(schema.clone()),
+            _ => c.format.clone(),
+        };
+        let constraint = match &format {
             api::Format::Text => None,
             f => {
                 let g = self
@@ -251,6 +257,7 @@ impl AppState {
                 cache_scope: caller.key.clone(),
                 arrival,
                 constraint: constraint.clone(),
+                skip_special: *tool_mode != ToolMode::Auto,
             };
             match self.engine.submit(req) {
                 Ok(rx) => out.push(rx),
@@ -389,6 +396,7 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
                 v.get("add_generation_prompt")
                     .and_then(Value::as_bool)
                     .unwrap_or(true),
+                v.get("tools").filter(|t| t.is_array()),
             )?
             .0
         } else if let Some(p) = v.get("prompt").and_then(Value::as_str) {
@@ -446,7 +454,11 @@ fn chat_prompt(
     st: &AppState,
     msgs: &[api::InMessage],
     add_generation_prompt: bool,
+    tools: Option<&Value>,
 ) -> Result<(Vec<u32>, bool), ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::param("messages", "messages must not be empty"));
+    }
     let template = st.tok.chat_template().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /completions")
     })?;
@@ -500,7 +512,7 @@ fn chat_prompt(
         // Render the whole conversation and cut right after the prefix text, so the
         // assistant turn stays open (no end-of-turn token).
         let full = template
-            .render(&messages, false)
+            .render_with(&messages, false, tools)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let content = messages
             .last()
@@ -509,7 +521,7 @@ fn chat_prompt(
         let end = if content.is_empty() {
             // Empty prefix: the text before the last turn's end-of-turn marker.
             let before = template
-                .render(&messages[..messages.len() - 1], true)
+                .render_with(&messages[..messages.len() - 1], true, tools)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             before.len()
         } else {
@@ -522,7 +534,7 @@ fn chat_prompt(
         full[..end].to_string()
     } else {
         template
-            .render(&messages, add_generation_prompt)
+            .render_with(&messages, add_generation_prompt, tools)
             .map_err(|e| ApiError::bad_request(e.to_string()))?
     };
     let ids = st
@@ -551,10 +563,21 @@ async fn chat(
                 m.prefix = Some(true);
             }
         }
-        let (prompt, prefix) = chat_prompt(&st, &msgs, true)?;
+        let (tool_mode, tools_json) = tools::mode(
+            &req.tools,
+            &req.tool_choice,
+            req.parallel_tool_calls.unwrap_or(true),
+        )?;
+        if matches!(tool_mode, ToolMode::Forced(_)) && c.format != api::Format::Text {
+            return Err(ApiError::param(
+                "response_format",
+                "response_format cannot be combined with a required tool call",
+            ));
+        }
+        let (prompt, prefix) = chat_prompt(&st, &msgs, true, tools_json.as_ref())?;
         let max_tokens = st.max_tokens(c.max_tokens, prompt.len())?;
         st.admit_caller(&caller, (prompt.len() + max_tokens) as u64)?;
-        let rx = st.submit(&caller, prompt.clone(), &c, max_tokens)?;
+        let rx = st.submit(&caller, prompt.clone(), &c, max_tokens, &tool_mode)?;
         Ok(sse::respond(
             st.clone(),
             Job {
@@ -565,6 +588,7 @@ async fn chat(
                 prompt,
                 echo: None,
                 trim_start: !prefix,
+                tools: tool_mode,
             },
             rx,
         ))
@@ -617,7 +641,7 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
         }
         let max_tokens = st.max_tokens(c.max_tokens, prompt.len())?;
         st.admit_caller(&caller, (prompt.len() + max_tokens) as u64)?;
-        let rx = st.submit(&caller, prompt.clone(), &c, max_tokens)?;
+        let rx = st.submit(&caller, prompt.clone(), &c, max_tokens, &ToolMode::None)?;
         let echo = if req.echo == Some(true) {
             Some(match text {
                 Some(t) => t,
@@ -639,6 +663,7 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
                 prompt,
                 echo,
                 trim_start: false,
+                tools: ToolMode::None,
             },
             rx,
         ))

@@ -5,6 +5,7 @@
 use crate::api::Common;
 use crate::billing::UsageRow;
 use crate::routes::{AppState, Caller};
+use crate::tools::{self, Call, ToolMode};
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,8 @@ pub(crate) struct Job {
     /// Drop whitespace before the answer's first visible character (chat templates end
     /// in "Assistant:" and the model answers " ..."; clients expect no leading space).
     pub trim_start: bool,
+    /// How the answer may call tools.
+    pub tools: ToolMode,
 }
 
 /// Unix seconds.
@@ -59,6 +62,9 @@ struct Choice {
     finish: Option<FinishReason>,
     usage: Usage,
     hit: usize,
+    /// Text held back from the stream (tool-call output).
+    buffering: bool,
+    calls: Option<Vec<Call>>,
 }
 
 /// Bills what a request consumed exactly once: at its end, or when it is dropped.
@@ -295,11 +301,25 @@ impl Answer {
                 self.update_meter();
             }
             Event::Token { text, logprob, .. } => {
+                let forced = matches!(self.job.tools, ToolMode::Forced(_));
+                let auto = self.job.tools == ToolMode::Auto;
                 let c = &mut self.choices[i];
                 c.tokens += 1;
+                let start = c.text.len();
                 c.text.push_str(&text);
                 if let Some(lp) = &logprob {
                     c.logprobs.push(lp.clone());
+                }
+                // Tool-call output is held back and sent as tool_calls at the end.
+                let mut text = text;
+                if forced || c.buffering {
+                    c.buffering = true;
+                    text.clear();
+                } else if auto {
+                    if let Some(at) = c.text[start..].find(tools::CALLS_BEGIN) {
+                        c.buffering = true;
+                        text.truncate(at);
+                    }
                 }
                 self.update_meter();
                 if stream && (!text.is_empty() || logprob.is_some()) {
@@ -315,14 +335,45 @@ impl Answer {
                 usage,
             } => {
                 let c = &mut self.choices[i];
+                let mut text = text;
                 c.text.push_str(&text);
                 c.finish = Some(reason);
                 c.usage = usage;
                 c.hit = usage.prompt_cache_hit_tokens;
                 c.tokens = usage.completion_tokens;
+                match &self.job.tools {
+                    ToolMode::Forced(_) if reason == FinishReason::Stop => {
+                        c.calls = tools::parse_forced(&c.text).filter(|v| !v.is_empty());
+                        if c.calls.is_some() {
+                            c.text.clear();
+                        }
+                    }
+                    ToolMode::Auto => {
+                        let (content, calls) = tools::parse_native(&c.text);
+                        if !calls.is_empty() {
+                            c.text = content;
+                            c.calls = Some(calls);
+                        }
+                    }
+                    _ => {}
+                }
+                if c.buffering {
+                    // Nothing held back was streamed: send what is content now.
+                    text = if c.calls.is_some() {
+                        String::new()
+                    } else {
+                        c.text.clone()
+                    };
+                }
+                let calls = c.calls.clone();
                 self.update_meter();
                 let all = self.choices.iter().all(|c| c.finish.is_some());
                 if stream {
+                    if let Some(calls) = &calls {
+                        let delta = json!([{"index": i, "delta": {"tool_calls": tools::to_json(calls, &format!("{}{i}", &self.id[..8]))}, "logprobs": null, "finish_reason": null}]);
+                        let b = self.chunk(delta, Value::Null);
+                        self.out.push_back(b);
+                    }
                     let choice = self.choice_delta(i, &text, None, Some(reason));
                     // DeepSeek's finish chunk carries usage.
                     let usage = if all { self.usage() } else { Value::Null };
@@ -330,10 +381,8 @@ impl Answer {
                     self.out.push_back(b);
                 }
                 if all {
-                    let reasons: Vec<&str> = self
-                        .choices
-                        .iter()
-                        .filter_map(|c| c.finish.map(FinishReason::as_str))
+                    let reasons: Vec<&str> = (0..self.choices.len())
+                        .filter_map(|i| self.finish_str(i, self.choices[i].finish))
                         .collect();
                     self.meter.bill(&reasons.join(","));
                     if stream {
@@ -352,6 +401,13 @@ impl Answer {
         }
     }
 
+    fn finish_str(&self, i: usize, finish: Option<FinishReason>) -> Option<&'static str> {
+        if self.choices[i].calls.is_some() {
+            return Some("tool_calls");
+        }
+        finish.map(FinishReason::as_str)
+    }
+
     fn choice_delta(
         &self,
         i: usize,
@@ -359,7 +415,7 @@ impl Answer {
         logprobs: Option<Value>,
         finish: Option<FinishReason>,
     ) -> Value {
-        let finish = finish.map(FinishReason::as_str);
+        let finish = self.finish_str(i, finish);
         match self.job.kind {
             Kind::Chat => json!({
                 "index": i,
@@ -383,19 +439,24 @@ impl Answer {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let finish = c.finish.map(FinishReason::as_str);
+                let finish = self.finish_str(i, c.finish);
                 let lps = self
                     .job
                     .common
                     .logprobs
                     .map(|_| self.logprobs_json(&c.logprobs, &c.text));
                 match self.job.kind {
-                    Kind::Chat => json!({
-                        "index": i,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": lps,
-                        "finish_reason": finish,
-                    }),
+                    Kind::Chat => {
+                        let mut message = json!({"role": "assistant", "content": c.text});
+                        if let Some(calls) = &c.calls {
+                            if c.text.is_empty() {
+                                message["content"] = Value::Null;
+                            }
+                            message["tool_calls"] =
+                                Value::Array(tools::to_json(calls, &format!("{}{i}", &self.id[..8])));
+                        }
+                        json!({"index": i, "message": message, "logprobs": lps, "finish_reason": finish})
+                    }
                     Kind::Completion => {
                         let text = match &self.job.echo {
                             Some(e) => format!("{e}{}", c.text),

@@ -166,6 +166,9 @@ async fn chat_non_streaming_and_streaming_agree_through_async_openai() {
     let u = r.usage.unwrap();
     assert_eq!(u.total_tokens, u.prompt_tokens + u.completion_tokens);
 
+    // (With async-openai's `byot` feature the request must say `stream: true` itself.)
+    let mut req = req;
+    req.stream = Some(true);
     let mut stream = client.chat().create_stream(req).await.unwrap();
     let mut streamed = String::new();
     let mut finish = None;
@@ -554,14 +557,17 @@ async fn full_queue_is_503_and_keeps_serving() {
             max_batch: 1,
             max_waiting: 1,
             total_pages: 256,
+            prefill_chunk: 16,
             ..Default::default()
         },
         ..Default::default()
     })
     .await;
-    // One long stream occupies the batch, a second waits, a third finds the queue full.
-    let long = json!({"model": "deepseek-chat", "max_tokens": 1500, "ignore_eos": true, "stream": true,
-        "messages": [{"role": "user", "content": "What is 1 + 1?"}]});
+    // One long stream occupies the batch (a prompt of about 600 tokens prefilled 16 per
+    // step, then 1000 tokens), a second waits, a third finds the queue full.
+    let prompt = "Count the letter r in the word strawberry. ".repeat(50);
+    let long = json!({"model": "deepseek-chat", "max_tokens": 1000, "ignore_eos": true, "stream": true,
+        "messages": [{"role": "user", "content": prompt}]});
     let a = s
         .http
         .post(format!("{}/chat/completions", s.base))
@@ -576,14 +582,8 @@ async fn full_queue_is_503_and_keeps_serving() {
         .send()
         .await
         .unwrap();
-    let t = Instant::now();
-    while s.metric("vllm:num_requests_waiting").await < 1.0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "second request never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    assert_eq!(s.metric("vllm:num_requests_waiting").await, 1.0);
     let (st, v) = s.json("/chat/completions", None, long.clone()).await;
     assert_eq!(st, 503, "{v}");
     assert_eq!(v["error"]["code"], "server_overloaded");
@@ -750,5 +750,107 @@ async fn json_mode_and_json_schema_are_enforced() {
     assert_eq!(
         (st, r["error"]["param"].as_str()),
         (422, Some("response_format"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_forced_named_required_and_auto() {
+    let s = start(Opts::default()).await;
+    let tools = json!([
+        {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["a", "b"],
+                "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                               "b": {"type": "integer", "minimum": 0, "maximum": 99}}}}},
+        {"type": "function", "function": {"name": "now"}}
+    ]);
+    let ask = |choice: Value, stream: bool| {
+        json!({"model": "deepseek-chat", "temperature": 0, "max_tokens": 60, "stream": stream,
+            "messages": [{"role": "user", "content": "What is 37 + 48?"}],
+            "tools": tools, "tool_choice": choice})
+    };
+    // A named function: one call to it, arguments following its schema.
+    let named = json!({"type": "function", "function": {"name": "add"}});
+    let (st, r) = s
+        .json("/chat/completions", None, ask(named.clone(), false))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let ch = &r["choices"][0];
+    assert_eq!(ch["finish_reason"], "tool_calls", "{r}");
+    assert!(ch["message"]["content"].is_null());
+    let calls = ch["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"]["name"], "add");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["a"].as_u64().unwrap() <= 99 && args["b"].as_u64().unwrap() <= 99);
+    // The same through async-openai's typed response.
+    let client = s.client("/v1", "sk-none");
+    let typed: async_openai::types::chat::CreateChatCompletionResponse = client
+        .chat()
+        .create_byot(ask(named.clone(), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        typed.choices[0].finish_reason,
+        Some(FinishReason::ToolCalls)
+    );
+    assert_eq!(
+        typed.choices[0].message.tool_calls.as_ref().unwrap().len(),
+        1
+    );
+    // Streamed: no content deltas, one tool_calls delta, finish_reason tool_calls.
+    let (_, sse) = s
+        .post("/chat/completions", None, &ask(named, true).to_string())
+        .await;
+    let chunks: Vec<Value> = sse
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]).collect();
+    assert!(deltas
+        .iter()
+        .all(|d| d["delta"]["content"].as_str().unwrap_or("").is_empty()));
+    assert_eq!(
+        deltas
+            .iter()
+            .filter(|d| d["delta"]["tool_calls"].is_array())
+            .count(),
+        1
+    );
+    assert_eq!(deltas.last().unwrap()["finish_reason"], "tool_calls");
+    // required: at least one call, to one of the tools.
+    let mut req = ask(json!("required"), false);
+    req["max_tokens"] = json!(400);
+    let (_, r) = s.json("/chat/completions", None, req).await;
+    let calls = r["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert!(!calls.is_empty());
+    for c in calls {
+        assert!(["add", "now"].contains(&c["function"]["name"].as_str().unwrap()));
+        let _: Value = serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+    }
+    // auto: the tiny model was never taught tools and answers in text.
+    let (_, r) = s
+        .json("/chat/completions", None, ask(json!("auto"), false))
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert!(r["choices"][0]["message"]["tool_calls"].is_null());
+    // A function that is not in tools: 422 naming tool_choice.
+    let (st, r) = s
+        .json(
+            "/chat/completions",
+            None,
+            ask(
+                json!({"type": "function", "function": {"name": "mul"}}),
+                false,
+            ),
+        )
+        .await;
+    assert_eq!(
+        (st, r["error"]["param"].as_str()),
+        (422, Some("tool_choice"))
     );
 }
