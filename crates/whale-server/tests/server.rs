@@ -583,10 +583,20 @@ async fn full_queue_is_503_and_keeps_serving() {
         .await
         .unwrap();
     assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let t = Instant::now();
     assert_eq!(s.metric("vllm:num_requests_waiting").await, 1.0);
     let (st, v) = s.json("/chat/completions", None, long.clone()).await;
     assert_eq!(st, 503, "{v}");
     assert_eq!(v["error"]["code"], "server_overloaded");
+    // The queued stream hears `: keep-alive` comments while it waits.
+    let mut b = b;
+    let mut seen = String::new();
+    while !seen.contains(": keep-alive\n\n") {
+        assert!(t.elapsed() < Duration::from_secs(20), "no keep-alive: {seen}");
+        let c = b.chunk().await.unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert_eq!(s.metric("vllm:num_requests_waiting").await, 1.0);
     drop(a);
     drop(b);
     // Both streams are gone: their pages come back and new requests are served.
