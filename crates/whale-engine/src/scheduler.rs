@@ -33,8 +33,14 @@ pub struct EngineConfig {
     pub page_tokens: usize,
     /// Pages in the KV pool.
     pub total_pages: usize,
-    /// Most prompt tokens prefilled in one step (over all prefilling sequences).
+    /// Most prompt tokens prefilled in one step (over all prefilling sequences) when
+    /// no stream is decoding.
     pub prefill_chunk: usize,
+    /// Most prompt tokens per step while streams are decoding. A CPU prefills a few
+    /// tens of tokens per second, so each prefill step stalls the running streams;
+    /// measured on 2 cores (BENCHMARKS.md), 16-token chunks stalled them more often and
+    /// doubled time to first token, so the default equals `prefill_chunk`.
+    pub prefill_chunk_decoding: usize,
     /// Keep finished requests' caches for reuse by prompts with the same prefix.
     pub prefix_cache: bool,
 }
@@ -47,6 +53,7 @@ impl Default for EngineConfig {
             page_tokens: 64,
             total_pages: 1024,
             prefill_chunk: 256,
+            prefill_chunk_decoding: 256,
             prefix_cache: true,
         }
     }
@@ -404,7 +411,13 @@ impl<'m> Core<'m> {
 
     fn step(&mut self) {
         // Decode rows first (one token each), then prompt chunks in arrival order.
-        let mut budget = self.cfg.prefill_chunk.max(1);
+        let decoding = self.running.iter().any(|s| !s.output.is_empty());
+        let mut budget = if decoding {
+            self.cfg.prefill_chunk_decoding
+        } else {
+            self.cfg.prefill_chunk
+        }
+        .max(1);
         let mut take: Vec<usize> = Vec::with_capacity(self.running.len());
         for s in &self.running {
             let prefilling = s.output.is_empty();

@@ -28,5 +28,7 @@ pub mod simd_f32;
 
 pub use attn::{mqa_scores, mqa_values};
 pub use dtype::{decode_into, DType, MatRef};
-pub use matmul::{axpy_row, matmul, matmul_t_vec, matmul_with, matvec_many, MatVec};
+pub use matmul::{
+    axpy_row, matmul, matmul_many, matmul_t_vec, matmul_with, matvec_many, MatMul, MatVec,
+};
 pub use ops::{dot, rmsnorm, rmsnorm_inplace, silu, softmax_inplace};

@@ -211,6 +211,130 @@ pub fn matvec_many(jobs: Vec<MatVec<'_>>, exact: bool) {
     });
 }
 
+/// One product `y = x · Wᵀ` over a few rows, for [`matmul_many`].
+pub struct MatMul<'a> {
+    /// The input rows `[n, in]`.
+    pub x: &'a [f32],
+    /// Rows of `x`.
+    pub n: usize,
+    /// The weight `[out, in]`.
+    pub w: MatRef<'a>,
+    /// The output `[n, out]` (overwritten).
+    pub y: &'a mut [f32],
+}
+
+/// Independent small-batch products (a few rows each) as one parallel pass over all
+/// their weight row blocks: a batched decode step's MoE layer, where each routed
+/// expert sees the one to four tokens routed to it, reads each expert once and
+/// forks once. Integer path: up to four activation rows per weight row read, as
+/// [`matmul_with`]'s prefill kernel. `exact` as in [`matmul_with`].
+pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
+    let isa = qdot::isa();
+    let int =
+        |j: &MatMul| !exact && qdot::supports(j.w.dtype()) && j.w.cols().is_multiple_of(qdot::QK8);
+    // Quantise each distinct input once (gate and up share theirs).
+    let mut acts: Vec<Vec<Q8Row>> = Vec::new();
+    let mut act_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+    for (k, j) in jobs.iter().enumerate() {
+        assert_eq!(
+            j.x.len(),
+            j.n * j.w.cols(),
+            "matmul_many: x has the wrong length"
+        );
+        assert_eq!(
+            j.y.len(),
+            j.n * j.w.rows(),
+            "matmul_many: y has the wrong length"
+        );
+        if !int(j) {
+            act_of.push(None);
+            continue;
+        }
+        let same = jobs[..k]
+            .iter()
+            .zip(&act_of)
+            .find(|(p, a)| a.is_some() && std::ptr::eq(p.x, j.x) && p.n == j.n)
+            .and_then(|(_, a)| *a);
+        act_of.push(Some(same.unwrap_or_else(|| {
+            acts.push(j.x.chunks(j.w.cols()).map(Q8Row::from_f32).collect());
+            acts.len() - 1
+        })));
+    }
+    // Outputs transposed, [out, n] per job, so a task owns a contiguous block of rows.
+    let mut yts: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|j| vec![0.0f32; j.n * j.w.rows()])
+        .collect();
+    struct Task<'a> {
+        act: Option<&'a [Q8Row]>,
+        x: &'a [f32],
+        n: usize,
+        w: MatRef<'a>,
+        r0: usize,
+        yt: &'a mut [f32],
+    }
+    let mut tasks = Vec::new();
+    for ((j, act), yt) in jobs.iter().zip(&act_of).zip(yts.iter_mut()) {
+        for (bi, chunk) in yt.chunks_mut(MANY_BLOCK * j.n).enumerate() {
+            tasks.push(Task {
+                act: act.map(|i| &acts[i][..]),
+                x: j.x,
+                n: j.n,
+                w: j.w,
+                r0: bi * MANY_BLOCK,
+                yt: chunk,
+            });
+        }
+    }
+    tasks.into_par_iter().for_each(|t| {
+        let rb = t.w.row_bytes();
+        let bytes = t.w.bytes();
+        let rows = t.yt.len() / t.n;
+        match t.act {
+            Some(a) => {
+                let refs: Vec<&Q8Row> = a.iter().collect();
+                // More than one quad of rows: convert the row's block scales once.
+                let mut dw = vec![0.0f32; if t.n > 4 { t.w.cols() / qdot::QK8 } else { 0 }];
+                for k in 0..rows {
+                    let r = t.r0 + k;
+                    if k + PREFETCH_ROWS < rows {
+                        qdot::prefetch(&bytes[(r + PREFETCH_ROWS) * rb..][..rb]);
+                    }
+                    let wrow = &bytes[r * rb..(r + 1) * rb];
+                    let pre = if dw.is_empty() {
+                        None
+                    } else {
+                        qdot::row_scales(t.w.dtype(), wrow, &mut dw);
+                        Some(&dw[..])
+                    };
+                    let out = &mut t.yt[k * t.n..(k + 1) * t.n];
+                    for (q, o) in refs.chunks(4).zip(out.chunks_mut(4)) {
+                        qdot::dot_rows(isa, t.w.dtype(), wrow, pre, q, o);
+                    }
+                }
+            }
+            None => {
+                let inp = t.w.cols();
+                let mut row = vec![0.0f32; inp];
+                for k in 0..rows {
+                    t.w.row_into(t.r0 + k, &mut row);
+                    for (i, yv) in t.yt[k * t.n..(k + 1) * t.n].iter_mut().enumerate() {
+                        *yv = dot(&t.x[i * inp..(i + 1) * inp], &row);
+                    }
+                }
+            }
+        }
+    });
+    for (j, yt) in jobs.into_iter().zip(yts) {
+        let out = j.w.rows();
+        for r in 0..out {
+            for i in 0..j.n {
+                j.y[i * out + r] = yt[r * j.n + i];
+            }
+        }
+    }
+}
+
 /// `yt = W · xᵀ` as `[out, n]`, split over blocks of weight rows.
 fn product_transposed(x: &[f32], n: usize, w: MatRef<'_>, yt: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
@@ -318,6 +442,53 @@ mod tests {
             );
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "bf16 {n}x{out}x{inp}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn small_batch_products_equal_matmul() {
+        // Q4_0 (integer path), Q8_0 and f32 weights; 1 to 9 rows (quads and remainders).
+        for (dt, out, inp) in [
+            (DType::Q4_0, 70usize, 64usize),
+            (DType::Q8_0, 33, 96),
+            (DType::F32, 9, 32),
+        ] {
+            let w = data(out * inp, 3.0);
+            let bytes: Vec<u8> = if dt == DType::F32 {
+                w.iter().flat_map(|v| v.to_le_bytes()).collect()
+            } else {
+                let mut q = vec![0u8; dt.bytes_for(out * inp).unwrap()];
+                crate::quantize::quantize_row(dt, &w, &mut q);
+                q
+            };
+            let m = MatRef::new(dt, &bytes, out, inp).unwrap();
+            for exact in [false, true] {
+                let xs: Vec<Vec<f32>> = (1..=9).map(|n| data(n * inp, n as f32)).collect();
+                let mut ys: Vec<Vec<f32>> = (1..=9).map(|n| vec![0.0; n * out]).collect();
+                let jobs = xs
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .enumerate()
+                    .map(|(i, (x, y))| MatMul {
+                        x,
+                        n: i + 1,
+                        w: m,
+                        y,
+                    })
+                    .collect();
+                matmul_many(jobs, exact);
+                for (i, (x, y)) in xs.iter().zip(&ys).enumerate() {
+                    let mut want = vec![0.0; (i + 1) * out];
+                    matmul_with(x, i + 1, m, &mut want, exact);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() < 1e-4,
+                            "{dt:?} n={} exact={exact}: {a} vs {b}",
+                            i + 1
+                        );
+                    }
+                }
             }
         }
     }

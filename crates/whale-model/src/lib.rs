@@ -43,6 +43,7 @@ pub use gguf::{ggml_type_name, set_populate, GgufFile, GgufTensorInfo, GgufValue
 pub use gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
 pub use mla::MlaMode;
 pub use model::{BatchItem, DeepseekModel, Logits};
+pub use moe::moe_counters;
 pub use rope::Rope;
 pub use synth::{preset, synth_gguf, SynthOptions};
 pub use tokenizer::Tokenizer;

@@ -4,6 +4,7 @@
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::linear::Mlp;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The router of one MoE layer (all math in f32, as transformers does it).
 pub(crate) struct Router {
@@ -130,6 +131,29 @@ pub(crate) struct Moe {
     pub shared: Option<Mlp>,
 }
 
+/// Process-wide MoE counters: how many distinct routed experts each MoE layer call
+/// touched (the weight bytes a batched step reads grow with this union, not with
+/// the batch size).
+static LAYER_CALLS: AtomicU64 = AtomicU64::new(0);
+static EXPERTS_TOUCHED: AtomicU64 = AtomicU64::new(0);
+static TOKEN_ROWS: AtomicU64 = AtomicU64::new(0);
+
+/// `(MoE layer calls, distinct routed experts summed over calls, token rows summed)`
+/// since the process started.
+pub fn moe_counters() -> (u64, u64, u64) {
+    (
+        LAYER_CALLS.load(Ordering::Relaxed),
+        EXPERTS_TOUCHED.load(Ordering::Relaxed),
+        TOKEN_ROWS.load(Ordering::Relaxed),
+    )
+}
+
+fn count(experts: usize, rows: usize) {
+    LAYER_CALLS.fetch_add(1, Ordering::Relaxed);
+    EXPERTS_TOUCHED.fetch_add(experts as u64, Ordering::Relaxed);
+    TOKEN_ROWS.fetch_add(rows as u64, Ordering::Relaxed);
+}
+
 impl Moe {
     /// `x`: `[n, d]` (normalised) → `y`: `[n, d]` (overwritten).
     ///
@@ -138,6 +162,9 @@ impl Moe {
     pub fn forward(&self, x: &[f32], n: usize, d: usize, y: &mut [f32]) {
         if n == 1 {
             return self.forward_one(x, y);
+        }
+        if n <= SMALL_BATCH {
+            return self.forward_small(x, n, d, y);
         }
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for t in 0..n {
@@ -150,6 +177,7 @@ impl Moe {
             .enumerate()
             .filter(|(_, toks)| !toks.is_empty())
             .collect();
+        count(active.len(), n);
         // The shared expert and the routed ones run side by side, each routed expert
         // over all its tokens at once: [m, d] → [m, d].
         let (_, outs) = rayon::join(
@@ -189,13 +217,112 @@ impl Moe {
     }
 }
 
+/// Up to this many token rows (a batched decode step), a MoE layer runs as two
+/// batched passes ([`whale_kernels::matmul_many`]) over the experts it touches
+/// instead of one parallel matmul per expert.
+const SMALL_BATCH: usize = 64;
+
 impl Moe {
+    /// A few tokens (a batched decode step): every touched expert's gate/up products
+    /// over the tokens routed to it, and the shared expert's over all, as one parallel
+    /// batch; then all down products as another. Each expert is read once per step.
+    fn forward_small(&self, x: &[f32], n: usize, d: usize, y: &mut [f32]) {
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for t in 0..n {
+            for (e, w) in self.router.route(&x[t * d..(t + 1) * d]) {
+                per_expert[e].push((t, w));
+            }
+        }
+        // (mlp, its token rows with weights), the shared expert last over all rows.
+        let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+        let mut groups: Vec<(&Mlp, &[(usize, f32)])> = per_expert
+            .iter()
+            .enumerate()
+            .filter(|(_, toks)| !toks.is_empty())
+            .map(|(e, toks)| (&self.experts[e], &toks[..]))
+            .collect();
+        count(groups.len(), n);
+        if let Some(s) = &self.shared {
+            groups.push((s, &all[..]));
+        }
+        let exact = groups.first().is_some_and(|(m, _)| m.gate.exact);
+        let xs: Vec<Vec<f32>> = groups
+            .iter()
+            .map(|(_, toks)| {
+                let mut xe = Vec::with_capacity(toks.len() * d);
+                for &(t, _) in toks.iter() {
+                    xe.extend_from_slice(&x[t * d..(t + 1) * d]);
+                }
+                xe
+            })
+            .collect();
+        let mut gu: Vec<(Vec<f32>, Vec<f32>)> = groups
+            .iter()
+            .map(|(m, toks)| {
+                (
+                    vec![0.0; toks.len() * m.gate.out_dim()],
+                    vec![0.0; toks.len() * m.up.out_dim()],
+                )
+            })
+            .collect();
+        let jobs = groups
+            .iter()
+            .zip(&xs)
+            .zip(gu.iter_mut())
+            .flat_map(|(((m, toks), xe), (g, u))| {
+                [
+                    whale_kernels::MatMul {
+                        x: xe,
+                        n: toks.len(),
+                        w: m.gate.mat(),
+                        y: g,
+                    },
+                    whale_kernels::MatMul {
+                        x: xe,
+                        n: toks.len(),
+                        w: m.up.mat(),
+                        y: u,
+                    },
+                ]
+            })
+            .collect();
+        whale_kernels::matmul_many(jobs, exact);
+        for (g, u) in gu.iter_mut() {
+            for (gv, uv) in g.iter_mut().zip(u.iter()) {
+                *gv = whale_kernels::silu(*gv) * uv;
+            }
+        }
+        let mut outs: Vec<Vec<f32>> = groups
+            .iter()
+            .map(|(_, toks)| vec![0.0f32; toks.len() * d])
+            .collect();
+        let jobs = groups
+            .iter()
+            .zip(&gu)
+            .zip(outs.iter_mut())
+            .map(|(((m, toks), (g, _)), o)| whale_kernels::MatMul {
+                x: g,
+                n: toks.len(),
+                w: m.down.mat(),
+                y: o,
+            })
+            .collect();
+        whale_kernels::matmul_many(jobs, exact);
+        y.fill(0.0);
+        for ((_, toks), o) in groups.iter().zip(&outs) {
+            for (j, &(t, w)) in toks.iter().enumerate() {
+                whale_kernels::axpy_row(w, &o[j * d..(j + 1) * d], &mut y[t * d..(t + 1) * d]);
+            }
+        }
+    }
+
     /// One token (decode): the chosen experts' and the shared expert's gate/up
     /// products as one parallel batch, then their down products as another, so a
     /// step forks twice per layer instead of three times per expert.
     fn forward_one(&self, x: &[f32], y: &mut [f32]) {
         let d = x.len();
         let picks = self.router.route(x);
+        count(picks.len(), 1);
         let mut mlps: Vec<(&Mlp, f32)> =
             picks.iter().map(|&(e, w)| (&self.experts[e], w)).collect();
         if let Some(s) = &self.shared {

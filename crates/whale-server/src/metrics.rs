@@ -236,6 +236,28 @@ pub fn render(model: &str, s: &EngineStats, http: &HttpStats) -> String {
         l,
         g(&s.steps),
     );
+    let (calls, experts, rows) = whale_model::moe_counters();
+    counter(
+        &mut o,
+        "whale_moe_layer_calls_total",
+        "MoE layer evaluations (one per MoE layer per step).",
+        l,
+        calls,
+    );
+    counter(
+        &mut o,
+        "whale_moe_experts_touched_total",
+        "Distinct routed experts read, summed over MoE layer evaluations.",
+        l,
+        experts,
+    );
+    counter(
+        &mut o,
+        "whale_moe_token_rows_total",
+        "Token rows through MoE layers.",
+        l,
+        rows,
+    );
     counter(
         &mut o,
         "whale_step_sequences_total",

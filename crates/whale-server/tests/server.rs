@@ -592,7 +592,10 @@ async fn full_queue_is_503_and_keeps_serving() {
     let mut b = b;
     let mut seen = String::new();
     while !seen.contains(": keep-alive\n\n") {
-        assert!(t.elapsed() < Duration::from_secs(20), "no keep-alive: {seen}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no keep-alive: {seen}"
+        );
         let c = b.chunk().await.unwrap().unwrap();
         seen.push_str(&String::from_utf8_lossy(&c));
     }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use serde_json::json;
 use std::time::Instant;
-use whale_model::{LatentCache, Logits, ModelFolder};
+use whale_model::{BatchItem, LatentCache, Logits, ModelFolder};
 
 /// What `whale bench` measures.
 pub struct BenchArgs {
@@ -14,6 +14,8 @@ pub struct BenchArgs {
     pub reps: usize,
     pub threads: usize,
     pub json: bool,
+    /// Sequences decoded together per step (a continuous-batching server's decode step).
+    pub batch: usize,
 }
 
 /// Peak resident set of this process (`VmHWM`), bytes.
@@ -75,7 +77,31 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         }
     }
     let mut tg = vec![];
-    if a.gen > 0 {
+    if a.gen > 0 && a.batch > 1 {
+        // B sequences at the same depth, one token each per step, all in one forward.
+        for r in 0..a.reps {
+            let mut caches: Vec<LatentCache> =
+                (0..a.batch).map(|_| cache.copy_prefix(a.depth)).collect();
+            let ids: Vec<Vec<u32>> = (0..a.batch)
+                .map(|b| tokens(a.gen, vocab, 300 + (r * a.batch + b) as u64))
+                .collect();
+            let t = Instant::now();
+            for step in 0..a.gen {
+                let toks: Vec<[u32; 1]> = ids.iter().map(|v| [v[step]]).collect();
+                let mut items: Vec<BatchItem> = caches
+                    .iter_mut()
+                    .zip(&toks)
+                    .map(|(c, tk)| BatchItem {
+                        tokens: tk,
+                        cache: c,
+                        logits: Logits::Last,
+                    })
+                    .collect();
+                m.forward_batch(&mut items)?;
+            }
+            tg.push((a.batch * a.gen) as f64 / t.elapsed().as_secs_f64());
+        }
+    } else if a.gen > 0 {
         for r in 0..a.reps {
             let ids = tokens(a.gen, vocab, 200 + r as u64);
             let t = Instant::now();
@@ -105,6 +131,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         "n_prompt": a.prompt,
         "n_gen": a.gen,
         "depth": a.depth,
+        "batch": a.batch,
         "reps": a.reps,
         "pp_tok_s": pp_s,
         "tg_tok_s": tg_s,

@@ -124,6 +124,9 @@ enum Cmd {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Sequences decoded together per generation step (tg_tok_s is their total).
+        #[arg(short = 'b', long, default_value_t = 1)]
+        batch: usize,
     },
     /// Serve the DeepSeek/OpenAI API (chat, completions with FIM, models, balance,
     /// tokenize, health, metrics) with continuous batching and per-key billing.
@@ -486,6 +489,7 @@ fn run(cli: Cli) -> Result<()> {
             reps,
             threads,
             json,
+            batch,
         } => {
             let threads = threads.unwrap_or_else(rayon::current_num_threads);
             rayon::ThreadPoolBuilder::new()
@@ -504,6 +508,7 @@ fn run(cli: Cli) -> Result<()> {
                 reps: reps.max(1),
                 threads,
                 json,
+                batch: batch.max(1),
             };
             bench::run(&folder, load_s, &args)?;
         }

@@ -36,9 +36,15 @@ pub struct ServeArgs {
     /// Most requests waiting for admission before new ones get 503.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
-    /// Most prompt tokens prefilled per step (long prompts are prefilled in chunks).
+    /// Most prompt tokens prefilled per step when no stream is decoding (long prompts
+    /// are prefilled in chunks).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Most prompt tokens prefilled per step while streams are decoding (bounds how
+    /// long a new prompt stalls the running streams; smaller chunks stall them more
+    /// often but less long, and delay the new stream's first token).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk_decoding: usize,
     /// max_tokens when a request gives none.
     #[arg(long, default_value_t = 4096)]
     pub default_max_tokens: usize,
@@ -158,6 +164,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             page_tokens,
             total_pages: kv_pages,
             prefill_chunk: args.prefill_chunk,
+            prefill_chunk_decoding: args.prefill_chunk_decoding,
             prefix_cache: !args.no_prefix_cache,
         },
     );

@@ -275,3 +275,53 @@ fn convert_writes_a_gguf_that_chats_on_its_own() {
     assert!(!ok && err.contains("--tokenizer-pre"), "{err}");
     assert!(!dir.path().join("x.gguf").exists());
 }
+
+#[test]
+fn keys_add_list_topup_and_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("b.db");
+    let db = db.to_str().unwrap();
+    let (ok, key, err) = whale(&[
+        "keys",
+        "add",
+        "--db",
+        db,
+        "--name",
+        "alice",
+        "--balance",
+        "10",
+        "--granted",
+        "1.5",
+        "--rpm",
+        "60",
+    ]);
+    assert!(ok, "{err}");
+    let key = key.trim().to_string();
+    assert!(key.starts_with("sk-") && key.len() == 35, "{key}");
+    let (ok, list, _) = whale(&["keys", "list", "--db", db]);
+    assert!(ok);
+    let row = list.lines().find(|l| l.starts_with(&key)).unwrap();
+    assert!(
+        row.contains("alice") && row.contains("1.50") && row.contains("10.00"),
+        "{row}"
+    );
+    let (ok, out, _) = whale(&["keys", "topup", &key, "2.25", "--db", db]);
+    assert!(ok && out.contains("balance 13.75"), "{out}");
+    let (ok, _, err) = whale(&["keys", "topup", "sk-nobody", "1", "--db", db]);
+    assert!(!ok && err.contains("no such API key"), "{err}");
+    let (ok, out, _) = whale(&["keys", "usage", "--db", db]);
+    assert!(ok && out.contains("requests"), "{out}");
+    // A non-loopback address without keys is refused; with keys in the database it is not
+    // refused for that reason (it would serve), so only the refusal is checked here.
+    let empty = dir.path().join("empty.db");
+    let (ok, _, err) = whale(&[
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--db",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("only on loopback"), "{err}");
+}
