@@ -1,12 +1,12 @@
 //! The paged latent-KV pool and the prompt-prefix cache that lives in it.
 //!
-//! The pool counts fixed-size pages of tokens (64, DeepSeek's cache unit). A
-//! request is admitted only when pages for its prompt and its `max_tokens` can be
-//! had, so an admitted stream never stalls for memory; a sequence's latent buffers
-//! grow a page at a time ([`LatentCache::reserve_tokens`]), so the memory held
-//! follows the pages counted. Finished sequences leave their cache, cut to whole
-//! pages, in a per-scope (per API key) prefix cache whose pages are lent back to
-//! admissions, least recently used first.
+//! Sequences keep their latents in fixed-size pages of tokens (64, DeepSeek's cache
+//! unit; [`whale_model::LatentCache`]). The pool counts pages: a request is
+//! admitted only when pages for its prompt and its `max_tokens` can be had, so an
+//! admitted stream never stalls for memory. Finished sequences leave their cache,
+//! cut to whole pages, in a per-scope (per API key) prefix cache; a later prompt
+//! with the same prefix shares those pages (reference-counted, no copy) and the
+//! cached entries give their pages back to admissions, least recently used first.
 
 use whale_model::LatentCache;
 

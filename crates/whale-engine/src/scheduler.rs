@@ -29,7 +29,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most requests waiting for admission; more are refused ([`SubmitError::QueueFull`]).
     pub max_waiting: usize,
-    /// Tokens per KV page.
+    /// Tokens per KV page; the engine uses the cache's page size
+    /// ([`whale_model::PAGE_TOKENS`], 64) whatever this says.
     pub page_tokens: usize,
     /// Pages in the KV pool.
     pub total_pages: usize,
@@ -182,7 +183,12 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread over `model` and `tokenizer`.
-    pub fn start(model: Arc<DeepseekModel>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
+    pub fn start(
+        model: Arc<DeepseekModel>,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: EngineConfig,
+    ) -> Self {
+        cfg.page_tokens = whale_model::PAGE_TOKENS;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         EngineStats::set(&stats.pages_total, cfg.total_pages as u64);
@@ -378,14 +384,10 @@ impl<'m> Core<'m> {
             } else {
                 None
             };
-            let (mut cache, hit) = match hit {
+            let (cache, hit) = match hit {
                 Some(h) => (h.cache, h.tokens),
                 None => (self.model.new_cache(), 0),
             };
-            cache.reserve_tokens(
-                (hit + self.cfg.prefill_chunk.min(job.req.prompt.len() - hit))
-                    .next_multiple_of(self.pool.page_tokens()),
-            );
             let s = &self.stats;
             EngineStats::add(&s.prompt_tokens, job.req.prompt.len() as u64);
             EngineStats::add(&s.prompt_cache_hit_tokens, hit as u64);
@@ -430,7 +432,6 @@ impl<'m> Core<'m> {
             };
             take.push(n);
         }
-        let page = self.pool.page_tokens();
         let mut items = Vec::with_capacity(self.running.len());
         let mut which = Vec::with_capacity(self.running.len());
         for (i, (s, &n)) in self.running.iter_mut().zip(&take).enumerate() {
@@ -438,11 +439,6 @@ impl<'m> Core<'m> {
                 continue;
             }
             let last = n == s.feed.len();
-            // Grow the buffers a page at a time, within the pages reserved at admission.
-            let want = s.cache.len() + n;
-            if want > s.cache.capacity_tokens() {
-                s.cache.reserve_tokens(want.next_multiple_of(page));
-            }
             items.push(BatchItem {
                 tokens: &s.feed[..n],
                 cache: &mut s.cache,

@@ -1,26 +1,41 @@
-//! The MLA latent KV cache of one sequence.
+//! The MLA latent KV cache of one sequence, in fixed-size pages.
 //!
 //! Per layer and token it holds only `[c_kv ‖ k_pe]`: the normalised latent
 //! (`kv_lora_rank`) and the rotated shared rope key (`qk_rope_head_dim`), 576
 //! values for real checkpoints, instead of per-head keys and values.
+//!
+//! Tokens live in pages of [`PAGE_TOKENS`] (64, DeepSeek's cache unit), each page
+//! holding its tokens' rows for every layer (`[layer][token][latent]`). Pages are
+//! reference-counted: a cache made from another's prefix ([`LatentCache::copy_prefix`])
+//! shares its full pages instead of copying them, and a shared page is copied only
+//! if a sequence writes into it (copy on write), so prompt-prefix reuse costs no copy.
 
 use crate::config::ModelConfig;
+use std::sync::Arc;
 
-/// Latent cache for one sequence, `[layer][token, kv_lora_rank + qk_rope_head_dim]`, f32.
+/// Tokens per cache page.
+pub const PAGE_TOKENS: usize = 64;
+
+/// Latent cache for one sequence: pages of `[layer][PAGE_TOKENS][kv_lora_rank + qk_rope_head_dim]` f32.
 #[derive(Clone, Debug)]
 pub struct LatentCache {
-    layers: Vec<Vec<f32>>,
+    pages: Vec<Arc<Vec<f32>>>,
+    n_layers: usize,
     latent_dim: usize,
     n_tokens: usize,
+    /// Rows appended to each layer beyond `n_tokens` by a forward pass in progress.
+    pending: Vec<usize>,
 }
 
 impl LatentCache {
     /// An empty cache shaped for `cfg`.
     pub fn new(cfg: &ModelConfig) -> Self {
         LatentCache {
-            layers: vec![Vec::new(); cfg.num_hidden_layers],
+            pages: Vec::new(),
+            n_layers: cfg.num_hidden_layers,
             latent_dim: cfg.latent_dim(),
             n_tokens: 0,
+            pending: vec![0; cfg.num_hidden_layers],
         }
     }
 
@@ -41,57 +56,37 @@ impl LatentCache {
 
     /// Bytes one token occupies: `layers × (kv_lora_rank + qk_rope_head_dim) × 4`.
     pub fn bytes_per_token(&self) -> usize {
-        self.layers.len() * self.latent_dim * std::mem::size_of::<f32>()
+        self.n_layers * self.latent_dim * std::mem::size_of::<f32>()
     }
 
-    /// Bytes held for the cached tokens.
-    pub fn bytes_used(&self) -> usize {
-        self.layers
+    /// Bytes of one page.
+    pub fn bytes_per_page(&self) -> usize {
+        PAGE_TOKENS * self.bytes_per_token()
+    }
+
+    /// Pages held (shared ones included).
+    pub fn pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Pages held that another cache also holds (a shared prompt prefix).
+    pub fn shared_pages(&self) -> usize {
+        self.pages
             .iter()
-            .map(|l| l.len() * std::mem::size_of::<f32>())
-            .sum()
+            .filter(|p| Arc::strong_count(p) > 1)
+            .count()
+    }
+
+    /// Bytes of the pages held (whole pages: the last one may be partly used).
+    pub fn bytes_used(&self) -> usize {
+        self.pages.len() * self.bytes_per_page()
     }
 
     /// Drops every token at position `n` and later (for rollback or reuse of a prefix).
     pub fn truncate(&mut self, n: usize) {
-        for l in &mut self.layers {
-            l.truncate(n * self.latent_dim);
-        }
         self.n_tokens = self.n_tokens.min(n);
-    }
-
-    /// A new cache holding a copy of this one's first `n` tokens (a reused prompt prefix).
-    pub fn copy_prefix(&self, n: usize) -> LatentCache {
-        let n = n.min(self.n_tokens);
-        LatentCache {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| l[..n * self.latent_dim].to_vec())
-                .collect(),
-            latent_dim: self.latent_dim,
-            n_tokens: n,
-        }
-    }
-
-    /// Makes room for `n` tokens in every layer without further reallocation; a paged
-    /// pool grows sequences a page at a time with this so memory follows its accounting.
-    pub fn reserve_tokens(&mut self, n: usize) {
-        for l in &mut self.layers {
-            let want = n * self.latent_dim;
-            if want > l.capacity() {
-                l.reserve_exact(want - l.len());
-            }
-        }
-    }
-
-    /// Tokens every layer can hold without reallocating.
-    pub fn capacity_tokens(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.capacity() / self.latent_dim.max(1))
-            .min()
-            .unwrap_or(0)
+        self.pages.truncate(self.n_tokens.div_ceil(PAGE_TOKENS));
+        self.pending.fill(0);
     }
 
     /// Clears the cache.
@@ -99,23 +94,74 @@ impl LatentCache {
         self.truncate(0);
     }
 
-    /// Rows of layer `layer`, `[tokens, latent_dim]`.
-    pub fn layer(&self, layer: usize) -> &[f32] {
-        &self.layers[layer]
+    /// A cache holding this one's first `n` tokens: full pages are shared, not copied
+    /// (a partly kept last page is copied when either cache writes into it).
+    pub fn copy_prefix(&self, n: usize) -> LatentCache {
+        let n = n.min(self.n_tokens);
+        LatentCache {
+            pages: self.pages[..n.div_ceil(PAGE_TOKENS)].to_vec(),
+            n_layers: self.n_layers,
+            latent_dim: self.latent_dim,
+            n_tokens: n,
+            pending: vec![0; self.n_layers],
+        }
     }
 
-    /// Appends rows `[n, latent_dim]` to `layer` (the forward pass does this once per layer).
+    fn layer_offset(&self, layer: usize) -> usize {
+        layer * PAGE_TOKENS * self.latent_dim
+    }
+
+    /// The first `n` rows of `layer` as page slices `[≤ PAGE_TOKENS, latent_dim]`, in order
+    /// (rows appended by a forward pass in progress included).
+    pub fn layer_pages(&self, layer: usize, n: usize) -> Vec<&[f32]> {
+        let dim = self.latent_dim;
+        let off = self.layer_offset(layer);
+        (0..n.div_ceil(PAGE_TOKENS))
+            .map(|p| {
+                let rows = (n - p * PAGE_TOKENS).min(PAGE_TOKENS);
+                &self.pages[p][off..off + rows * dim]
+            })
+            .collect()
+    }
+
+    /// The first `n` rows of `layer` copied into one `[n, latent_dim]` buffer.
+    pub fn gather(&self, layer: usize, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n * self.latent_dim);
+        for p in self.layer_pages(layer, n) {
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    /// Appends rows `[m, latent_dim]` to `layer` (the forward pass does this once per layer).
     pub(crate) fn append(&mut self, layer: usize, rows: &[f32]) {
-        debug_assert_eq!(rows.len() % self.latent_dim, 0);
-        self.layers[layer].extend_from_slice(rows);
+        let dim = self.latent_dim;
+        debug_assert_eq!(rows.len() % dim, 0);
+        let start = self.n_tokens + self.pending[layer];
+        let m = rows.len() / dim;
+        let page_len = self.n_layers * PAGE_TOKENS * dim;
+        while self.pages.len() * PAGE_TOKENS < start + m {
+            self.pages.push(Arc::new(vec![0.0; page_len]));
+        }
+        let off = self.layer_offset(layer);
+        let mut i = 0;
+        while i < m {
+            let pos = start + i;
+            let (p, slot) = (pos / PAGE_TOKENS, pos % PAGE_TOKENS);
+            let k = (PAGE_TOKENS - slot).min(m - i);
+            // Copy on write: a page shared with another cache is duplicated first.
+            let page = Arc::make_mut(&mut self.pages[p]);
+            page[off + slot * dim..off + (slot + k) * dim]
+                .copy_from_slice(&rows[i * dim..(i + k) * dim]);
+            i += k;
+        }
+        self.pending[layer] += m;
     }
 
     /// Marks `n` appended tokens as complete in all layers.
     pub(crate) fn commit(&mut self, n: usize) {
+        debug_assert!(self.pending.iter().all(|&p| p == n));
         self.n_tokens += n;
-        debug_assert!(self
-            .layers
-            .iter()
-            .all(|l| l.len() == self.n_tokens * self.latent_dim));
+        self.pending.fill(0);
     }
 }

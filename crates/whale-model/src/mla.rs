@@ -13,7 +13,7 @@
 //!   directly as one shared KV head `[c ‖ k_pe]`; the attention output `õ` is a
 //!   latent, lifted to the head output by `W_UV õ`. Same scale `(P+R)^-½·M²`.
 
-use crate::cache::LatentCache;
+use crate::cache::{LatentCache, PAGE_TOKENS};
 use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::Tensor;
@@ -266,7 +266,6 @@ impl Mla {
         parts.par_iter_mut().for_each(|(cache, ts, qs, ls, os)| {
             let past = cache.len();
             cache.append(layer, ls);
-            let kv = cache.layer(layer); // [N, C+R]
             let n = past + *ts;
             let absorbed = match mode {
                 MlaMode::Auto => *ts == 1,
@@ -274,9 +273,11 @@ impl Mla {
                 MlaMode::Expanded => false,
             };
             let heads: Vec<Vec<f32>> = if absorbed {
-                self.absorbed(qs, *ts, past, kv, n)
+                // The cache's pages as they are: [≤64, C+R] each.
+                self.absorbed(qs, *ts, past, &cache.layer_pages(layer, n), n)
             } else {
-                self.expanded(qs, *ts, past, kv, n)
+                // Prefill multiplies every latent row anyway: one contiguous [N, C+R] copy.
+                self.expanded(qs, *ts, past, &cache.gather(layer, n), n)
             };
             for (hi, ho) in heads.iter().enumerate() {
                 for ti in 0..*ts {
@@ -290,7 +291,7 @@ impl Mla {
 
     /// Per head `[T, V]` outputs by the absorbed form: multi-query attention over the
     /// latent rows `[c ‖ k_pe]`, all heads at once, so each cache row is read once.
-    fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
+    fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[&[f32]], n: usize) -> Vec<Vec<f32>> {
         let (nh, p, r, v, c) = (
             self.n_head,
             self.nope,
@@ -299,7 +300,7 @@ impl Mla {
             self.kv_rank,
         );
         let qk = p + r;
-        debug_assert_eq!(kv.len(), n * (c + r));
+        debug_assert_eq!(kv.iter().map(|p| p.len()).sum::<usize>(), n * (c + r));
         let mut out = vec![vec![0.0f32; t * v]; nh];
         // q_cat: [H, C+R] = [W_UKᵀ q_nope ‖ q_pe] per head.
         let mut q_cat = vec![0.0f32; nh * (c + r)];
@@ -342,12 +343,12 @@ impl Mla {
             let visible = past + ti + 1;
             let sc = &mut scores[..nh * visible];
             // scores: [H, visible]
-            whale_kernels::mqa_scores(&q_cat, nh, kv, c + r, visible, self.scale, sc);
+            paged_scores(&q_cat, nh, kv, c + r, visible, self.scale, sc);
             for row in sc.chunks_mut(visible) {
                 softmax_inplace(row);
             }
             // õ: [H, C]
-            whale_kernels::mqa_values(sc, nh, kv, c + r, visible, &mut o_lat);
+            paged_values(sc, nh, kv, c + r, visible, &mut o_lat);
             // o = W_UV õ per head: [V]
             out.par_iter_mut().enumerate().for_each(|(hi, oh)| {
                 let w_uv = self.kv_up.w_uv(hi, p, v, c); // [V, C]
@@ -411,5 +412,82 @@ impl Mla {
                 out
             })
             .collect()
+    }
+}
+
+/// [`whale_kernels::mqa_scores`] over a paged cache: `scores` `[H, visible]` from the
+/// first `visible` rows of `pages` (`[≤ PAGE_TOKENS, stride]` each), pages in parallel.
+fn paged_scores(
+    q: &[f32],
+    heads: usize,
+    pages: &[&[f32]],
+    stride: usize,
+    visible: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    if let [page] = pages {
+        return whale_kernels::mqa_scores(q, heads, page, stride, visible, scale, scores);
+    }
+    let parts: Vec<(usize, usize, Vec<f32>)> = pages
+        .par_iter()
+        .enumerate()
+        .filter_map(|(pi, page)| {
+            let u0 = pi * PAGE_TOKENS;
+            let rows = (page.len() / stride).min(visible.checked_sub(u0)?);
+            if rows == 0 {
+                return None;
+            }
+            let mut s = vec![0.0f32; heads * rows];
+            whale_kernels::mqa_scores(q, heads, page, stride, rows, scale, &mut s);
+            Some((u0, rows, s))
+        })
+        .collect();
+    for (u0, rows, s) in parts {
+        for h in 0..heads {
+            scores[h * visible + u0..h * visible + u0 + rows]
+                .copy_from_slice(&s[h * rows..(h + 1) * rows]);
+        }
+    }
+}
+
+/// [`whale_kernels::mqa_values`] over a paged cache: `out` `[H, C]` from `probs`
+/// `[H, visible]`, pages in parallel, their partial sums added.
+fn paged_values(
+    probs: &[f32],
+    heads: usize,
+    pages: &[&[f32]],
+    stride: usize,
+    visible: usize,
+    out: &mut [f32],
+) {
+    if let [page] = pages {
+        return whale_kernels::mqa_values(probs, heads, page, stride, visible, out);
+    }
+    let c = out.len() / heads;
+    let parts: Vec<Vec<f32>> = pages
+        .par_iter()
+        .enumerate()
+        .filter_map(|(pi, page)| {
+            let u0 = pi * PAGE_TOKENS;
+            let rows = (page.len() / stride).min(visible.checked_sub(u0)?);
+            if rows == 0 {
+                return None;
+            }
+            let mut sub = vec![0.0f32; heads * rows];
+            for h in 0..heads {
+                sub[h * rows..(h + 1) * rows]
+                    .copy_from_slice(&probs[h * visible + u0..h * visible + u0 + rows]);
+            }
+            let mut o = vec![0.0f32; heads * c];
+            whale_kernels::mqa_values(&sub, heads, page, stride, rows, &mut o);
+            Some(o)
+        })
+        .collect();
+    out.fill(0.0);
+    for o in parts {
+        for (a, b) in out.iter_mut().zip(&o) {
+            *a += b;
+        }
     }
 }

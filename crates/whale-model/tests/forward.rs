@@ -151,7 +151,10 @@ fn latent_cache_holds_only_latents() {
         .unwrap();
     let per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4;
     assert_eq!(cache.bytes_per_token(), per_token);
-    assert_eq!(cache.bytes_used(), 5 * per_token);
+    // Pages of 64 tokens: five tokens take one page.
+    assert_eq!(cache.bytes_per_page(), whale_model::PAGE_TOKENS * per_token);
+    assert_eq!(cache.pages(), 1);
+    assert_eq!(cache.bytes_used(), cache.bytes_per_page());
     assert_eq!(cache.len(), 5);
 
     // DeepSeek-V2-Lite's shapes: 27 layers × 576 values.
@@ -243,9 +246,42 @@ fn batched_step_equals_each_sequence_alone() {
     let e2 = max_abs_diff(&out[2], &exp.logits[6..7]);
     assert!(e0 < 1e-4 && e1 < 1e-4 && e2 < 1e-4, "{e0} {e1} {e2}");
     assert_eq!((a.len(), b.len(), c.len()), (4, 4, 7));
-    // A copied prefix continues exactly as the original.
+    // A prefix shares its pages; writing past it copies the shared page first, so the
+    // copy continues exactly as the original and the original is untouched.
     let mut d = c.copy_prefix(5);
-    assert_eq!(d.len(), 5);
+    assert_eq!((d.len(), d.shared_pages(), c.shared_pages()), (5, 1, 1));
     let tail = m.forward(&toks[5..], &mut d, Logits::All).unwrap();
     assert!(max_abs_diff(&tail, &exp.logits[5..]) < 1e-4);
+    assert_eq!(c.shared_pages(), 0);
+    let next = m.forward(&toks[7..8], &mut c, Logits::Last).unwrap();
+    assert!(max_abs_diff(&next, &exp.logits[7..8]) < 1e-4);
+}
+
+#[test]
+fn decode_over_several_pages_matches_one_prefill() {
+    // 150 tokens: a 140-token prefill (expanded form, gathered rows), then ten decode
+    // steps whose absorbed attention reads three 64-token pages in parallel parts.
+    let folder = ModelFolder::open(&model_dir("v3")).unwrap();
+    let m = &folder.model;
+    let vocab = m.config().vocab_size as u32;
+    let toks: Vec<u32> = (0..150u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut whole = m.new_cache();
+    let want = m.forward(&toks, &mut whole, Logits::All).unwrap();
+    let v = vocab as usize;
+    let mut cache = m.new_cache();
+    m.forward(&toks[..140], &mut cache, Logits::Last).unwrap();
+    assert_eq!(cache.pages(), 3);
+    for i in 140..150 {
+        let got = m.forward(&toks[i..=i], &mut cache, Logits::Last).unwrap();
+        let row = &want[i * v..(i + 1) * v];
+        let err = got
+            .iter()
+            .zip(row)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 1e-4, "position {i}: {err}");
+    }
+    // A prefix of two pages is shared, not copied.
+    let p = cache.copy_prefix(128);
+    assert_eq!((p.pages(), p.shared_pages()), (2, 2));
 }

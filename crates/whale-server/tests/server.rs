@@ -575,6 +575,15 @@ async fn full_queue_is_503_and_keeps_serving() {
         .send()
         .await
         .unwrap();
+    // `a` is admitted before `b` is sent (until then it counts as waiting too).
+    let t = Instant::now();
+    while s.metric("vllm:num_requests_running").await < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "first request never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let b = s
         .http
         .post(format!("{}/chat/completions", s.base))
@@ -582,7 +591,14 @@ async fn full_queue_is_503_and_keeps_serving() {
         .send()
         .await
         .unwrap();
-    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let (sa, sb) = (a.status().as_u16(), b.status().as_u16());
+    if (sa, sb) != (200, 200) {
+        panic!(
+            "{sa} {}\n{sb} {}",
+            a.text().await.unwrap(),
+            b.text().await.unwrap()
+        );
+    }
     let t = Instant::now();
     assert_eq!(s.metric("vllm:num_requests_waiting").await, 1.0);
     let (st, v) = s.json("/chat/completions", None, long.clone()).await;
