@@ -35,6 +35,8 @@ pub struct ServerConfig {
     /// Interval of `: keep-alive` comments (stream) and blank lines (non-stream) while a
     /// request waits.
     pub keepalive: Duration,
+    /// Longest a request may run before its connection is closed (DeepSeek: 30 minutes).
+    pub max_request_time: Duration,
     /// Token ids that end a turn (EOS).
     pub eos_token_ids: Vec<u32>,
     /// `system_fingerprint` of every answer.

@@ -163,6 +163,9 @@ pub(crate) fn respond(st: Arc<AppState>, job: Job, rxs: Vec<UnboundedReceiver<Ev
         }
     }
     let keepalive = a.st.cfg.keepalive;
+    // DeepSeek closes a request that has not finished after 30 minutes; so does whale
+    // (ending the body drops the receivers, which cancels the engine requests).
+    let deadline = tokio::time::Instant::now() + a.st.cfg.max_request_time;
     let body = futures_util::stream::unfold(a, move |mut a| async move {
         loop {
             if let Some(b) = a.out.pop_front() {
@@ -171,7 +174,16 @@ pub(crate) fn respond(st: Arc<AppState>, job: Job, rxs: Vec<UnboundedReceiver<Ev
             if a.done {
                 return None;
             }
-            match tokio::time::timeout(keepalive, a.rx.recv()).await {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    "request {} closed after {:?}",
+                    a.id,
+                    a.st.cfg.max_request_time
+                );
+                return None;
+            }
+            match tokio::time::timeout(keepalive.min(deadline - now), a.rx.recv()).await {
                 Err(_) => {
                     let ka = if a.job.common.stream {
                         ": keep-alive\n\n"

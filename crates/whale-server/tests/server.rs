@@ -25,6 +25,7 @@ fn model_dir() -> PathBuf {
 struct Opts {
     engine: EngineConfig,
     keys: Vec<KeyInfo>,
+    max_request_time: Duration,
 }
 
 impl Default for Opts {
@@ -36,6 +37,7 @@ impl Default for Opts {
                 ..Default::default()
             },
             keys: Vec::new(),
+            max_request_time: Duration::from_secs(1800),
         }
     }
 }
@@ -70,6 +72,7 @@ async fn start(opts: Opts) -> Server {
             default_max_tokens: 256,
             require_keys: !opts.keys.is_empty(),
             keepalive: Duration::from_millis(200),
+            max_request_time: opts.max_request_time,
             eos_token_ids: eos,
             fingerprint: "fp_test".into(),
         },
@@ -882,4 +885,25 @@ async fn tool_calls_forced_named_required_and_auto() {
         (st, r["error"]["param"].as_str()),
         (422, Some("tool_choice"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_time_limit_is_closed_and_its_pages_freed() {
+    let s = start(Opts {
+        max_request_time: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let body = json!({"model": "deepseek-chat", "max_tokens": 1900, "ignore_eos": true, "stream": true,
+        "messages": [{"role": "user", "content": "What is 1 + 1?"}]});
+    let t = Instant::now();
+    let (st, text) = s.post("/chat/completions", None, &body.to_string()).await;
+    assert_eq!(st, 200);
+    assert!(!text.contains("[DONE]"), "the stream was cut, not finished");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let t = Instant::now();
+    while s.metric("whale_kv_pages_used").await > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "pages not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// Seconds between keep-alives while a request waits.
     #[arg(long, default_value_t = 10.0)]
     pub keepalive_secs: f64,
+    /// Seconds after which an unfinished request's connection is closed (DeepSeek: 30 minutes).
+    #[arg(long, default_value_t = 1800.0)]
+    pub max_request_secs: f64,
     /// Do not reuse cached prompt prefixes.
     #[arg(long)]
     pub no_prefix_cache: bool,
@@ -178,6 +181,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             default_max_tokens: args.default_max_tokens,
             require_keys,
             keepalive: Duration::from_secs_f64(args.keepalive_secs.max(0.05)),
+            max_request_time: Duration::from_secs_f64(args.max_request_secs.max(1.0)),
             eos_token_ids: eos,
             fingerprint,
         },
