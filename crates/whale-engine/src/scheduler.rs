@@ -328,7 +328,29 @@ impl<'m> Core<'m> {
                 }
                 continue;
             }
-            self.step();
+            // A bug in a step must not take the server down: the step's sequences end
+            // with `insufficient_system_resource` and the engine goes on.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if stepped.is_err() {
+                tracing::error!(
+                    "a model step panicked; ending its {} requests",
+                    self.running.len()
+                );
+                for s in std::mem::take(&mut self.running) {
+                    self.pool.give(s.pages);
+                    EngineStats::add(&self.stats.finished_aborted, 1);
+                    let usage = Usage {
+                        prompt_tokens: s.job.req.prompt.len(),
+                        prompt_cache_hit_tokens: s.hit,
+                        completion_tokens: s.output.len(),
+                    };
+                    let _ = s.job.tx.send(Event::Finished {
+                        reason: FinishReason::InsufficientResource,
+                        text: String::new(),
+                        usage,
+                    });
+                }
+            }
             self.publish();
         }
     }

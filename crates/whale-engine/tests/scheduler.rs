@@ -1,0 +1,161 @@
+//! The continuous-batching engine on the bundled tiny chat model: batched answers equal
+//! answers alone, admission waits for KV pages, the prefix cache shares pages and is
+//! evicted under pressure.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use whale_engine::{
+    Engine, EngineConfig, EngineStats, Event, FinishReason, Request, SamplingParams,
+};
+use whale_model::ModelFolder;
+
+fn engine(cfg: EngineConfig) -> (Engine, Arc<whale_model::Tokenizer>, Vec<u32>) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/whale-tiny-chat");
+    let folder = ModelFolder::open(&dir).unwrap();
+    let eos = folder.eos_token_ids();
+    let ModelFolder {
+        model, tokenizer, ..
+    } = folder;
+    let tok = Arc::new(tokenizer.unwrap());
+    (Engine::start(Arc::new(model), tok.clone(), cfg), tok, eos)
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize, eos: &[u32], scope: &str) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: eos.to_vec(),
+        stop: vec![],
+        logprobs: None,
+        cache_scope: scope.into(),
+        arrival: Instant::now(),
+        skip_special: true,
+        constraint: None,
+    }
+}
+
+/// Runs a receiver to the end: (started hit tokens, text, finish reason, completion tokens).
+fn drain(mut rx: UnboundedReceiver<Event>) -> (usize, String, FinishReason, usize) {
+    let mut hit = 0;
+    let mut text = String::new();
+    loop {
+        match rx
+            .blocking_recv()
+            .expect("the engine finishes every request")
+        {
+            Event::Started {
+                prompt_cache_hit_tokens,
+            } => hit = prompt_cache_hit_tokens,
+            Event::Token { text: t, .. } => text.push_str(&t),
+            Event::Finished {
+                reason,
+                text: t,
+                usage,
+            } => {
+                text.push_str(&t);
+                return (hit, text, reason, usage.completion_tokens);
+            }
+        }
+    }
+}
+
+fn chat(tok: &whale_model::Tokenizer, q: &str) -> Vec<u32> {
+    whale_engine::chat_prompt(tok, &[whale_model::Message::new("user", q)]).unwrap()
+}
+
+#[test]
+fn batched_answers_equal_answers_alone() {
+    let (e, tok, eos) = engine(EngineConfig::default());
+    let qs = [
+        "What is 37 + 48?",
+        "What is 12 + 30?",
+        "What is 9 - 4?",
+        "What is 6 * 7?",
+    ];
+    let alone: Vec<String> = qs
+        .iter()
+        .map(|q| drain(e.submit(request(chat(&tok, q), 32, &eos, q)).unwrap()).1)
+        .collect();
+    let rxs: Vec<_> = qs
+        .iter()
+        .map(|q| {
+            e.submit(request(chat(&tok, q), 32, &eos, &format!("b{q}")))
+                .unwrap()
+        })
+        .collect();
+    let together: Vec<String> = rxs.into_iter().map(|rx| drain(rx).1).collect();
+    assert_eq!(alone, together);
+    assert_eq!(alone[0].trim(), "37 + 48 = 85");
+    let s = e.stats();
+    assert!(EngineStats::get(&s.step_sequences) > EngineStats::get(&s.steps));
+}
+
+#[test]
+fn admission_waits_for_pages_and_the_prefix_cache_gives_way() {
+    // Four pages of 64 tokens. Each request reserves pages for prompt + max_tokens:
+    // 17 + 150 tokens = 3 pages, so a second one must wait for the first.
+    let (e, tok, eos) = engine(EngineConfig {
+        total_pages: 4,
+        ..Default::default()
+    });
+    let p = chat(&tok, "What is 37 + 48?");
+    let mut long = request(p.clone(), 150, &[], "k");
+    long.stop_token_ids.clear();
+    let a = e.submit(long.clone()).unwrap();
+    let b = e.submit(long.clone()).unwrap();
+    let t = Instant::now();
+    while EngineStats::get(&e.stats().running) != 1 || EngineStats::get(&e.stats().waiting) != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "expected one running, one waiting"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(EngineStats::get(&e.stats().pages_used), 3);
+    let (_, _, ra, na) = drain(a);
+    let (_, _, rb, nb) = drain(b);
+    assert_eq!(
+        (ra, na, rb, nb),
+        (FinishReason::Length, 150, FinishReason::Length, 150)
+    );
+    // Both finished: their caches stay as prefix entries (17 + 149 fed tokens → 2 whole pages).
+    assert_eq!(EngineStats::get(&e.stats().pages_cached), 2);
+    // Too large for the pool at all: refused at submit.
+    assert!(e.submit(request(p.clone(), 300, &eos, "k")).is_err());
+    // A request that needs all four pages evicts the cached prefix to get in; when it
+    // finishes, only its own entry (192 tokens, 3 pages) is cached.
+    let (hit, _, _, _) = drain(e.submit(request(p, 230, &[], "other")).unwrap());
+    assert_eq!(hit, 0, "another scope never hits");
+    assert_eq!(EngineStats::get(&e.stats().pages_cached), 3);
+}
+
+#[test]
+fn prefix_hits_are_whole_pages_of_the_same_scope() {
+    let (e, tok, eos) = engine(EngineConfig::default());
+    let system = "Count the letter r in the word strawberry. ".repeat(6);
+    let prompt = whale_engine::chat_prompt(
+        &tok,
+        &[
+            whale_model::Message::new("system", &system),
+            whale_model::Message::new("user", "What is 37 + 48?"),
+        ],
+    )
+    .unwrap();
+    assert!(prompt.len() > 64);
+    let (h0, a0, _, _) = drain(
+        e.submit(request(prompt.clone(), 16, &eos, "alice"))
+            .unwrap(),
+    );
+    let (h1, a1, _, _) = drain(
+        e.submit(request(prompt.clone(), 16, &eos, "alice"))
+            .unwrap(),
+    );
+    let (h2, _, _, _) = drain(e.submit(request(prompt.clone(), 16, &eos, "bob")).unwrap());
+    assert_eq!(h0, 0);
+    assert!(h1 > 0 && h1 % 64 == 0 && h1 < prompt.len(), "{h1}");
+    assert_eq!(h2, 0, "caches are isolated per scope");
+    assert_eq!(a0, a1, "a cache hit never changes the answer");
+}
