@@ -133,9 +133,18 @@ pub fn prefetch(bytes: &[u8]) {
 
 /// The f32 scale of every block of the weight row `w` (for [`dot_rows`]'s `dw`).
 pub fn row_scales(dtype: DType, w: &[u8], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
     let bytes = dtype.block().1;
-    for (o, b) in out.iter_mut().zip(w.chunks_exact(bytes)) {
-        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    // Gather the blocks' f16 fields, then convert them all at once (F16C, eight per
+    // instruction, where the CPU has it): one f16 → f32 call per block cost 7% of a
+    // batched decode step.
+    let mut h = [half::f16::ZERO; 256];
+    for (os, ws) in out.chunks_mut(256).zip(w.chunks(256 * bytes)) {
+        let hs = &mut h[..os.len()];
+        for (hv, b) in hs.iter_mut().zip(ws.chunks_exact(bytes)) {
+            *hv = half::f16::from_le_bytes([b[0], b[1]]);
+        }
+        hs.convert_to_f32_slice(os);
     }
 }
 
