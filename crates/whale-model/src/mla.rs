@@ -415,6 +415,13 @@ impl Mla {
     }
 }
 
+/// First position and visible rows of page `pi` (None when none of its rows is visible).
+fn page_rows(pi: usize, page: &[f32], stride: usize, visible: usize) -> Option<(usize, usize)> {
+    let u0 = pi * PAGE_TOKENS;
+    let rows = (page.len() / stride).min(visible.checked_sub(u0)?);
+    (rows > 0).then_some((u0, rows))
+}
+
 /// [`whale_kernels::mqa_scores`] over a paged cache: `scores` `[H, visible]` from the
 /// first `visible` rows of `pages` (`[≤ PAGE_TOKENS, stride]` each), pages in parallel.
 fn paged_scores(
@@ -433,11 +440,7 @@ fn paged_scores(
         .par_iter()
         .enumerate()
         .filter_map(|(pi, page)| {
-            let u0 = pi * PAGE_TOKENS;
-            let rows = (page.len() / stride).min(visible.checked_sub(u0)?);
-            if rows == 0 {
-                return None;
-            }
+            let (u0, rows) = page_rows(pi, page, stride, visible)?;
             let mut s = vec![0.0f32; heads * rows];
             whale_kernels::mqa_scores(q, heads, page, stride, rows, scale, &mut s);
             Some((u0, rows, s))
@@ -469,11 +472,7 @@ fn paged_values(
         .par_iter()
         .enumerate()
         .filter_map(|(pi, page)| {
-            let u0 = pi * PAGE_TOKENS;
-            let rows = (page.len() / stride).min(visible.checked_sub(u0)?);
-            if rows == 0 {
-                return None;
-            }
+            let (u0, rows) = page_rows(pi, page, stride, visible)?;
             let mut sub = vec![0.0f32; heads * rows];
             for h in 0..heads {
                 sub[h * rows..(h + 1) * rows]

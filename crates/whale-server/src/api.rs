@@ -104,26 +104,15 @@ pub struct ChatRequest {
     pub messages: Vec<InMessage>,
     /// Served model name.
     pub model: String,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
+    /// Sampling, stopping and streaming fields shared with completions.
+    #[serde(flatten)]
+    pub common: CommonFields,
     #[serde(default)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -134,21 +123,9 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
-    pub n: Option<i64>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
     /// vLLM's name for DeepSeek's `prefix: true`.
     #[serde(default)]
     pub continue_final_message: Option<bool>,
-    #[serde(default)]
-    pub ignore_eos: Option<bool>,
 }
 
 /// `prompt` of the legacy completions endpoint.
@@ -165,25 +142,14 @@ pub enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-/// `POST /completions` (FIM with `suffix`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
-    /// Served model name.
-    pub model: String,
-    /// The text before the hole (or the whole prompt).
-    pub prompt: Prompt,
-    #[serde(default)]
-    pub suffix: Option<String>,
-    #[serde(default)]
-    pub echo: Option<bool>,
+/// The request fields both endpoints take, as sent (checked by [`ChatRequest::common`]
+/// and [`CompletionRequest::common`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonFields {
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub logprobs: Option<i64>,
-    #[serde(default)]
-    pub max_tokens: Option<i64>,
     #[serde(default)]
     pub stop: Option<Stop>,
     #[serde(default)]
@@ -198,6 +164,7 @@ pub struct CompletionRequest {
     pub seed: Option<i64>,
     #[serde(default)]
     pub n: Option<i64>,
+    /// vLLM's extras.
     #[serde(default)]
     pub top_k: Option<i64>,
     #[serde(default)]
@@ -206,6 +173,26 @@ pub struct CompletionRequest {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+}
+
+/// `POST /completions` (FIM with `suffix`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// Served model name.
+    pub model: String,
+    /// The text before the hole (or the whole prompt).
+    pub prompt: Prompt,
+    /// Sampling, stopping and streaming fields shared with chat.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(default)]
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
 }
 
 /// Parses a JSON body: syntax and shape errors are 400s with serde's message.
@@ -268,23 +255,10 @@ pub const MAX_N: usize = 16;
 /// Largest `max_tokens` (DeepSeek's beta limit).
 pub const MAX_MAX_TOKENS: i64 = 8192;
 
-#[allow(clippy::too_many_arguments)]
 fn common(
+    f: &CommonFields,
     max_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    frequency_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    stop: Option<Stop>,
-    n: Option<i64>,
-    seed: Option<i64>,
-    top_k: Option<i64>,
-    min_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
     logprobs: Option<usize>,
-    ignore_eos: Option<bool>,
 ) -> Result<Common, ApiError> {
     let range = |name: &str, v: Option<f32>, lo: f32, hi: f32, def: f32| match v {
         None => Ok(def),
@@ -304,7 +278,7 @@ fn common(
             ))
         }
     };
-    let stop = stop.map(Stop::list).unwrap_or_default();
+    let stop = f.stop.clone().map(Stop::list).unwrap_or_default();
     if stop.len() > MAX_STOP {
         return Err(ApiError::param(
             "stop",
@@ -314,7 +288,7 @@ fn common(
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "stop sequences must not be empty"));
     }
-    let n = match n {
+    let n = match f.n {
         None => 1,
         Some(k) if (1..=MAX_N as i64).contains(&k) => k as usize,
         Some(k) => {
@@ -324,20 +298,20 @@ fn common(
             ))
         }
     };
-    let top_k = match top_k {
+    let top_k = match f.top_k {
         None => 0,
         Some(k) if k <= 0 => 0,
         Some(k) => k as usize,
     };
-    let stream = stream.unwrap_or(false);
-    if stream_options.is_some() && !stream {
+    let stream = f.stream.unwrap_or(false);
+    if f.stream_options.is_some() && !stream {
         return Err(ApiError::param(
             "stream_options",
             "stream_options can only be set when stream is true",
         ));
     }
-    let temperature = range("temperature", temperature, 0.0, 2.0, 1.0)?;
-    let top_p = range("top_p", top_p, 0.0, 1.0, 1.0)?;
+    let temperature = range("temperature", f.temperature, 0.0, 2.0, 1.0)?;
+    let top_p = range("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p == 0.0 {
         return Err(ApiError::param("top_p", "top_p must be greater than 0"));
     }
@@ -345,11 +319,11 @@ fn common(
         temperature,
         top_p,
         top_k,
-        min_p: range("min_p", min_p, 0.0, 1.0, 0.0)?,
-        repetition_penalty: range("repetition_penalty", repetition_penalty, 0.01, 10.0, 1.0)?,
-        frequency_penalty: range("frequency_penalty", frequency_penalty, -2.0, 2.0, 0.0)?,
-        presence_penalty: range("presence_penalty", presence_penalty, -2.0, 2.0, 0.0)?,
-        seed: seed.map(|s| s as u64),
+        min_p: range("min_p", f.min_p, 0.0, 1.0, 0.0)?,
+        repetition_penalty: range("repetition_penalty", f.repetition_penalty, 0.01, 10.0, 1.0)?,
+        frequency_penalty: range("frequency_penalty", f.frequency_penalty, -2.0, 2.0, 0.0)?,
+        presence_penalty: range("presence_penalty", f.presence_penalty, -2.0, 2.0, 0.0)?,
+        seed: f.seed.map(|s| s as u64),
     };
     Ok(Common {
         max_tokens,
@@ -357,11 +331,13 @@ fn common(
         stop,
         n,
         stream,
-        include_usage: stream_options
+        include_usage: f
+            .stream_options
+            .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         logprobs,
-        ignore_eos: ignore_eos.unwrap_or(false),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
         format: Format::Text,
     })
 }
@@ -430,21 +406,9 @@ impl ChatRequest {
             },
         };
         let mut c = common(
+            &self.common,
             self.max_tokens.or(self.max_completion_tokens),
-            self.temperature,
-            self.top_p,
-            self.frequency_penalty,
-            self.presence_penalty,
-            self.stop.clone(),
-            self.n,
-            self.seed,
-            self.top_k,
-            self.min_p,
-            self.repetition_penalty,
-            self.stream,
-            self.stream_options.clone(),
             logprobs,
-            self.ignore_eos,
         )?;
         c.format = format;
         Ok(c)
@@ -464,23 +428,7 @@ impl CompletionRequest {
                 ))
             }
         };
-        common(
-            Some(self.max_tokens.unwrap_or(16)),
-            self.temperature,
-            self.top_p,
-            self.frequency_penalty,
-            self.presence_penalty,
-            self.stop.clone(),
-            self.n,
-            self.seed,
-            self.top_k,
-            self.min_p,
-            self.repetition_penalty,
-            self.stream,
-            self.stream_options.clone(),
-            logprobs,
-            self.ignore_eos,
-        )
+        common(&self.common, Some(self.max_tokens.unwrap_or(16)), logprobs)
     }
 }
 

@@ -117,6 +117,16 @@ impl Server {
         (s, v)
     }
 
+    /// Sends a chat request and returns as soon as the response headers arrive.
+    async fn open_stream(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/chat/completions", self.base))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn get(&self, path: &str) -> String {
         self.http
             .get(format!("{}{path}", self.base))
@@ -571,13 +581,7 @@ async fn full_queue_is_503_and_keeps_serving() {
     let prompt = "Count the letter r in the word strawberry. ".repeat(50);
     let long = json!({"model": "deepseek-chat", "max_tokens": 1000, "ignore_eos": true, "stream": true,
         "messages": [{"role": "user", "content": prompt}]});
-    let a = s
-        .http
-        .post(format!("{}/chat/completions", s.base))
-        .body(long.to_string())
-        .send()
-        .await
-        .unwrap();
+    let a = s.open_stream(&long).await;
     // `a` is admitted before `b` is sent (until then it counts as waiting too).
     let t = Instant::now();
     while s.metric("vllm:num_requests_running").await < 1.0 {
@@ -587,13 +591,7 @@ async fn full_queue_is_503_and_keeps_serving() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let b = s
-        .http
-        .post(format!("{}/chat/completions", s.base))
-        .body(long.to_string())
-        .send()
-        .await
-        .unwrap();
+    let b = s.open_stream(&long).await;
     let (sa, sb) = (a.status().as_u16(), b.status().as_u16());
     if (sa, sb) != (200, 200) {
         panic!(
@@ -642,13 +640,7 @@ async fn disconnect_mid_stream_frees_pages_and_bills_what_ran() {
     let s = start(Opts::default()).await;
     let body = json!({"model": "deepseek-chat", "max_tokens": 1800, "ignore_eos": true, "stream": true,
         "messages": [{"role": "user", "content": "What is 1 + 1?"}]});
-    let mut resp = s
-        .http
-        .post(format!("{}/chat/completions", s.base))
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    let mut resp = s.open_stream(&body).await;
     // Read a few chunks: the stream is running and holds its pages.
     let mut got = 0;
     while got < 5 {
