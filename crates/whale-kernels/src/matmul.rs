@@ -135,80 +135,17 @@ const MANY_BLOCK: usize = 32;
 /// projections) keep both cores busy without a fork and join per product.
 /// `exact` as in [`matmul_with`].
 pub fn matvec_many(jobs: Vec<MatVec<'_>>, exact: bool) {
-    let isa = qdot::isa();
-    struct Task<'a> {
-        act: Option<&'a Q8Row>,
-        x: &'a [f32],
-        w: MatRef<'a>,
-        r0: usize,
-        y: &'a mut [f32],
-    }
-    let int =
-        |j: &MatVec| !exact && qdot::supports(j.w.dtype()) && j.w.cols().is_multiple_of(qdot::QK8);
-    // Quantise each distinct input once (the experts' gate and up products share one).
-    let mut acts: Vec<Q8Row> = Vec::new();
-    let mut act_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
-    for (k, j) in jobs.iter().enumerate() {
-        assert_eq!(j.x.len(), j.w.cols(), "matvec_many: x has the wrong length");
-        assert_eq!(j.y.len(), j.w.rows(), "matvec_many: y has the wrong length");
-        if !int(j) {
-            act_of.push(None);
-            continue;
-        }
-        let same = jobs[..k]
-            .iter()
-            .zip(&act_of)
-            .find(|(p, a)| a.is_some() && std::ptr::eq(p.x, j.x))
-            .and_then(|(_, a)| *a);
-        act_of.push(Some(same.unwrap_or_else(|| {
-            acts.push(Q8Row::from_f32(j.x));
-            acts.len() - 1
-        })));
-    }
-    let mut tasks = Vec::new();
-    for (j, act) in jobs.into_iter().zip(&act_of) {
-        for (bi, y) in j.y.chunks_mut(MANY_BLOCK).enumerate() {
-            tasks.push(Task {
-                act: act.map(|i| &acts[i]),
+    matmul_many(
+        jobs.into_iter()
+            .map(|j| MatMul {
                 x: j.x,
+                n: 1,
                 w: j.w,
-                r0: bi * MANY_BLOCK,
-                y,
-            });
-        }
-    }
-    tasks.into_par_iter().for_each(|t| {
-        let rb = t.w.row_bytes();
-        let bytes = t.w.bytes();
-        match t.act {
-            Some(a) => {
-                let len = t.y.len();
-                for (k, yv) in t.y.iter_mut().enumerate() {
-                    let r = t.r0 + k;
-                    if k + PREFETCH_ROWS < len {
-                        qdot::prefetch(&bytes[(r + PREFETCH_ROWS) * rb..][..rb]);
-                    }
-                    let mut out = [0.0f32];
-                    qdot::dot_rows(
-                        isa,
-                        t.w.dtype(),
-                        &bytes[r * rb..(r + 1) * rb],
-                        None,
-                        &[a],
-                        &mut out,
-                    );
-                    *yv = out[0];
-                }
-            }
-            None => {
-                let mut row = vec![0.0f32; t.w.cols()];
-                for (k, yv) in t.y.iter_mut().enumerate() {
-                    t.w.row_into(t.r0 + k, &mut row);
-                    *yv = dot(t.x, &row);
-                }
-            }
-        }
-    });
+                y: j.y,
+            })
+            .collect(),
+        exact,
+    );
 }
 
 /// One product `y = x · Wᵀ` over a few rows, for [`matmul_many`].
