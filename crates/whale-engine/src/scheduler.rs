@@ -390,13 +390,9 @@ impl<'m> Core<'m> {
             let need = self
                 .pool
                 .pages_for(job.req.prompt.len() + job.req.max_tokens);
-            while self.pool.free() < need && self.prefix.evict_one(&mut self.pool) {}
-            if self.pool.free() < need {
-                return; // first come, first served: later requests wait too
-            }
-            let job = self.waiting.pop_front().expect("front exists");
-            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.pool.take(need);
+            // Look the prefix up before evicting for room: a hit shares the entry's pages,
+            // so evicting that entry next loses nothing (the new sequence's reservation
+            // covers its whole prompt, shared pages included).
             let hit = if self.cfg.prefix_cache {
                 self.prefix.lookup(
                     &job.req.cache_scope,
@@ -406,6 +402,13 @@ impl<'m> Core<'m> {
             } else {
                 None
             };
+            while self.pool.free() < need && self.prefix.evict_one(&mut self.pool) {}
+            if self.pool.free() < need {
+                return; // first come, first served: later requests wait too
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.pool.take(need);
             let (cache, hit) = match hit {
                 Some(h) => (h.cache, h.tokens),
                 None => (self.model.new_cache(), 0),

@@ -62,6 +62,20 @@ fn drain(mut rx: UnboundedReceiver<Event>) -> (usize, String, FinishReason, usiz
     }
 }
 
+/// Waits (at most 10 s) until the engine's published counter reads `want` (counters are
+/// published after each step, just after the step's events are sent).
+fn wait_for(c: &std::sync::atomic::AtomicU64, want: u64) {
+    let t = Instant::now();
+    while EngineStats::get(c) != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "counter stayed at {}, want {want}",
+            EngineStats::get(c)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn chat(tok: &whale_model::Tokenizer, q: &str) -> Vec<u32> {
     whale_engine::chat_prompt(tok, &[whale_model::Message::new("user", q)]).unwrap()
 }
@@ -122,14 +136,14 @@ fn admission_waits_for_pages_and_the_prefix_cache_gives_way() {
         (FinishReason::Length, 150, FinishReason::Length, 150)
     );
     // Both finished: their caches stay as prefix entries (17 + 149 fed tokens → 2 whole pages).
-    assert_eq!(EngineStats::get(&e.stats().pages_cached), 2);
+    wait_for(&e.stats().pages_cached, 2);
     // Too large for the pool at all: refused at submit.
     assert!(e.submit(request(p.clone(), 300, &eos, "k")).is_err());
     // A request that needs all four pages evicts the cached prefix to get in; when it
     // finishes, only its own entry (192 tokens, 3 pages) is cached.
     let (hit, _, _, _) = drain(e.submit(request(p, 230, &[], "other")).unwrap());
     assert_eq!(hit, 0, "another scope never hits");
-    assert_eq!(EngineStats::get(&e.stats().pages_cached), 3);
+    wait_for(&e.stats().pages_cached, 3);
 }
 
 #[test]
@@ -158,4 +172,30 @@ fn prefix_hits_are_whole_pages_of_the_same_scope() {
     assert!(h1 > 0 && h1 % 64 == 0 && h1 < prompt.len(), "{h1}");
     assert_eq!(h2, 0, "caches are isolated per scope");
     assert_eq!(a0, a1, "a cache hit never changes the answer");
+}
+
+#[test]
+fn a_hit_survives_the_eviction_of_its_own_entry() {
+    // Four pages. The first answer leaves one page of prefix; the second request needs
+    // all four pages, so that entry is evicted to admit it, after its pages were shared.
+    let (e, tok, _) = engine(EngineConfig {
+        total_pages: 4,
+        ..Default::default()
+    });
+    let system = "Count the letter r in the word strawberry. ".repeat(3);
+    let prompt = whale_engine::chat_prompt(
+        &tok,
+        &[
+            whale_model::Message::new("system", &system),
+            whale_model::Message::new("user", "What is 37 + 48?"),
+        ],
+    )
+    .unwrap();
+    assert!(prompt.len() > 64 && prompt.len() < 128, "{}", prompt.len());
+    let first = drain(e.submit(request(prompt.clone(), 4, &[], "k")).unwrap());
+    wait_for(&e.stats().pages_cached, 1);
+    let max = 4 * 64 - prompt.len();
+    let (hit, _, reason, n) = drain(e.submit(request(prompt.clone(), max, &[], "k")).unwrap());
+    assert_eq!((hit, reason, n), (64, FinishReason::Length, max));
+    assert_eq!(first.0, 0);
 }
