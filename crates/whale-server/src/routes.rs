@@ -187,6 +187,19 @@ impl AppState {
         Ok(())
     }
 
+    /// Takes back the request [`Self::admit_caller`] counted when the engine refused it
+    /// (a 503 does not count against the key's limits).
+    fn forget_last(&self, caller: &Caller) {
+        // Only keys with limits have their requests counted.
+        if !caller.info.as_ref().is_some_and(|i| i.rpm > 0 || i.tpm > 0) {
+            return;
+        }
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(win) = w.get_mut(&caller.key) {
+            win.events.pop_back();
+        }
+    }
+
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if self.cfg.served_names.iter().any(|n| n == model) {
             Ok(())
@@ -579,7 +592,9 @@ async fn chat(
         let (prompt, prefix) = chat_prompt(&st, &msgs, true, tools_json.as_ref())?;
         let max_tokens = st.max_tokens(c.max_tokens, prompt.len())?;
         st.admit_caller(&caller, (prompt.len() + max_tokens) as u64)?;
-        let rx = st.submit(&caller, prompt.clone(), &c, max_tokens, &tool_mode)?;
+        let rx = st
+            .submit(&caller, prompt.clone(), &c, max_tokens, &tool_mode)
+            .inspect_err(|_| st.forget_last(&caller))?;
         Ok(sse::respond(
             st.clone(),
             Job {
@@ -643,7 +658,9 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
         }
         let max_tokens = st.max_tokens(c.max_tokens, prompt.len())?;
         st.admit_caller(&caller, (prompt.len() + max_tokens) as u64)?;
-        let rx = st.submit(&caller, prompt.clone(), &c, max_tokens, &ToolMode::None)?;
+        let rx = st
+            .submit(&caller, prompt.clone(), &c, max_tokens, &ToolMode::None)
+            .inspect_err(|_| st.forget_last(&caller))?;
         let echo = if req.echo == Some(true) {
             Some(match text {
                 Some(t) => t,
