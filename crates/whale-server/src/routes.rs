@@ -216,8 +216,14 @@ impl AppState {
                 "This model's maximum context length is {ctx} tokens. However, you requested {prompt} tokens in the messages. Please reduce the length of the messages."
             )));
         }
+        // Without max_tokens, the default is also capped by what the KV pool can hold.
+        let pool = self.engine.config().total_pages * self.engine.config().page_tokens;
         match asked {
-            None => Ok(self.cfg.default_max_tokens.min(ctx - prompt)),
+            None => Ok(self
+                .cfg
+                .default_max_tokens
+                .min(ctx - prompt)
+                .min(pool.saturating_sub(prompt).max(1))),
             Some(m) if prompt + m <= ctx => Ok(m),
             Some(m) => Err(ApiError::bad_request(format!(
                 "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",

@@ -30,9 +30,13 @@ pub struct ServeArgs {
     /// Most prompt + completion tokens per request (default: the model's, at most 16384).
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// KV pages of 64 tokens in the pool (default: enough for max-batch full contexts).
+    /// KV pages of 64 tokens in the pool (default: enough for max-batch full contexts,
+    /// within --kv-cache-gb).
     #[arg(long)]
     pub kv_pages: Option<usize>,
+    /// Memory the latent cache may take when --kv-pages is not given, GB.
+    #[arg(long, default_value_t = 4.0)]
+    pub kv_cache_gb: f64,
     /// Most requests waiting for admission before new ones get 503.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
@@ -144,11 +148,19 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let max_context = args
         .max_context
         .unwrap_or(cfg.max_position_embeddings.min(16384));
-    let page_tokens = 64;
-    let kv_pages = args
-        .kv_pages
-        .unwrap_or(args.max_batch * max_context.div_ceil(page_tokens));
-    let kv_bytes = kv_pages * page_tokens * model.new_cache().bytes_per_token();
+    let page_tokens = whale_model::PAGE_TOKENS;
+    let page_bytes = model.new_cache().bytes_per_page();
+    let kv_pages = args.kv_pages.unwrap_or_else(|| {
+        let budget = (args.kv_cache_gb * 1e9 / page_bytes as f64) as usize;
+        (args.max_batch * max_context.div_ceil(page_tokens)).min(budget.max(1))
+    });
+    if kv_pages * page_tokens < max_context {
+        tracing::warn!(
+            "{kv_pages} KV pages hold {} tokens, less than one full context ({max_context}); longer requests are refused",
+            kv_pages * page_tokens
+        );
+    }
+    let kv_bytes = kv_pages * page_bytes;
     let mut names = args.served_model_name.clone();
     if names.is_empty() {
         names = vec!["deepseek-chat".into(), "deepseek-coder".into()];
