@@ -66,6 +66,46 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
+/// A generation's visible text: tokens through the incremental detokenizer, then
+/// the stop-string filter that holds back text which could still become a stop string.
+pub(crate) struct TextOut<'t> {
+    detok: Detokenizer<'t>,
+    stops: StopStrings,
+}
+
+impl<'t> TextOut<'t> {
+    pub(crate) fn new(tok: &'t Tokenizer, skip_special: bool, stop: &[String]) -> Self {
+        TextOut {
+            detok: Detokenizer::new(tok, skip_special),
+            stops: StopStrings::new(stop),
+        }
+    }
+
+    /// The text `id` makes safe to show (possibly empty).
+    pub(crate) fn push(&mut self, id: u32) -> Result<String, ModelError> {
+        let piece = self.detok.push(id)?;
+        Ok(self.stops.push(&piece))
+    }
+
+    /// Whether a stop string has been seen (nothing after it is shown).
+    pub(crate) fn stopped(&self) -> bool {
+        self.stops.stopped()
+    }
+
+    /// At the end: the text still held back by the detokenizer and the stop filter.
+    pub(crate) fn finish(&mut self) -> Result<String, ModelError> {
+        let mut text = String::new();
+        if !self.stops.stopped() {
+            let rest = self.detok.flush()?;
+            text.push_str(&self.stops.push(&rest));
+            if !self.stops.stopped() {
+                text.push_str(&self.stops.flush());
+            }
+        }
+        Ok(text)
+    }
+}
+
 /// Generates for `req`, calling `on_text` with each new piece of text as soon as it is final.
 pub fn generate(
     model: &DeepseekModel,
@@ -96,8 +136,7 @@ pub fn generate_with_cache(
         ));
     }
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut detok = tokenizer.map(|t| Detokenizer::new(t, true));
-    let mut stops = StopStrings::new(&req.stop);
+    let mut out = tokenizer.map(|t| TextOut::new(t, true, &req.stop));
     let mut text = String::new();
     let mut tokens = Vec::new();
     let mut emit = |piece: &str, text: &mut String| {
@@ -120,11 +159,10 @@ pub fn generate_with_cache(
         if req.stop_token_ids.contains(&next) {
             break FinishReason::Stop;
         }
-        if let Some(d) = detok.as_mut() {
-            let piece = d.push(next)?;
-            let safe = stops.push(&piece);
+        if let Some(o) = out.as_mut() {
+            let safe = o.push(next)?;
             emit(&safe, &mut text);
-            if stops.stopped() {
+            if o.stopped() {
                 break FinishReason::Stop;
             }
         }
@@ -133,22 +171,14 @@ pub fn generate_with_cache(
         }
         logits = model.forward(&[next], cache, Logits::Last)?;
     };
-    if let Some(d) = detok.as_mut() {
-        if !stops.stopped() {
-            let rest = d.flush()?;
-            let safe = stops.push(&rest);
-            emit(&safe, &mut text);
-            if !stops.stopped() {
-                let held = stops.flush();
-                emit(&held, &mut text);
-            }
+    let mut finish_reason = finish;
+    if let Some(o) = out.as_mut() {
+        let rest = o.finish()?;
+        emit(&rest, &mut text);
+        if o.stopped() {
+            finish_reason = FinishReason::Stop;
         }
     }
-    let finish_reason = if stops.stopped() {
-        FinishReason::Stop
-    } else {
-        finish
-    };
     Ok(Generation {
         tokens,
         text: tokenizer.map(|_| text),

@@ -8,12 +8,10 @@
 //! Sequences join and leave between steps. A request whose receiver is dropped
 //! (the client went away) is removed at the next step and its pages freed.
 
-use crate::detok::Detokenizer;
-use crate::generate::FinishReason;
+use crate::generate::{FinishReason, TextOut};
 use crate::pages::{PagePool, PrefixCache};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stats::EngineStats;
-use crate::stop::StopStrings;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -269,8 +267,7 @@ struct Seq<'t> {
     fed: Vec<u32>,
     output: Vec<u32>,
     sampler: Sampler,
-    detok: Detokenizer<'t>,
-    stops: StopStrings,
+    text: TextOut<'t>,
     pages: usize,
     hit: usize,
     last_token_at: Option<Instant>,
@@ -337,18 +334,7 @@ impl<'m> Core<'m> {
                     self.running.len()
                 );
                 for s in std::mem::take(&mut self.running) {
-                    self.pool.give(s.pages);
-                    EngineStats::add(&self.stats.finished_aborted, 1);
-                    let usage = Usage {
-                        prompt_tokens: s.job.req.prompt.len(),
-                        prompt_cache_hit_tokens: s.hit,
-                        completion_tokens: s.output.len(),
-                    };
-                    let _ = s.job.tx.send(Event::Finished {
-                        reason: FinishReason::InsufficientResource,
-                        text: String::new(),
-                        usage,
-                    });
+                    self.finish(s, FinishReason::InsufficientResource);
                 }
             }
             self.publish();
@@ -424,8 +410,7 @@ impl<'m> Core<'m> {
                 fed: job.req.prompt[..hit].to_vec(),
                 output: Vec::new(),
                 sampler: Sampler::new(job.req.sampling.clone()),
-                detok: Detokenizer::new(self.tok, job.req.skip_special),
-                stops: StopStrings::new(&job.req.stop),
+                text: TextOut::new(self.tok, job.req.skip_special, &job.req.stop),
                 pages: need,
                 hit,
                 last_token_at: None,
@@ -481,8 +466,7 @@ impl<'m> Core<'m> {
             Err(e) => {
                 tracing::error!("model step failed: {e}");
                 // Every sequence in the step is ended; the engine keeps serving.
-                let ended: Vec<usize> = which.clone();
-                for &i in ended.iter().rev() {
+                for &i in which.iter().rev() {
                     let s = self.running.swap_remove(i);
                     self.finish(s, FinishReason::InsufficientResource);
                 }
@@ -542,20 +526,16 @@ impl<'m> Core<'m> {
             });
             return Some(FinishReason::Stop);
         }
-        let piece = match s.detok.push(next) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!("detokenizing {next}: {e}");
-                String::new()
-            }
-        };
-        let text = s.stops.push(&piece);
+        let text = s.text.push(next).unwrap_or_else(|e| {
+            tracing::error!("detokenizing {next}: {e}");
+            String::new()
+        });
         let _ = s.job.tx.send(Event::Token {
             id: next,
             text,
             logprob: lp,
         });
-        if s.stops.stopped() {
+        if s.text.stopped() {
             return Some(FinishReason::Stop);
         }
         if let Some(c) = s.job.req.constraint.as_mut() {
@@ -573,15 +553,10 @@ impl<'m> Core<'m> {
     }
 
     fn finish(&mut self, mut s: Seq<'m>, reason: FinishReason) {
-        let mut text = String::new();
-        if !s.stops.stopped() {
-            if let Ok(rest) = s.detok.flush() {
-                text.push_str(&s.stops.push(&rest));
-            }
-            if !s.stops.stopped() {
-                text.push_str(&s.stops.flush());
-            }
-        }
+        let text = s.text.finish().unwrap_or_else(|e| {
+            tracing::error!("detokenizing the end of an answer: {e}");
+            String::new()
+        });
         let usage = Usage {
             prompt_tokens: s.job.req.prompt.len(),
             prompt_cache_hit_tokens: s.hit,
