@@ -166,12 +166,7 @@ impl Moe {
         if n <= SMALL_BATCH {
             return self.forward_small(x, n, d, y);
         }
-        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
-        for t in 0..n {
-            for (e, w) in self.router.route(&x[t * d..(t + 1) * d]) {
-                per_expert[e].push((t, w));
-            }
-        }
+        let per_expert = self.route_rows(x, n, d);
         let active: Vec<(usize, &Vec<(usize, f32)>)> = per_expert
             .iter()
             .enumerate()
@@ -217,6 +212,19 @@ impl Moe {
     }
 }
 
+impl Moe {
+    /// For every routed expert, the rows of `x` (`[n, d]`) routed to it and their weights.
+    fn route_rows(&self, x: &[f32], n: usize, d: usize) -> Vec<Vec<(usize, f32)>> {
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for t in 0..n {
+            for (e, w) in self.router.route(&x[t * d..(t + 1) * d]) {
+                per_expert[e].push((t, w));
+            }
+        }
+        per_expert
+    }
+}
+
 /// Up to this many token rows (a batched decode step), a MoE layer runs as two
 /// batched passes ([`whale_kernels::matmul_many`]) over the experts it touches
 /// instead of one parallel matmul per expert.
@@ -227,12 +235,7 @@ impl Moe {
     /// over the tokens routed to it, and the shared expert's over all, as one parallel
     /// batch; then all down products as another. Each expert is read once per step.
     fn forward_small(&self, x: &[f32], n: usize, d: usize, y: &mut [f32]) {
-        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
-        for t in 0..n {
-            for (e, w) in self.router.route(&x[t * d..(t + 1) * d]) {
-                per_expert[e].push((t, w));
-            }
-        }
+        let per_expert = self.route_rows(x, n, d);
         // (mlp, its token rows with weights), the shared expert last over all rows.
         let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
         let mut groups: Vec<(&Mlp, &[(usize, f32)])> = per_expert
