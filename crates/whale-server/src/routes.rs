@@ -565,13 +565,7 @@ fn chat_prompt(
     Ok((ids, prefix))
 }
 
-async fn chat(
-    State(st): State<Arc<AppState>>,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let _ = uri;
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     result((|| {
         let caller = st.authorize(&headers)?;
         let req: ChatRequest = api::parse(&body)?;

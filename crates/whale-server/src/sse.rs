@@ -335,7 +335,7 @@ impl Answer {
                 }
                 self.update_meter();
                 if stream && (!text.is_empty() || logprob.is_some()) {
-                    let lps = logprob.map(|lp| self.logprobs_json(&[lp], &text));
+                    let lps = logprob.map(|lp| self.logprobs_json(&[lp]));
                     let choice = self.choice_delta(i, &text, lps, None);
                     let b = self.chunk(json!([choice]), Value::Null);
                     self.out.push_back(b);
@@ -456,7 +456,7 @@ impl Answer {
                     .job
                     .common
                     .logprobs
-                    .map(|_| self.logprobs_json(&c.logprobs, &c.text));
+                    .map(|_| self.logprobs_json(&c.logprobs));
                 match self.job.kind {
                     Kind::Chat => {
                         let mut message = json!({"role": "assistant", "content": c.text});
@@ -490,7 +490,7 @@ impl Answer {
         })
     }
 
-    fn logprobs_json(&self, lps: &[TokenLogprob], _text: &str) -> Value {
+    fn logprobs_json(&self, lps: &[TokenLogprob]) -> Value {
         let tok = &self.st.tok;
         match self.job.kind {
             Kind::Chat => {
