@@ -137,7 +137,7 @@ impl PrefixCache {
         self.clock += 1;
         self.entries[i].last_used = self.clock;
         Some(PrefixHit {
-            cache: self.entries[i].cache.copy_prefix(usable),
+            cache: self.entries[i].cache.share_prefix(usable),
             tokens: usable,
         })
     }

@@ -6,7 +6,7 @@
 //!
 //! Tokens live in pages of [`PAGE_TOKENS`] (64, DeepSeek's cache unit), each page
 //! holding its tokens' rows for every layer (`[layer][token][latent]`). Pages are
-//! reference-counted: a cache made from another's prefix ([`LatentCache::copy_prefix`])
+//! reference-counted: a cache made from another's prefix ([`LatentCache::share_prefix`])
 //! shares its full pages instead of copying them, and a shared page is copied only
 //! if a sequence writes into it (copy on write), so prompt-prefix reuse costs no copy.
 
@@ -96,7 +96,7 @@ impl LatentCache {
 
     /// A cache holding this one's first `n` tokens: full pages are shared, not copied
     /// (a partly kept last page is copied when either cache writes into it).
-    pub fn copy_prefix(&self, n: usize) -> LatentCache {
+    pub fn share_prefix(&self, n: usize) -> LatentCache {
         let n = n.min(self.n_tokens);
         LatentCache {
             pages: self.pages[..n.div_ceil(PAGE_TOKENS)].to_vec(),

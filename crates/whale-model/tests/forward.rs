@@ -248,7 +248,7 @@ fn batched_step_equals_each_sequence_alone() {
     assert_eq!((a.len(), b.len(), c.len()), (4, 4, 7));
     // A prefix shares its pages; writing past it copies the shared page first, so the
     // copy continues exactly as the original and the original is untouched.
-    let mut d = c.copy_prefix(5);
+    let mut d = c.share_prefix(5);
     assert_eq!((d.len(), d.shared_pages(), c.shared_pages()), (5, 1, 1));
     let tail = m.forward(&toks[5..], &mut d, Logits::All).unwrap();
     assert!(max_abs_diff(&tail, &exp.logits[5..]) < 1e-4);
@@ -282,6 +282,6 @@ fn decode_over_several_pages_matches_one_prefill() {
         assert!(err < 1e-4, "position {i}: {err}");
     }
     // A prefix of two pages is shared, not copied.
-    let p = cache.copy_prefix(128);
+    let p = cache.share_prefix(128);
     assert_eq!((p.pages(), p.shared_pages()), (2, 2));
 }

@@ -81,7 +81,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         // B sequences at the same depth, one token each per step, all in one forward.
         for r in 0..a.reps {
             let mut caches: Vec<LatentCache> =
-                (0..a.batch).map(|_| cache.copy_prefix(a.depth)).collect();
+                (0..a.batch).map(|_| cache.share_prefix(a.depth)).collect();
             let ids: Vec<Vec<u32>> = (0..a.batch)
                 .map(|b| tokens(a.gen, vocab, 300 + (r * a.batch + b) as u64))
                 .collect();
