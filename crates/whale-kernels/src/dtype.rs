@@ -31,6 +31,11 @@ pub enum DType {
     Q5K,
     /// ggml Q6_K: 256 values in 210 bytes.
     Q6K,
+    /// Q4_0 repacked at load, eight rows interleaved block by block (see
+    /// [`crate::repack`]); the same 18 bytes per 32 values. Never in a file.
+    Q4_0R8,
+    /// Q8_0 repacked the same way; 34 bytes per 32 values.
+    Q8_0R8,
 }
 
 impl DType {
@@ -39,11 +44,11 @@ impl DType {
         match self {
             DType::F32 => (1, 4),
             DType::F16 | DType::BF16 => (1, 2),
-            DType::Q4_0 => (QK, 18),
+            DType::Q4_0 | DType::Q4_0R8 => (QK, 18),
             DType::Q4_1 => (QK, 20),
             DType::Q5_0 => (QK, 22),
             DType::Q5_1 => (QK, 24),
-            DType::Q8_0 => (QK, 34),
+            DType::Q8_0 | DType::Q8_0R8 => (QK, 34),
             DType::Q4K => (QK_K, 144),
             DType::Q5K => (QK_K, 176),
             DType::Q6K => (QK_K, 210),
@@ -56,16 +61,33 @@ impl DType {
         n.is_multiple_of(vals).then(|| n / vals * bytes)
     }
 
-    /// ggml's type id (`ggml_type`).
-    pub fn ggml_type(self) -> u32 {
+    /// Rows interleaved per group in a repacked type (1 for the file formats).
+    pub fn interleave(self) -> usize {
         match self {
+            DType::Q4_0R8 | DType::Q8_0R8 => crate::repack::ROWS,
+            _ => 1,
+        }
+    }
+
+    /// The file format a repacked type was made from (itself for the file formats).
+    pub fn file_type(self) -> DType {
+        match self {
+            DType::Q4_0R8 => DType::Q4_0,
+            DType::Q8_0R8 => DType::Q8_0,
+            t => t,
+        }
+    }
+
+    /// ggml's type id (`ggml_type`); a repacked type reports its file format's.
+    pub fn ggml_type(self) -> u32 {
+        match self.file_type() {
             DType::F32 => 0,
             DType::F16 => 1,
-            DType::Q4_0 => 2,
+            DType::Q4_0 | DType::Q4_0R8 => 2,
             DType::Q4_1 => 3,
             DType::Q5_0 => 6,
             DType::Q5_1 => 7,
-            DType::Q8_0 => 8,
+            DType::Q8_0 | DType::Q8_0R8 => 8,
             DType::Q4K => 12,
             DType::Q5K => 13,
             DType::Q6K => 14,
@@ -106,6 +128,8 @@ impl DType {
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
+            DType::Q4_0R8 => "q4_0_r8",
+            DType::Q8_0R8 => "q8_0_r8",
         }
     }
 }
@@ -125,7 +149,11 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// Wraps `data`; `None` when rows are not whole blocks or the length is not
     /// `rows` rows of `cols` values.
+    /// Repacked types also need `rows` to be whole groups of interleaved rows.
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
+        if !rows.is_multiple_of(dtype.interleave()) {
+            return None;
+        }
         (data.len() == rows.checked_mul(dtype.bytes_for(cols)?)?).then_some(Self {
             dtype,
             data,
@@ -157,9 +185,15 @@ impl<'a> MatRef<'a> {
     /// Rows `start..start + n` as a smaller view.
     ///
     /// # Panics
-    /// If the range is out of bounds (a caller bug, never input-dependent).
+    /// If the range is out of bounds, or cuts a group of a repacked type (caller
+    /// bugs, never input-dependent).
     pub fn row_range(&self, start: usize, n: usize) -> MatRef<'a> {
         assert!(start + n <= self.rows, "row range out of bounds");
+        let g = self.dtype.interleave();
+        assert!(
+            start.is_multiple_of(g) && n.is_multiple_of(g),
+            "row range cuts a group of {g} interleaved rows"
+        );
         let rb = self.row_bytes();
         MatRef {
             dtype: self.dtype,
@@ -177,18 +211,31 @@ impl<'a> MatRef<'a> {
     /// Decodes row `r` into `out` (length `cols`) as f32.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
+        let g = self.dtype.interleave();
+        if g > 1 {
+            let group = &self.data[r / g * g * rb..(r / g + 1) * g * rb];
+            crate::repack::decode_row(self.dtype, group, r % g, out);
+            return;
+        }
         decode_into(self.dtype, &self.data[r * rb..(r + 1) * rb], out);
     }
 
     /// Decodes the whole matrix into a new f32 vector (row-major).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
+        if self.dtype.interleave() > 1 {
+            for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+                self.row_into(r, row);
+            }
+            return out;
+        }
         decode_into(self.dtype, self.data, &mut out);
         out
     }
 }
 
 /// Decodes little-endian `bytes` of `dtype` into `out` (whole blocks); lengths must agree.
+/// Not for repacked types, whose rows are interleaved ([`MatRef::row_into`] decodes them).
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(Some(bytes.len()), dtype.bytes_for(out.len()));
     let mut blocks = |f: fn(&[u8], &mut [f32])| {
@@ -206,6 +253,12 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         DType::Q4K => blocks(quant::dequant_q4_k),
         DType::Q5K => blocks(quant::dequant_q5_k),
         DType::Q6K => blocks(quant::dequant_q6_k),
+        DType::Q4_0R8 | DType::Q8_0R8 => {
+            panic!(
+                "decode_into: {} rows are interleaved; use MatRef",
+                dtype.name()
+            )
+        }
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);

@@ -24,6 +24,7 @@ mod ops;
 pub mod qdot;
 pub mod quant;
 pub mod quantize;
+pub mod repack;
 pub mod simd_f32;
 
 pub use attn::{mqa_scores, mqa_values};

@@ -330,9 +330,12 @@ fn q6_k(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// Whether whale can write `dtype` (every type it reads except Q4_1, Q5_1, Q5_K).
+/// Whether whale can write `dtype` (every file type it reads except Q4_1, Q5_1, Q5_K).
 pub fn can_quantize(dtype: DType) -> bool {
-    !matches!(dtype, DType::Q4_1 | DType::Q5_1 | DType::Q5K)
+    !matches!(
+        dtype,
+        DType::Q4_1 | DType::Q5_1 | DType::Q5K | DType::Q4_0R8 | DType::Q8_0R8
+    )
 }
 
 /// Encodes the row `x` as `dtype` into `out` (`dtype.bytes_for(x.len())` bytes).
@@ -367,7 +370,7 @@ pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q5_0 => q5_0,
         DType::Q4K => q4_k,
         DType::Q6K => q6_k,
-        DType::Q4_1 | DType::Q5_1 | DType::Q5K => {
+        DType::Q4_1 | DType::Q5_1 | DType::Q5K | DType::Q4_0R8 | DType::Q8_0R8 => {
             panic!("whale does not write {}", dtype.name())
         }
     };

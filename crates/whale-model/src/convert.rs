@@ -62,9 +62,9 @@ fn file_type(t: DType) -> u32 {
     match t {
         DType::F32 => 0,
         DType::F16 => 1,
-        DType::Q4_0 => 2,
+        DType::Q4_0 | DType::Q4_0R8 => 2,
         DType::Q4_1 => 3,
-        DType::Q8_0 => 7,
+        DType::Q8_0 | DType::Q8_0R8 => 7,
         DType::Q5_0 => 8,
         DType::Q5_1 => 9,
         DType::Q4K => 14,

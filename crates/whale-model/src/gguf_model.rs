@@ -8,7 +8,7 @@ use crate::gguf::{GgufFile, GgufValue};
 use crate::linear::{Linear, Mlp};
 use crate::mla::KvUp;
 use crate::model::TensorSource;
-use crate::weights::Tensor;
+use crate::weights::{Packable, Tensor};
 
 const ARCH: &str = "deepseek2";
 
@@ -289,10 +289,13 @@ impl TensorSource for GgufFile {
                 "kv_b_proj (W_UV)",
                 &[nh, v, c],
             )?;
+            // Per-head slices ([C, P] of W_UKᵀ, [V, C] of W_UV) must be whole groups.
+            let ok = c % 8 == 0 && v % 8 == 0;
+            let (k_b_t, v_b) = (Packable::new(k_b_t, ok), Packable::new(v_b, ok));
             return Ok(KvUp::Split { k_b_t, v_b });
         }
         let hf = format!("model.layers.{li}.self_attn.kv_b_proj.weight");
-        Ok(KvUp::Fused(Linear::new(TensorSource::get(
+        Ok(KvUp::Fused(Linear::unpacked(TensorSource::get(
             self,
             &hf,
             &[nh * (p + v), c],

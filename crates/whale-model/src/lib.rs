@@ -41,6 +41,7 @@ pub use error::ModelError;
 pub use folder::{open_tokenizer, GenerationConfig, ModelFolder};
 pub use gguf::{ggml_type_name, set_populate, GgufFile, GgufTensorInfo, GgufValue};
 pub use gguf_write::{write_gguf, MetaValue, RowSource, TensorPlan};
+pub use linear::{repack_enabled, set_repack};
 pub use mla::MlaMode;
 pub use model::{BatchItem, DeepseekModel, Logits};
 pub use moe::moe_counters;

@@ -1,40 +1,82 @@
 //! A bias-free linear layer over a memory-mapped weight `[out, in]`.
 
-use crate::weights::Tensor;
+use crate::weights::{Packable, Tensor};
 use whale_kernels::{matmul_with, MatRef};
 
 /// `y = x · Wᵀ` with `W` borrowed from the weights file.
 pub(crate) struct Linear {
-    w: Tensor,
+    w: Packable,
     /// f32 arithmetic on dequantised weights instead of 8-bit activations.
     pub exact: bool,
 }
 
 impl Linear {
+    /// A layer over `w`, which the model's repack pass may turn into row-interleaved
+    /// groups when its type has a repacked kernel (Q4_0, Q8_0; see `Tensor::repacked`).
     pub fn new(w: Tensor) -> Self {
-        Linear { w, exact: false }
+        Linear {
+            w: Packable::new(w, true),
+            exact: false,
+        }
+    }
+
+    /// A layer over `w` exactly as stored, never repacked: for weights that are also
+    /// sliced at row offsets that need not fall on group boundaries (the fused
+    /// `kv_b_proj`), or that share their bytes with a tensor read row by row (tied
+    /// embeddings).
+    pub fn unpacked(w: Tensor) -> Self {
+        Linear {
+            w: Packable::new(w, false),
+            exact: false,
+        }
+    }
+
+    /// The weight, for the model's repack pass.
+    pub fn packable(&self) -> &Packable {
+        &self.w
     }
 
     pub fn out_dim(&self) -> usize {
-        self.w.shape()[0]
+        self.w.get().shape()[0]
     }
 
     pub fn mat(&self) -> MatRef<'_> {
-        self.w.mat()
+        self.w.get().mat()
     }
 
     pub fn tensor(&self) -> &Tensor {
-        &self.w
+        self.w.get()
     }
 
     /// Bytes of the weight as stored.
     pub fn bytes(&self) -> usize {
-        self.w.bytes().len()
+        self.w.get().bytes().len()
     }
 
     /// `x`: `[n, in]` → `y`: `[n, out]`.
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        matmul_with(x, n, self.w.mat(), y, self.exact);
+        matmul_with(x, n, self.mat(), y, self.exact);
+    }
+}
+
+static REPACK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Whether models loaded from now on repack their Q4_0/Q8_0 weights into
+/// row-interleaved groups as they load (the default; `WHALE_NO_REPACK=1` in the
+/// environment turns it off unless this is called). Repacking costs a pass over the
+/// weights and fresh memory for them, and makes the integer products about twice as
+/// fast on AVX2 (`cargo bench -p whale-kernels --bench quant`). With it off a model
+/// can still be repacked later, e.g. on a background thread
+/// ([`crate::DeepseekModel::repack`]).
+pub fn set_repack(on: bool) {
+    REPACK.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_repack`].
+pub fn repack_enabled() -> bool {
+    match REPACK.load(std::sync::atomic::Ordering::Relaxed) {
+        2 => std::env::var_os("WHALE_NO_REPACK").is_none(),
+        v => v == 1,
     }
 }
 
@@ -68,6 +110,15 @@ impl Mlp {
         self.gate.exact = exact;
         self.up.exact = exact;
         self.down.exact = exact;
+    }
+
+    /// The three weights, for the model's repack pass.
+    pub fn packables(&self) -> [&Packable; 3] {
+        [
+            self.gate.packable(),
+            self.up.packable(),
+            self.down.packable(),
+        ]
     }
 
     /// Bytes of the three weights as stored.

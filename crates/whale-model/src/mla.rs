@@ -16,7 +16,7 @@
 use crate::cache::{LatentCache, PAGE_TOKENS};
 use crate::linear::Linear;
 use crate::rope::Rope;
-use crate::weights::Tensor;
+use crate::weights::{Packable, Tensor};
 use rayon::prelude::*;
 use whale_kernels::{matmul_t_vec, matmul_with, rmsnorm_inplace, softmax_inplace};
 
@@ -50,7 +50,7 @@ pub(crate) enum KvUp {
     /// per head, rows `0..P` are W_UK and `P..P+V` are W_UV.
     Fused(Linear),
     /// GGUF `attn_k_b` `[H, C, P]` (W_UKᵀ per head) and `attn_v_b` `[H, V, C]` (W_UV per head).
-    Split { k_b_t: Tensor, v_b: Tensor },
+    Split { k_b_t: Packable, v_b: Packable },
 }
 
 impl KvUp {
@@ -69,7 +69,7 @@ impl KvUp {
         match self {
             KvUp::Fused(w) => matmul_t_vec(q_nope, w.mat().row_range(h * (p + v), p), q_lat),
             KvUp::Split { k_b_t, .. } => {
-                matmul_with(q_nope, 1, k_b_t.rows(h * c, c, p).mat(), q_lat, exact)
+                matmul_with(q_nope, 1, k_b_t.get().rows(h * c, c, p).mat(), q_lat, exact)
             }
         }
     }
@@ -78,7 +78,7 @@ impl KvUp {
     fn w_uv(&self, h: usize, p: usize, v: usize, c: usize) -> Tensor {
         match self {
             KvUp::Fused(w) => w.tensor().rows(h * (p + v) + p, v, c),
-            KvUp::Split { v_b, .. } => v_b.rows(h * v, v, c),
+            KvUp::Split { v_b, .. } => v_b.get().rows(h * v, v, c),
         }
     }
 
@@ -105,7 +105,7 @@ impl KvUp {
                     // k_nope = lat · W_UKᵀᵀ: W_UK[h] ([P, C], f32) rebuilt from the stored
                     // transpose [C, P] once per head, then one product over all N rows
                     // (an axpy per latent element and row cost 100× more at depth).
-                    let kt = k_b_t.rows(h * c, c, p).mat().to_f32(); // [C, P]
+                    let kt = k_b_t.get().rows(h * c, c, p).mat().to_f32(); // [C, P]
                     for (ci, krow) in kt.chunks_exact(p).enumerate() {
                         for (pi, &x) in krow.iter().enumerate() {
                             w_uk[(pi * c + ci) * 4..(pi * c + ci + 1) * 4]
@@ -115,7 +115,7 @@ impl KvUp {
                     let w = whale_kernels::MatRef::new(whale_kernels::DType::F32, &w_uk, p, c)
                         .expect("[P, C] f32");
                     matmul_with(lat, n, w, &mut k, true);
-                    matmul_with(lat, n, v_b.rows(h * v, v, c).mat(), &mut vv, exact);
+                    matmul_with(lat, n, v_b.get().rows(h * v, v, c).mat(), &mut vv, exact);
                     for u in 0..n {
                         let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
                         dst[..p].copy_from_slice(&k[u * p..(u + 1) * p]);
@@ -167,6 +167,21 @@ impl Mla {
         self.o.exact = exact;
     }
 
+    /// The layer's projection weights, for the model's repack pass.
+    pub fn packables(&self) -> Vec<&Packable> {
+        let mut v = match &self.q {
+            QProj::Plain(w) => vec![w.packable()],
+            QProj::Lora { a, b, .. } => vec![a.packable(), b.packable()],
+        };
+        v.push(self.kv_a.packable());
+        match &self.kv_up {
+            KvUp::Fused(w) => v.push(w.packable()),
+            KvUp::Split { k_b_t, v_b } => v.extend([k_b_t, v_b]),
+        }
+        v.push(self.o.packable());
+        v
+    }
+
     /// Bytes of the layer's weights as stored (norms as f32).
     pub fn weight_bytes(&self) -> usize {
         let q = match &self.q {
@@ -175,7 +190,7 @@ impl Mla {
         };
         let up = match &self.kv_up {
             KvUp::Fused(w) => w.bytes(),
-            KvUp::Split { k_b_t, v_b } => k_b_t.bytes().len() + v_b.bytes().len(),
+            KvUp::Split { k_b_t, v_b } => k_b_t.get().bytes().len() + v_b.get().bytes().len(),
         };
         q + self.kv_a.bytes() + 4 * self.kv_a_norm.len() + up + self.o.bytes()
     }
@@ -308,7 +323,7 @@ impl Mla {
         let mut o_lat = vec![0.0f32; nh * c];
         // Per-head views of W_UKᵀ [C, P] (split layout), made once for all T tokens.
         let w: Vec<Tensor> = match &self.kv_up {
-            KvUp::Split { k_b_t, .. } => (0..nh).map(|hi| k_b_t.rows(hi * c, c, p)).collect(),
+            KvUp::Split { k_b_t, .. } => (0..nh).map(|hi| k_b_t.get().rows(hi * c, c, p)).collect(),
             KvUp::Fused(_) => Vec::new(),
         };
         for ti in 0..t {

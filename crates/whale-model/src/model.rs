@@ -70,8 +70,54 @@ impl DeepseekModel {
         Self::from_source(st, cfg)
     }
 
-    /// Builds the model from any tensor source that answers transformers' names.
+    /// Builds the model from any tensor source that answers transformers' names, and
+    /// repacks its Q4_0/Q8_0 weights when [`crate::repack_enabled`].
     pub(crate) fn from_source(st: &dyn TensorSource, cfg: ModelConfig) -> Result<Self, ModelError> {
+        let m = Self::build(st, cfg)?;
+        if crate::linear::repack_enabled() {
+            let t = std::time::Instant::now();
+            let bytes = m.repack(None);
+            if bytes > 0 {
+                tracing::info!(
+                    "repacked {:.2} GB of weights in {:.2} s",
+                    bytes as f64 / 1e9,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+        Ok(m)
+    }
+
+    /// Repacks every Q4_0/Q8_0 projection weight into row-interleaved groups (the
+    /// faster integer kernels), layer by layer, stopping early when `stop` is set;
+    /// returns the bytes repacked. Safe to run on another thread while the model
+    /// computes: each weight switches to its repacked copy when that is complete.
+    pub fn repack(&self, stop: Option<&std::sync::atomic::AtomicBool>) -> usize {
+        let mut done = 0;
+        let stopped = || stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
+        for l in &self.layers {
+            let mut ws = l.attn.packables();
+            match &l.ffn {
+                Ffn::Dense(m) => ws.extend(m.packables()),
+                Ffn::Moe(m) => {
+                    ws.extend(m.shared.iter().flat_map(Mlp::packables));
+                    ws.extend(m.experts.iter().flat_map(Mlp::packables));
+                }
+            }
+            for w in ws {
+                if stopped() {
+                    return done;
+                }
+                done += w.repack();
+            }
+        }
+        if !stopped() {
+            done += self.lm_head.packable().repack();
+        }
+        done
+    }
+
+    fn build(st: &dyn TensorSource, cfg: ModelConfig) -> Result<Self, ModelError> {
         let d = cfg.hidden_size;
         let (nh, p, r, v, c) = (
             cfg.num_attention_heads,
@@ -131,7 +177,7 @@ impl DeepseekModel {
         let lm_head = if st.contains("lm_head.weight") || !cfg.tie_word_embeddings {
             lin("lm_head.weight", cfg.vocab_size, d)?
         } else {
-            Linear::new(embed.clone())
+            Linear::unpacked(embed.clone())
         };
         Ok(DeepseekModel {
             rope: Rope::new(&cfg),
@@ -356,7 +402,7 @@ pub(crate) trait TensorSource {
         c: usize,
     ) -> Result<KvUp, ModelError> {
         let name = format!("model.layers.{li}.self_attn.kv_b_proj.weight");
-        Ok(KvUp::Fused(Linear::new(
+        Ok(KvUp::Fused(Linear::unpacked(
             self.get(&name, &[nh * (p + v), c])?,
         )))
     }

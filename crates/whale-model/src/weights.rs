@@ -10,10 +10,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use whale_kernels::{DType, MatRef};
 
-/// A tensor inside a memory-mapped file.
+/// Where a tensor's bytes live.
+#[derive(Clone, Debug)]
+enum Backing {
+    /// Inside a memory-mapped file.
+    Map(Arc<Mmap>),
+    /// In memory of its own (a weight repacked at load).
+    Owned(Arc<Vec<u8>>),
+}
+
+/// A tensor inside a memory-mapped file, or a copy of one made at load.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    map: Arc<Mmap>,
+    map: Backing,
     offset: usize,
     len: usize,
     dtype: DType,
@@ -31,13 +40,42 @@ impl Tensor {
         file: Arc<PathBuf>,
     ) -> Self {
         Tensor {
-            map,
+            map: Backing::Map(map),
             offset,
             len,
             dtype,
             shape,
             file,
         }
+    }
+
+    /// This tensor seen as a `[rows, cols]` matrix (`cols` = the innermost
+    /// dimension) repacked into row-interleaved groups for the integer kernels
+    /// ([`whale_kernels::repack`]), when its type and shape allow; the file's pages
+    /// it was read from are then dropped from this process (`MADV_DONTNEED`: they
+    /// stay in the page cache, and reading them again maps them back), so resident
+    /// memory holds the weights once. `None` leaves the tensor as it is.
+    pub(crate) fn repacked(&self) -> Option<Tensor> {
+        let cols = *self.shape.last()?;
+        let rows = self.shape.iter().rev().skip(1).product::<usize>();
+        let (dtype, bytes) = whale_kernels::repack::repack(self.dtype, self.bytes(), rows, cols)?;
+        if let Backing::Map(m) = &self.map {
+            // SAFETY: the map is private and read-only, so discarding its pages loses
+            // nothing: a later read faults the same file bytes back in. No reference
+            // into the range is used across this call in a way that could observe a
+            // difference.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len)
+            };
+        }
+        Some(Tensor {
+            map: Backing::Owned(Arc::new(bytes)),
+            offset: 0,
+            len: self.len,
+            dtype,
+            shape: self.shape.clone(),
+            file: self.file.clone(),
+        })
     }
 
     /// Element type.
@@ -52,7 +90,11 @@ impl Tensor {
 
     /// The raw little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.offset..self.offset + self.len]
+        let all: &[u8] = match &self.map {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        };
+        &all[self.offset..self.offset + self.len]
     }
 
     /// The file the tensor lives in.
@@ -62,14 +104,23 @@ impl Tensor {
 
     /// A 2-D view `[shape[0], product of the rest]`.
     pub fn mat(&self) -> MatRef<'_> {
-        let rows = self.shape.first().copied().unwrap_or(1);
-        let cols = self.shape.iter().skip(1).product::<usize>();
+        let (rows, cols) = if self.dtype.interleave() > 1 {
+            // Repacked: groups of rows of the innermost dimension.
+            let cols = self.shape.last().copied().unwrap_or(1);
+            (self.shape.iter().rev().skip(1).product::<usize>(), cols)
+        } else {
+            let rows = self.shape.first().copied().unwrap_or(1);
+            (rows, self.shape.iter().skip(1).product::<usize>())
+        };
         // Length was checked against shape and dtype when the tensor was opened.
         MatRef::new(self.dtype, self.bytes(), rows, cols).expect("tensor length checked at load")
     }
 
     /// Decodes the whole tensor to f32 (for small tensors: norms, biases).
     pub fn to_f32(&self) -> Vec<f32> {
+        if self.dtype.interleave() > 1 {
+            return self.mat().to_f32();
+        }
         let n = self.shape.iter().product::<usize>();
         MatRef::new(self.dtype, self.bytes(), 1, n)
             .expect("tensor length checked at load")
@@ -81,6 +132,12 @@ impl Tensor {
     pub(crate) fn rows(&self, start: usize, n: usize, cols: usize) -> Tensor {
         let rb = self.dtype.bytes_for(cols).expect("whole blocks");
         debug_assert!((start + n) * rb <= self.len);
+        let g = self.dtype.interleave();
+        assert!(
+            start.is_multiple_of(g) && n.is_multiple_of(g),
+            "rows {start}..{} cut a group of {g} interleaved rows",
+            start + n
+        );
         Tensor {
             map: self.map.clone(),
             offset: self.offset + start * rb,
@@ -88,6 +145,47 @@ impl Tensor {
             dtype: self.dtype,
             shape: vec![n, cols],
             file: self.file.clone(),
+        }
+    }
+}
+
+/// A weight that may be repacked after load ([`Tensor::repacked`]): readers get the
+/// repacked copy once it exists and the file's bytes until then, so a model can
+/// start answering while its weights are repacked on another thread.
+#[derive(Debug)]
+pub(crate) struct Packable {
+    file: Tensor,
+    packed: std::sync::OnceLock<Tensor>,
+    allowed: bool,
+}
+
+impl Packable {
+    /// `t`, to be repacked later if `allowed` (and its type and shape permit).
+    pub fn new(t: Tensor, allowed: bool) -> Self {
+        Packable {
+            file: t,
+            packed: std::sync::OnceLock::new(),
+            allowed,
+        }
+    }
+
+    /// The repacked tensor if it is ready, else the file's.
+    pub fn get(&self) -> &Tensor {
+        self.packed.get().unwrap_or(&self.file)
+    }
+
+    /// Repacks once (later calls do nothing); the bytes repacked, 0 if none.
+    pub fn repack(&self) -> usize {
+        if !self.allowed || self.packed.get().is_some() {
+            return 0;
+        }
+        match self.file.repacked() {
+            Some(t) => {
+                let n = t.bytes().len();
+                let _ = self.packed.set(t);
+                n
+            }
+            None => 0,
         }
     }
 }
@@ -171,7 +269,7 @@ impl WeightStore {
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
             let t = Tensor {
-                map: map.clone(),
+                map: Backing::Map(map.clone()),
                 offset,
                 len: data.len(),
                 dtype,

@@ -317,3 +317,38 @@ fn unsupported_tensor_types_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn repacked_weights_compute_what_the_file_layout_computes() {
+    // The same Q8_0 file with its weights as stored and after the repack pass (row
+    // groups interleaved for the integer kernels): the integer arithmetic is the
+    // same, only the float summation order differs.
+    use whale_model::{DeepseekModel, Logits};
+    let path = fixtures().join("gguf/v3-q8_0.gguf");
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gguf/v3-q8_0.expected.json")).unwrap(),
+    )
+    .unwrap();
+    let tokens = ids(&r["tokens"]);
+    whale_model::set_repack(false);
+    let g = DeepseekModel::load_gguf(&path).unwrap();
+    whale_model::set_repack(true);
+    let before = g.forward(&tokens, &mut g.new_cache(), Logits::All).unwrap();
+    let bytes = g.repack(None);
+    assert!(bytes > 0, "nothing was repacked");
+    assert_eq!(g.repack(None), 0, "a second pass repacks nothing");
+    let after = g.forward(&tokens, &mut g.new_cache(), Logits::All).unwrap();
+    let scale = before.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = before
+        .iter()
+        .zip(&after)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("repacked {bytes} B: max |diff| = {err:.2e} of max |logit| {scale:.2}");
+    assert!(err <= 1e-4 * scale, "{err} vs {scale}");
+    // A stop flag that is already set repacks nothing.
+    whale_model::set_repack(false);
+    let h = DeepseekModel::load_gguf(&path).unwrap();
+    whale_model::set_repack(true);
+    let stop = std::sync::atomic::AtomicBool::new(true);
+    assert_eq!(h.repack(Some(&stop)), 0);
+}

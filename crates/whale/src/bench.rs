@@ -138,6 +138,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         "pp_samples": pp,
         "tg_samples": tg,
         "load_s": load_s,
+        "repacked": whale_model::repack_enabled(),
         "depth_fill_s": fill_s,
         "kv_bytes_per_token": kv,
         "weight_bytes": m.weight_bytes(),

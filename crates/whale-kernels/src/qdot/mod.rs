@@ -29,6 +29,8 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     /// `d · Σ q` per block.
     pub s: Vec<f32>,
+    /// `Σ q` per block (the repacked Q4_0 kernel subtracts `8 Σ q` in integers).
+    pub sum: Vec<i32>,
 }
 
 impl Q8Row {
@@ -46,24 +48,35 @@ impl Q8Row {
         self.qs.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        self.sum.resize(nb, 0);
+        let out = (
+            &mut self.qs[..],
+            &mut self.d[..],
+            &mut self.s[..],
+            &mut self.sum[..],
+        );
         #[cfg(target_arch = "x86_64")]
         if isa() != Isa::Scalar {
             // SAFETY: `isa()` reports AVX2 only after detecting AVX2, FMA and F16C.
-            unsafe { x86::quantize_row_avx2(x, &mut self.qs, &mut self.d, &mut self.s) };
+            unsafe { x86::quantize_row_avx2(x, out) };
             return;
         }
-        quantize_body(x, &mut self.qs, &mut self.d, &mut self.s);
+        quantize_body(x, out);
     }
 }
+
+/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `Σ q`.
+pub(crate) type Q8Out<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32], &'a mut [i32]);
 
 /// Per block: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σ q`. Written once and
 /// compiled twice (here, and with AVX2 in `x86`), so both paths round identically.
 #[inline(always)]
-pub(crate) fn quantize_body(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [f32]) {
-    for ((xs, q), (d, s)) in x
+pub(crate) fn quantize_body(x: &[f32], (qs, ds, ss, sums): Q8Out<'_>) {
+    for (((xs, q), (d, s)), total) in x
         .chunks_exact(QK8)
         .zip(qs.chunks_exact_mut(QK8))
         .zip(ds.iter_mut().zip(ss.iter_mut()))
+        .zip(sums.iter_mut())
     {
         let mut amax = 0.0f32;
         for v in xs {
@@ -78,6 +91,7 @@ pub(crate) fn quantize_body(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [
         }
         *d = dv;
         *s = dv * sum as f32;
+        *total = sum;
     }
 }
 
@@ -114,7 +128,10 @@ pub fn isa() -> Isa {
 
 /// Whether `dtype` has an integer kernel here.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q8_0)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q8_0 | DType::Q4_0R8 | DType::Q8_0R8
+    )
 }
 
 /// Asks for the cache lines of `bytes` ahead of use (a hint; no effect elsewhere).
@@ -167,6 +184,20 @@ pub fn dot_rows(
         Isa::Avx2 | Isa::Avx512Vnni => x86::dot_rows(isa, dtype, w, dw, a, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => scalar::dot_rows(dtype, w, a, out),
+    }
+}
+
+/// `out[8 t + l] = w_l · a[t]` for the eight rows `l` of one repacked group `w`
+/// (all its blocks, [`crate::repack`] layout) and up to four activation rows.
+/// `isa` must be one the CPU runs (as [`isa`] returns).
+pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    debug_assert!(a.len() <= 4 && out.len() == 8 * a.len());
+    match isa {
+        Isa::Scalar => scalar::dot_group(dtype, w, a, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_group(dtype, w, a, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::dot_group(dtype, w, a, out),
     }
 }
 
@@ -246,19 +277,107 @@ mod tests {
     }
 
     #[test]
+    fn repacked_groups_equal_the_scalar_twin_and_the_file_rows() {
+        for cols in [32, 64, 2048, 1408] {
+            for dtype in [DType::Q4_0, DType::Q8_0] {
+                let rows = 8;
+                let w = lcg(rows * cols, cols as u64 + 7);
+                let mut wq = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
+                quantize_row(dtype, &w, &mut wq);
+                let (to, packed) = crate::repack::repack(dtype, &wq, rows, cols).unwrap();
+                let xs: Vec<Q8Row> = (0..4)
+                    .map(|t| Q8Row::from_f32(&lcg(cols, 40 + t)))
+                    .collect();
+                let rb = wq.len() / rows;
+                for n in 1..=4 {
+                    let a: Vec<&Q8Row> = xs[..n].iter().collect();
+                    let mut want = vec![0.0; 8 * n];
+                    scalar::dot_group(to, &packed, &a, &mut want);
+                    // The file-layout twin, row by row: the same integers, other rounding.
+                    for l in 0..rows {
+                        let mut per_row = vec![0.0; n];
+                        scalar::dot_rows(dtype, &wq[l * rb..(l + 1) * rb], &a, &mut per_row);
+                        for t in 0..n {
+                            let tol = 1e-5 * per_row[t].abs().max(1.0);
+                            assert!((want[8 * t + l] - per_row[t]).abs() <= tol, "{dtype:?}");
+                        }
+                    }
+                    for isa in isas() {
+                        let mut got = vec![0.0; 8 * n];
+                        dot_group(isa, to, &packed, &a, &mut got);
+                        for (g, w) in got.iter().zip(&want) {
+                            let tol = 1e-5 * w.abs().max(1.0);
+                            assert!(
+                                (g - w).abs() <= tol,
+                                "{isa:?} {to:?} {cols} {n}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn repacked_extremes_do_not_overflow() {
+        // Q8_0 weights at -128 and 127, Q4_0 nibbles at 0 and 15, activations at ±127:
+        // the 16-bit partial sums must neither saturate nor wrap.
+        let cols = 64;
+        for dtype in [DType::Q8_0, DType::Q4_0] {
+            let bs = dtype.block().1;
+            let mut wq = vec![0u8; 8 * dtype.bytes_for(cols).unwrap()];
+            for (i, b) in wq.chunks_mut(bs).enumerate() {
+                b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+                for (j, q) in b[2..].iter_mut().enumerate() {
+                    *q = match (dtype, (i + j) % 3) {
+                        (DType::Q8_0, 0) => 0x80,
+                        (DType::Q8_0, _) => 0x7f,
+                        (_, 0) => 0x00,
+                        _ => 0xff,
+                    };
+                }
+            }
+            let x: Vec<f32> = (0..cols)
+                .map(|j| if j % 5 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            let a = Q8Row::from_f32(&x);
+            let rb = wq.len() / 8;
+            let (to, packed) = crate::repack::repack(dtype, &wq, 8, cols).unwrap();
+            for isa in isas() {
+                let mut got = [0.0; 8];
+                dot_group(isa, to, &packed, &[&a], &mut got);
+                for l in 0..8 {
+                    let mut want = [0.0];
+                    scalar::dot_rows(dtype, &wq[l * rb..(l + 1) * rb], &[&a], &mut want);
+                    assert_eq!(got[l], want[0], "{isa:?} {dtype:?} row {l}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn activation_quantisation_is_the_same_on_every_path() {
         let x = lcg(4096, 5);
         let nb = x.len() / QK8;
         let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
-        quantize_body(&x, &mut q1, &mut d1, &mut s1);
+        let mut n1 = vec![0i32; nb];
+        quantize_body(&x, (&mut q1, &mut d1, &mut s1, &mut n1));
         let r = Q8Row::from_f32(&x);
         assert_eq!((r.qs, r.d, r.s), (q1.clone(), d1.clone(), s1.clone()));
+        assert_eq!(r.sum, n1);
+        for (b, &n) in n1.iter().enumerate() {
+            assert_eq!(
+                n,
+                q1[b * QK8..(b + 1) * QK8].iter().map(|&v| v as i32).sum()
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx2() {
             let (mut q2, mut d2, mut s2) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
+            let mut n2 = vec![0i32; nb];
             // SAFETY: AVX2, FMA and F16C were detected just above.
-            unsafe { x86::quantize_row_avx2(&x, &mut q2, &mut d2, &mut s2) };
-            assert_eq!((q2, d2, s2), (q1, d1, s1));
+            unsafe { x86::quantize_row_avx2(&x, (&mut q2, &mut d2, &mut s2, &mut n2)) };
+            assert_eq!((q2, d2, s2, n2), (q1, d1, s1, n1));
         }
     }
 

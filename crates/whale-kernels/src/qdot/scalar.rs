@@ -48,3 +48,39 @@ fn q8_0(w: &[u8], x: &Q8Row) -> f32 {
     }
     acc
 }
+
+/// The twin of the repacked-group kernels: `out[8 t + l] = w_l · a[t]` for the eight
+/// rows of one Q4_0R8 or Q8_0R8 group ([`crate::repack`] layout). Per block and row the
+/// integer dot (Q4_0: of the unsigned nibbles, minus `8 Σ q`) times `d_w · d_x`.
+pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    let (bs, lanes) = match dtype {
+        DType::Q4_0R8 => (8 * 18, 4),
+        DType::Q8_0R8 => (8 * 34, 8),
+        other => panic!("no repacked kernel for {}", other.name()),
+    };
+    for (x, o) in a.iter().zip(out.chunks_exact_mut(8)) {
+        let mut acc = [0.0f32; 8];
+        for (b, blk) in w.chunks_exact(bs).enumerate() {
+            let q = &x.qs[b * QK8..(b + 1) * QK8];
+            for (l, accl) in acc.iter_mut().enumerate() {
+                let mut sum = 0i32;
+                for k in 0..lanes {
+                    for j in 0..4 {
+                        let v = blk[16 + 32 * k + 4 * l + j];
+                        if dtype == DType::Q4_0R8 {
+                            sum += (v & 0x0F) as i32 * q[4 * k + j] as i32;
+                            sum += (v >> 4) as i32 * q[16 + 4 * k + j] as i32;
+                        } else {
+                            sum += v as i8 as i32 * q[4 * k + j] as i32;
+                        }
+                    }
+                }
+                if dtype == DType::Q4_0R8 {
+                    sum -= 8 * x.sum[b];
+                }
+                *accl += sum as f32 * (f16_at(blk, 2 * l) * x.d[b]);
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+}

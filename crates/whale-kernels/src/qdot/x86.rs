@@ -27,8 +27,8 @@ pub fn has_avx512vnni() -> bool {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C ([`has_avx2`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize_row_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    super::quantize_body(x, qs, d, s)
+pub unsafe fn quantize_row_avx2(x: &[f32], out: super::Q8Out<'_>) {
+    super::quantize_body(x, out)
 }
 
 /// Dispatches to the kernel for `isa`, `dtype` and the number of rows.
@@ -258,3 +258,131 @@ int_kernel!(
         _mm256_set1_epi16(1)
     )
 );
+
+/// Dispatches a repacked group ([`crate::repack`] layout) to its AVX2 kernel. The
+/// AVX-512 VNNI CPUs run these too (`vpdpbusd` would save the `vpmaddwd`; not written,
+/// since no machine here has VNNI to test it on).
+pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    let gbs = match dtype {
+        DType::Q4_0R8 => 8 * 18,
+        DType::Q8_0R8 => 8 * 34,
+        _ => return super::scalar::dot_group(dtype, w, a, out),
+    };
+    let nb = w.len() / gbs;
+    assert!(w.len() == nb * gbs && out.len() == 8 * a.len() && a.len() <= 4);
+    for x in a {
+        assert!(x.qs.len() >= nb * QK8 && x.d.len() >= nb && x.sum.len() >= nb);
+    }
+    macro_rules! go {
+        ($f:ident) => {
+            match a.len() {
+                // SAFETY: `dot_group` is reached only with an `isa` detected at run time
+                // (AVX2, FMA, F16C), and the asserts above keep every load inside `w`
+                // and the activation rows.
+                1 => unsafe { $f::<1>(w, nb, a, out) },
+                2 => unsafe { $f::<2>(w, nb, a, out) },
+                3 => unsafe { $f::<3>(w, nb, a, out) },
+                4 => unsafe { $f::<4>(w, nb, a, out) },
+                _ => {}
+            }
+        };
+    }
+    if dtype == DType::Q4_0R8 {
+        go!(q4_0_r8_avx2)
+    } else {
+        go!(q8_0_r8_avx2)
+    }
+}
+
+/// Bytes ahead of the current block whose cache lines a one-row (decode) product
+/// requests early.
+const GROUP_PREFETCH: usize = 1024;
+
+/// Four activation values (bytes `at..at + 4` of row `q`) in every 32-bit lane.
+#[inline(always)]
+unsafe fn bcast4(q: *const i8, at: usize) -> __m256i {
+    _mm256_set1_epi32((q.add(at) as *const i32).read_unaligned())
+}
+
+/// Q4_0R8: per block, four 32-byte loads hold the eight rows' 32 nibbles; the low
+/// nibbles meet activations `4k..4k + 4`, the high ones `16 + 4k..`. Per activation
+/// row the eight `vpmaddubsw` results add up in 16 bits (at most 16 · 15 · 127 per
+/// lane), one `vpmaddwd` widens them per row, `8 Σ q` is subtracted, and one FMA with
+/// the eight rows' scales times the row's `d` accumulates the block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let wp = w.as_ptr();
+    for b in 0..nb {
+        let blk = wp.add(b * 144);
+        if N == 1 {
+            let ahead = blk.wrapping_add(GROUP_PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+        }
+        let mut s16 = [_mm256_setzero_si256(); N];
+        for k in 0..4 {
+            let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
+            let lo = _mm256_and_si256(v, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+            for t in 0..N {
+                let q = qs[t].add(b * QK8);
+                let p = _mm256_maddubs_epi16(lo, bcast4(q, 4 * k));
+                let p2 = _mm256_maddubs_epi16(hi, bcast4(q, 16 + 4 * k));
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(p, p2));
+            }
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        for t in 0..N {
+            let i = _mm256_madd_epi16(s16[t], ones);
+            let i = _mm256_sub_epi32(i, _mm256_set1_epi32(8 * a[t].sum[b]));
+            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(a[t].d[b]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
+        }
+    }
+    for t in 0..N {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * t), acc[t]);
+    }
+}
+
+/// Q8_0R8: eight 32-byte loads per block, four values of each of eight rows each;
+/// `|w| · (q with w's sign)` per `vpmaddubsw` (at most 2 · 128 · 127, inside 16 bits),
+/// widened at once and summed in 32 bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let wp = w.as_ptr();
+    for b in 0..nb {
+        let blk = wp.add(b * 272);
+        if N == 1 {
+            let ahead = blk.wrapping_add(GROUP_PREFETCH) as *const i8;
+            for l in 0..5 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+            }
+        }
+        let mut s32 = [_mm256_setzero_si256(); N];
+        for k in 0..8 {
+            let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
+            let av = _mm256_sign_epi8(v, v);
+            for t in 0..N {
+                let q = bcast4(qs[t].add(b * QK8), 4 * k);
+                let p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(q, v));
+                s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(p, ones));
+            }
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        for t in 0..N {
+            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(a[t].d[b]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[t]), sc, acc[t]);
+        }
+    }
+    for t in 0..N {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * t), acc[t]);
+    }
+}
