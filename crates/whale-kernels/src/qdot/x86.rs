@@ -344,8 +344,8 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
         }
     }
-    for t in 0..N {
-        _mm256_storeu_ps(out.as_mut_ptr().add(8 * t), acc[t]);
+    for (o, v) in out.chunks_exact_mut(8).zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
     }
 }
 
@@ -382,7 +382,7 @@ unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[t]), sc, acc[t]);
         }
     }
-    for t in 0..N {
-        _mm256_storeu_ps(out.as_mut_ptr().add(8 * t), acc[t]);
+    for (o, v) in out.chunks_exact_mut(8).zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
     }
 }
