@@ -290,7 +290,7 @@ impl TensorSource for GgufFile {
                 &[nh, v, c],
             )?;
             // Per-head slices ([C, P] of W_UKᵀ, [V, C] of W_UV) must be whole groups.
-            let ok = c % 8 == 0 && v % 8 == 0;
+            let ok = c.is_multiple_of(8) && v.is_multiple_of(8);
             let (k_b_t, v_b) = (Packable::new(k_b_t, ok), Packable::new(v_b, ok));
             return Ok(KvUp::Split { k_b_t, v_b });
         }
