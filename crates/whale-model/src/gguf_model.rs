@@ -291,8 +291,9 @@ impl TensorSource for GgufFile {
             )?;
             // Per-head slices ([C, P] of W_UKᵀ, [V, C] of W_UV) must be whole groups.
             let ok = c.is_multiple_of(8) && v.is_multiple_of(8);
+            let w_uk = w_uk_q8(&k_b_t, nh, c, p).map(|t| Packable::new(t, ok));
             let (k_b_t, v_b) = (Packable::new(k_b_t, ok), Packable::new(v_b, ok));
-            return Ok(KvUp::Split { k_b_t, v_b });
+            return Ok(KvUp::Split { k_b_t, v_b, w_uk });
         }
         let hf = format!("model.layers.{li}.self_attn.kv_b_proj.weight");
         Ok(KvUp::Fused(Linear::unpacked(TensorSource::get(
@@ -320,4 +321,32 @@ impl TensorSource for GgufFile {
             .map(|k| Mlp::from_stacks((&gate, k * i), (&up, k * i), &down, k, i, d))
             .collect())
     }
+}
+
+/// `W_UK` as `[H·P, C]` Q8_0, from the file's `attn_k_b` (`W_UKᵀ` per head, `[H, C, P]`):
+/// the expanded (prefill) form multiplies every latent row by it, and in the file's
+/// orientation that product ran in f32 (each head's `[C, P]` block transposed per
+/// call, ~4.8 GMAC per layer at depth 4096); as Q8_0 rows of `C` it runs in the
+/// integer kernels. Re-rounding Q4_0/Q8_0 values to Q8_0 adds at most half a step of
+/// 1/127 of each block's largest value. `None` when `C` is not whole blocks or the
+/// file tensor is F32/F16 of a shape the f32 path handles anyway.
+fn w_uk_q8(k_b_t: &Tensor, nh: usize, c: usize, p: usize) -> Option<Tensor> {
+    use whale_kernels::DType;
+    if !c.is_multiple_of(32) || !matches!(k_b_t.dtype(), DType::Q4_0 | DType::Q8_0) {
+        return None;
+    }
+    let kt = k_b_t.to_f32(); // [H, C, P]
+    let rb = DType::Q8_0.bytes_for(c)?;
+    let mut bytes = vec![0u8; nh * p * rb];
+    let mut row = vec![0.0f32; c];
+    for h in 0..nh {
+        for pi in 0..p {
+            for (ci, v) in row.iter_mut().enumerate() {
+                *v = kt[(h * c + ci) * p + pi];
+            }
+            let r = h * p + pi;
+            whale_kernels::quantize::quantize_row(DType::Q8_0, &row, &mut bytes[r * rb..(r + 1) * rb]);
+        }
+    }
+    Some(Tensor::owned(bytes, DType::Q8_0, vec![nh * p, c], k_b_t.file()))
 }

@@ -49,8 +49,14 @@ pub(crate) enum KvUp {
     /// `kv_b_proj` `[H·(P+V), C]` (transformers; legacy GGUF `attn_kv_b`):
     /// per head, rows `0..P` are W_UK and `P..P+V` are W_UV.
     Fused(Linear),
-    /// GGUF `attn_k_b` `[H, C, P]` (W_UKᵀ per head) and `attn_v_b` `[H, V, C]` (W_UV per head).
-    Split { k_b_t: Packable, v_b: Packable },
+    /// GGUF `attn_k_b` `[H, C, P]` (W_UKᵀ per head) and `attn_v_b` `[H, V, C]` (W_UV per
+    /// head); `w_uk` is `W_UK` `[H·P, C]` rounded to Q8_0 for the expanded form's integer
+    /// product (when the file's type is quantised and `C` whole blocks).
+    Split {
+        k_b_t: Packable,
+        v_b: Packable,
+        w_uk: Option<Packable>,
+    },
 }
 
 impl KvUp {
@@ -97,7 +103,26 @@ impl KvUp {
         let mut kvx = vec![0.0f32; n * nh * (p + v)];
         match self {
             KvUp::Fused(w) => w.forward(lat, n, &mut kvx),
-            KvUp::Split { k_b_t, v_b } => {
+            KvUp::Split {
+                v_b,
+                w_uk: Some(w_uk),
+                ..
+            } if !exact => {
+                // All heads at once, in the integer kernels: k_nope = lat · W_UKᵀ as
+                // [N, H·P], v = lat · W_UVᵀ as [N, H·V].
+                let mut k = vec![0.0f32; n * nh * p];
+                let mut vv = vec![0.0f32; n * nh * v];
+                matmul_with(lat, n, w_uk.get().mat(), &mut k, false);
+                matmul_with(lat, n, v_b.get().rows(0, nh * v, c).mat(), &mut vv, false);
+                for u in 0..n {
+                    for h in 0..nh {
+                        let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
+                        dst[..p].copy_from_slice(&k[(u * nh + h) * p..(u * nh + h + 1) * p]);
+                        dst[p..].copy_from_slice(&vv[(u * nh + h) * v..(u * nh + h + 1) * v]);
+                    }
+                }
+            }
+            KvUp::Split { k_b_t, v_b, .. } => {
                 let mut k = vec![0.0f32; n * p];
                 let mut vv = vec![0.0f32; n * v];
                 let mut w_uk = vec![0u8; p * c * 4];
@@ -176,7 +201,7 @@ impl Mla {
         v.push(self.kv_a.packable());
         match &self.kv_up {
             KvUp::Fused(w) => v.push(w.packable()),
-            KvUp::Split { k_b_t, v_b } => v.extend([k_b_t, v_b]),
+            KvUp::Split { k_b_t, v_b, w_uk } => v.extend([Some(k_b_t), Some(v_b), w_uk.as_ref()].into_iter().flatten()),
         }
         v.push(self.o.packable());
         v
@@ -190,7 +215,7 @@ impl Mla {
         };
         let up = match &self.kv_up {
             KvUp::Fused(w) => w.bytes(),
-            KvUp::Split { k_b_t, v_b } => k_b_t.get().bytes().len() + v_b.get().bytes().len(),
+            KvUp::Split { k_b_t, v_b, .. } => k_b_t.get().bytes().len() + v_b.get().bytes().len(),
         };
         q + self.kv_a.bytes() + 4 * self.kv_a_norm.len() + up + self.o.bytes()
     }

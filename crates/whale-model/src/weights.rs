@@ -49,6 +49,19 @@ impl Tensor {
         }
     }
 
+    /// A tensor over bytes made in memory (e.g. a transposed copy of a file tensor);
+    /// `file` is the file it was derived from, for messages.
+    pub(crate) fn owned(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>, file: &Path) -> Tensor {
+        Tensor {
+            len: bytes.len(),
+            map: Backing::Owned(Arc::new(bytes)),
+            offset: 0,
+            dtype,
+            shape,
+            file: Arc::new(file.to_path_buf()),
+        }
+    }
+
     /// This tensor seen as a `[rows, cols]` matrix (`cols` = the innermost
     /// dimension) repacked into row-interleaved groups for the integer kernels
     /// ([`whale_kernels::repack`]), when its type and shape allow; the file's pages
