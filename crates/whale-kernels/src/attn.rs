@@ -101,8 +101,10 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`), two rows
-    /// by two heads at a time so every load feeds two FMAs.
+    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`): four
+    /// rows (in L1 while every head passes over them) by two heads at a time, so six
+    /// loads feed eight FMAs; row and head remainders go through the same tile with
+    /// repeated pointers, their extra results dropped.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn scores_rows(
@@ -115,52 +117,41 @@ mod x86 {
         out: &mut [f32],
         scale: f32,
     ) {
+        const R: usize = 4;
         let n = out.len() / heads;
         let qp = q.as_ptr();
-        let mut k = 0;
-        while k < n {
-            let two = k + 1 < n;
-            let r0 = rows.as_ptr().add((u0 + k) * stride);
-            let r1 = if two { r0.add(stride) } else { r0 };
-            let mut h = 0;
-            while h < heads {
+        for k in (0..n).step_by(R) {
+            let kr = (n - k).min(R);
+            let rp: [*const f32; R] =
+                std::array::from_fn(|i| rows.as_ptr().add((u0 + k + i.min(kr - 1)) * stride));
+            for h in (0..heads).step_by(2) {
                 let h2 = h + 1 < heads;
                 let q0 = qp.add(h * l);
                 let q1 = if h2 { q0.add(l) } else { q0 };
-                let (mut a00, mut a01, mut a10, mut a11) = (
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                );
+                let mut a0 = [_mm256_setzero_ps(); R];
+                let mut a1 = [_mm256_setzero_ps(); R];
                 for j in (0..l).step_by(8) {
-                    let x0 = _mm256_loadu_ps(r0.add(j));
-                    let x1 = _mm256_loadu_ps(r1.add(j));
                     let y0 = _mm256_loadu_ps(q0.add(j));
                     let y1 = _mm256_loadu_ps(q1.add(j));
-                    a00 = _mm256_fmadd_ps(x0, y0, a00);
-                    a01 = _mm256_fmadd_ps(x0, y1, a01);
-                    a10 = _mm256_fmadd_ps(x1, y0, a10);
-                    a11 = _mm256_fmadd_ps(x1, y1, a11);
-                }
-                out[k * heads + h] = hsum(a00) * scale;
-                if h2 {
-                    out[k * heads + h + 1] = hsum(a01) * scale;
-                }
-                if two {
-                    out[(k + 1) * heads + h] = hsum(a10) * scale;
-                    if h2 {
-                        out[(k + 1) * heads + h + 1] = hsum(a11) * scale;
+                    for i in 0..R {
+                        let x = _mm256_loadu_ps(rp[i].add(j));
+                        a0[i] = _mm256_fmadd_ps(x, y0, a0[i]);
+                        a1[i] = _mm256_fmadd_ps(x, y1, a1[i]);
                     }
                 }
-                h += 2;
+                for i in 0..kr {
+                    out[(k + i) * heads + h] = hsum(a0[i]) * scale;
+                    if h2 {
+                        out[(k + i) * heads + h + 1] = hsum(a1[i]) * scale;
+                    }
+                }
             }
-            k += 2;
         }
     }
 
-    /// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]`, eight columns of four heads
-    /// at a time held in registers across the rows.
+    /// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]`: sixteen columns (one cache
+    /// line of each row) of four heads held in eight registers across the rows, so six
+    /// loads feed eight FMAs; an eight-column tail as four heads by one.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn values_rows(
@@ -175,15 +166,39 @@ mod x86 {
     ) {
         let c = acc.len() / heads;
         let ap = acc.as_mut_ptr();
+        let rp = rows.as_ptr();
         for h0 in (0..heads).step_by(4) {
             let hn = (heads - h0).min(4);
-            for j in (0..c).step_by(8) {
+            let mut j = 0;
+            while j + 16 <= c {
+                let mut v0 = [_mm256_setzero_ps(); 4];
+                let mut v1 = [_mm256_setzero_ps(); 4];
+                for t in 0..hn {
+                    v0[t] = _mm256_loadu_ps(ap.add((h0 + t) * c + j));
+                    v1[t] = _mm256_loadu_ps(ap.add((h0 + t) * c + j + 8));
+                }
+                for u in u0..u1 {
+                    let x0 = _mm256_loadu_ps(rp.add(u * stride + j));
+                    let x1 = _mm256_loadu_ps(rp.add(u * stride + j + 8));
+                    for t in 0..hn {
+                        let p = _mm256_set1_ps(*probs.get_unchecked((h0 + t) * n + u));
+                        v0[t] = _mm256_fmadd_ps(p, x0, v0[t]);
+                        v1[t] = _mm256_fmadd_ps(p, x1, v1[t]);
+                    }
+                }
+                for t in 0..hn {
+                    _mm256_storeu_ps(ap.add((h0 + t) * c + j), v0[t]);
+                    _mm256_storeu_ps(ap.add((h0 + t) * c + j + 8), v1[t]);
+                }
+                j += 16;
+            }
+            while j < c {
                 let mut v = [_mm256_setzero_ps(); 4];
                 for (t, vt) in v.iter_mut().enumerate().take(hn) {
                     *vt = _mm256_loadu_ps(ap.add((h0 + t) * c + j));
                 }
                 for u in u0..u1 {
-                    let x = _mm256_loadu_ps(rows.as_ptr().add(u * stride + j));
+                    let x = _mm256_loadu_ps(rp.add(u * stride + j));
                     for (t, vt) in v.iter_mut().enumerate().take(hn) {
                         let p = _mm256_set1_ps(*probs.get_unchecked((h0 + t) * n + u));
                         *vt = _mm256_fmadd_ps(p, x, *vt);
@@ -192,6 +207,7 @@ mod x86 {
                 for (t, vt) in v.iter().enumerate().take(hn) {
                     _mm256_storeu_ps(ap.add((h0 + t) * c + j), *vt);
                 }
+                j += 8;
             }
         }
     }
@@ -218,13 +234,15 @@ mod tests {
                 assert!((s[h * n + u] - want).abs() < 1e-4);
             }
         }
-        let c = 32;
-        let mut o = vec![0.0; heads * c];
-        mqa_values(&s, heads, &rows, stride, n, &mut o);
-        for h in 0..heads {
-            for j in 0..c {
-                let want: f32 = (0..n).map(|u| s[h * n + u] * rows[u * stride + j]).sum();
-                assert!((o[h * c + j] - want).abs() < 1e-3 * want.abs().max(1.0));
+        // 32 columns: whole 16-column tiles; 40: one 8-column tail.
+        for c in [32, 40] {
+            let mut o = vec![0.0; heads * c];
+            mqa_values(&s, heads, &rows, stride, n, &mut o);
+            for h in 0..heads {
+                for j in 0..c {
+                    let want: f32 = (0..n).map(|u| s[h * n + u] * rows[u * stride + j]).sum();
+                    assert!((o[h * c + j] - want).abs() < 1e-3 * want.abs().max(1.0));
+                }
             }
         }
     }

@@ -345,8 +345,17 @@ fn w_uk_q8(k_b_t: &Tensor, nh: usize, c: usize, p: usize) -> Option<Tensor> {
                 *v = kt[(h * c + ci) * p + pi];
             }
             let r = h * p + pi;
-            whale_kernels::quantize::quantize_row(DType::Q8_0, &row, &mut bytes[r * rb..(r + 1) * rb]);
+            whale_kernels::quantize::quantize_row(
+                DType::Q8_0,
+                &row,
+                &mut bytes[r * rb..(r + 1) * rb],
+            );
         }
     }
-    Some(Tensor::owned(bytes, DType::Q8_0, vec![nh * p, c], k_b_t.file()))
+    Some(Tensor::owned(
+        bytes,
+        DType::Q8_0,
+        vec![nh * p, c],
+        k_b_t.file(),
+    ))
 }

@@ -201,7 +201,11 @@ impl Mla {
         v.push(self.kv_a.packable());
         match &self.kv_up {
             KvUp::Fused(w) => v.push(w.packable()),
-            KvUp::Split { k_b_t, v_b, w_uk } => v.extend([Some(k_b_t), Some(v_b), w_uk.as_ref()].into_iter().flatten()),
+            KvUp::Split { k_b_t, v_b, w_uk } => v.extend(
+                [Some(k_b_t), Some(v_b), w_uk.as_ref()]
+                    .into_iter()
+                    .flatten(),
+            ),
         }
         v.push(self.o.packable());
         v
