@@ -45,6 +45,8 @@ pub(crate) enum QProj {
 }
 
 /// The latent up-projections `W_UK` (latent → k_nope) and `W_UV` (latent → v).
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum KvUp {
     /// `kv_b_proj` `[H·(P+V), C]` (transformers; legacy GGUF `attn_kv_b`):
     /// per head, rows `0..P` are W_UK and `P..P+V` are W_UV.
