@@ -89,6 +89,84 @@ pub fn mqa_values(
     out.copy_from_slice(&partial);
 }
 
+/// One block of cache rows' contribution to multi-query attention, softmax taken
+/// over the block alone (see [`mqa_blocks`]).
+struct Partial {
+    /// Per head: the block's largest score.
+    max: Vec<f32>,
+    /// Per head: `Σ exp(score − max)`.
+    sum: Vec<f32>,
+    /// `[H, C]`: `Σ exp(score − max) · row[..C]`.
+    out: Vec<f32>,
+}
+
+/// Softmax attention of `H` query vectors over cache rows held in blocks (a paged
+/// cache): `out[h] = Σ_u softmax_u(scale · q[h] · rows[u][..L]) · rows[u][..C]` over
+/// the first `visible` rows, where block `i` holds rows `i·B..` (`B = blocks[0].len() /
+/// stride`) of `stride` values each. Each block's scores, exponentials and weighted sum
+/// are computed while the block is in cache (blocks in parallel), then the blocks are
+/// merged by rescaling with their maxima (as flash-decoding does), so the cache is read
+/// once per step instead of once for the scores and again for the values.
+#[allow(clippy::too_many_arguments)]
+pub fn mqa_blocks(
+    q: &[f32],
+    heads: usize,
+    blocks: &[&[f32]],
+    stride: usize,
+    visible: usize,
+    c: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), heads * c);
+    let per = blocks.first().map_or(1, |b| (b.len() / stride).max(1));
+    let block = |(bi, rows): (usize, &&[f32])| -> Option<Partial> {
+        let u0 = bi * per;
+        let n = (rows.len() / stride).min(visible.checked_sub(u0)?);
+        if n == 0 {
+            return None;
+        }
+        let mut s = vec![0.0f32; heads * n];
+        mqa_scores(q, heads, rows, stride, n, scale, &mut s);
+        let mut max = vec![0.0f32; heads];
+        let mut sum = vec![0.0f32; heads];
+        for ((row, m), l) in s.chunks_mut(n).zip(&mut max).zip(&mut sum) {
+            *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in row.iter_mut() {
+                *v = (*v - *m).exp();
+                *l += *v;
+            }
+        }
+        let mut o = vec![0.0f32; heads * c];
+        mqa_values(&s, heads, rows, stride, n, &mut o);
+        Some(Partial { max, sum, out: o })
+    };
+    let parts: Vec<Partial> = if blocks.len() > 1 {
+        blocks.par_iter().enumerate().filter_map(block).collect()
+    } else {
+        blocks.iter().enumerate().filter_map(block).collect()
+    };
+    out.fill(0.0);
+    for h in 0..heads {
+        let m = parts
+            .iter()
+            .map(|p| p.max[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if !m.is_finite() {
+            continue;
+        }
+        let mut l = 0.0f32;
+        let o = &mut out[h * c..(h + 1) * c];
+        for p in &parts {
+            let w = (p.max[h] - m).exp();
+            l += w * p.sum[h];
+            crate::simd_f32::axpy(w, &p.out[h * c..(h + 1) * c], o);
+        }
+        let inv = 1.0 / l;
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -216,6 +294,33 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blockwise_softmax_attention_equals_the_whole_softmax() {
+        let (heads, l, stride, c) = (3, 24, 24, 16);
+        let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.31).sin()).collect();
+        for (n, per, visible) in [(150, 64, 150), (150, 64, 130), (40, 64, 40), (128, 64, 64)] {
+            let rows: Vec<f32> = (0..n * stride)
+                .map(|i| (i as f32 * 0.13).cos() * 3.0)
+                .collect();
+            let mut s = vec![0.0; heads * visible];
+            mqa_scores(&q, heads, &rows, stride, visible, 0.7, &mut s);
+            for row in s.chunks_mut(visible) {
+                crate::softmax_inplace(row);
+            }
+            let mut want = vec![0.0; heads * c];
+            mqa_values(&s, heads, &rows, stride, visible, &mut want);
+            let blocks: Vec<&[f32]> = rows.chunks(per * stride).collect();
+            let mut got = vec![0.0; heads * c];
+            mqa_blocks(&q, heads, &blocks, stride, visible, c, 0.7, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{n} {visible}: {g} vs {w}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn shared_cache_attention_matches_per_head_loops() {

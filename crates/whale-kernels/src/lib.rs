@@ -27,7 +27,7 @@ pub mod quantize;
 pub mod repack;
 pub mod simd_f32;
 
-pub use attn::{mqa_scores, mqa_values};
+pub use attn::{mqa_blocks, mqa_scores, mqa_values};
 pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{
     axpy_row, matmul, matmul_many, matmul_t_vec, matmul_with, matvec_many, MatMul, MatVec,

@@ -13,7 +13,7 @@
 //!   directly as one shared KV head `[c ‖ k_pe]`; the attention output `õ` is a
 //!   latent, lifted to the head output by `W_UV õ`. Same scale `(P+R)^-½·M²`.
 
-use crate::cache::{LatentCache, PAGE_TOKENS};
+use crate::cache::LatentCache;
 use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{Packable, Tensor};
@@ -23,7 +23,8 @@ use whale_kernels::{matmul_t_vec, matmul_with, rmsnorm_inplace, softmax_inplace}
 /// Which MLA formulation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MlaMode {
-    /// Expanded for multi-token steps (prefill), absorbed for single-token steps (decode).
+    /// Absorbed for decode and short chunks, expanded for long prefill chunks, by
+    /// their cost (see `Mla::absorb_below`).
     #[default]
     Auto,
     /// Always the absorbed latent form.
@@ -314,7 +315,7 @@ impl Mla {
             cache.append(layer, ls);
             let n = past + *ts;
             let absorbed = match mode {
-                MlaMode::Auto => *ts == 1,
+                MlaMode::Auto => (*ts as f64) < self.absorb_below(),
                 MlaMode::Absorbed => true,
                 MlaMode::Expanded => false,
             };
@@ -335,6 +336,27 @@ impl Mla {
         self.o.forward(&attn, t, out);
     }
 
+    /// Chunks of fewer new rows than this run in the absorbed form under
+    /// [`MlaMode::Auto`]. Over `N` cached rows the absorbed form costs `T·N·H·(2C+R)`
+    /// multiply-adds in the f32 attention kernels; the expanded form decompresses all
+    /// `N` latents (`N·H·C·(P+V)`, integer kernels) and then costs `T·N·H·(P+R+V)` in
+    /// attention. `N` cancels: absorbed wins while `T < C·(P+V)·ρ / (2C+R−P−R−V)`, with
+    /// `ρ` the attention kernels' speed over the integer kernels' (0.4 measured here:
+    /// 46 GMAC/s for `cargo bench --bench attn` against 117 for Q4_0 × 64 rows in
+    /// `--bench quant`). V2-Lite: 68 rows. A 16-token chunk at depth 4096 ran at 2 tok/s
+    /// in the expanded form.
+    fn absorb_below(&self) -> f64 {
+        const RHO: f64 = 0.4;
+        let (p, r, v, c) = (
+            self.nope as f64,
+            self.rope_dim as f64,
+            self.v_dim as f64,
+            self.kv_rank as f64,
+        );
+        let extra = (2.0 * c + r - p - r - v).max(1.0);
+        (c * (p + v) * RHO / extra).max(2.0)
+    }
+
     /// Per head `[T, V]` outputs by the absorbed form: multi-query attention over the
     /// latent rows `[c ‖ k_pe]`, all heads at once, so each cache row is read once.
     fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[&[f32]], n: usize) -> Vec<Vec<f32>> {
@@ -350,7 +372,6 @@ impl Mla {
         let mut out = vec![vec![0.0f32; t * v]; nh];
         // q_cat: [H, C+R] = [W_UKᵀ q_nope ‖ q_pe] per head.
         let mut q_cat = vec![0.0f32; nh * (c + r)];
-        let mut scores = vec![0.0f32; nh * n];
         let mut o_lat = vec![0.0f32; nh * c];
         // Per-head views of W_UKᵀ [C, P] (split layout), made once for all T tokens.
         let w: Vec<Tensor> = match &self.kv_up {
@@ -387,14 +408,8 @@ impl Mla {
                     });
             }
             let visible = past + ti + 1;
-            let sc = &mut scores[..nh * visible];
-            // scores: [H, visible]
-            paged_scores(&q_cat, nh, kv, c + r, visible, self.scale, sc);
-            for row in sc.chunks_mut(visible) {
-                softmax_inplace(row);
-            }
-            // õ: [H, C]
-            paged_values(sc, nh, kv, c + r, visible, &mut o_lat);
+            // õ: [H, C], softmax over the visible rows, page by page.
+            whale_kernels::mqa_blocks(&q_cat, nh, kv, c + r, visible, c, self.scale, &mut o_lat);
             // o = W_UV õ per head: [V]
             out.par_iter_mut().enumerate().for_each(|(hi, oh)| {
                 let w_uv = self.kv_up.w_uv(hi, p, v, c); // [V, C]
@@ -458,81 +473,5 @@ impl Mla {
                 out
             })
             .collect()
-    }
-}
-
-/// First position and visible rows of page `pi` (None when none of its rows is visible).
-fn page_rows(pi: usize, page: &[f32], stride: usize, visible: usize) -> Option<(usize, usize)> {
-    let u0 = pi * PAGE_TOKENS;
-    let rows = (page.len() / stride).min(visible.checked_sub(u0)?);
-    (rows > 0).then_some((u0, rows))
-}
-
-/// [`whale_kernels::mqa_scores`] over a paged cache: `scores` `[H, visible]` from the
-/// first `visible` rows of `pages` (`[≤ PAGE_TOKENS, stride]` each), pages in parallel.
-fn paged_scores(
-    q: &[f32],
-    heads: usize,
-    pages: &[&[f32]],
-    stride: usize,
-    visible: usize,
-    scale: f32,
-    scores: &mut [f32],
-) {
-    if let [page] = pages {
-        return whale_kernels::mqa_scores(q, heads, page, stride, visible, scale, scores);
-    }
-    let parts: Vec<(usize, usize, Vec<f32>)> = pages
-        .par_iter()
-        .enumerate()
-        .filter_map(|(pi, page)| {
-            let (u0, rows) = page_rows(pi, page, stride, visible)?;
-            let mut s = vec![0.0f32; heads * rows];
-            whale_kernels::mqa_scores(q, heads, page, stride, rows, scale, &mut s);
-            Some((u0, rows, s))
-        })
-        .collect();
-    for (u0, rows, s) in parts {
-        for h in 0..heads {
-            scores[h * visible + u0..h * visible + u0 + rows]
-                .copy_from_slice(&s[h * rows..(h + 1) * rows]);
-        }
-    }
-}
-
-/// [`whale_kernels::mqa_values`] over a paged cache: `out` `[H, C]` from `probs`
-/// `[H, visible]`, pages in parallel, their partial sums added.
-fn paged_values(
-    probs: &[f32],
-    heads: usize,
-    pages: &[&[f32]],
-    stride: usize,
-    visible: usize,
-    out: &mut [f32],
-) {
-    if let [page] = pages {
-        return whale_kernels::mqa_values(probs, heads, page, stride, visible, out);
-    }
-    let c = out.len() / heads;
-    let parts: Vec<Vec<f32>> = pages
-        .par_iter()
-        .enumerate()
-        .filter_map(|(pi, page)| {
-            let (u0, rows) = page_rows(pi, page, stride, visible)?;
-            let mut sub = vec![0.0f32; heads * rows];
-            for h in 0..heads {
-                sub[h * rows..(h + 1) * rows]
-                    .copy_from_slice(&probs[h * visible + u0..h * visible + u0 + rows]);
-            }
-            let mut o = vec![0.0f32; heads * c];
-            whale_kernels::mqa_values(&sub, heads, page, stride, rows, &mut o);
-            Some(o)
-        })
-        .collect();
-    out.fill(0.0);
-    for o in parts {
-        for (a, b) in out.iter_mut().zip(&o) {
-            *a += b;
-        }
     }
 }
