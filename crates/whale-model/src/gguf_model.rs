@@ -352,10 +352,5 @@ fn w_uk_q8(k_b_t: &Tensor, nh: usize, c: usize, p: usize) -> Option<Tensor> {
             );
         }
     }
-    Some(Tensor::owned(
-        bytes,
-        DType::Q8_0,
-        vec![nh * p, c],
-        k_b_t.file(),
-    ))
+    Some(k_b_t.derived(bytes, DType::Q8_0, vec![nh * p, c]))
 }

@@ -1,5 +1,6 @@
 //! Safetensors weights: one file or a sharded set with `model.safetensors.index.json`,
-//! memory-mapped. Tensors are borrowed from the maps; nothing is copied at load.
+//! memory-mapped. Tensors are borrowed from the maps; the only copies are weights
+//! repacked for the integer kernels ([`Packable`]) and tensors derived at load.
 
 use crate::error::ModelError;
 use memmap2::Mmap;
@@ -49,17 +50,24 @@ impl Tensor {
         }
     }
 
-    /// A tensor over bytes made in memory (e.g. a transposed copy of a file tensor);
-    /// `file` is the file it was derived from, for messages.
-    pub(crate) fn owned(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>, file: &Path) -> Tensor {
+    /// A tensor over bytes made in memory from this one (a repacked or transposed
+    /// copy), attributed to the same file in messages.
+    pub(crate) fn derived(&self, bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Tensor {
         Tensor {
             len: bytes.len(),
             map: Backing::Owned(Arc::new(bytes)),
             offset: 0,
             dtype,
             shape,
-            file: Arc::new(file.to_path_buf()),
+            file: self.file.clone(),
         }
+    }
+
+    /// `(rows, cols)` with `cols` the innermost dimension and every other one folded
+    /// into rows: the matrix a repacked tensor's groups are made of.
+    fn inner_dims(&self) -> (usize, usize) {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        (self.shape.iter().rev().skip(1).product::<usize>(), cols)
     }
 
     /// This tensor seen as a `[rows, cols]` matrix (`cols` = the innermost
@@ -69,8 +77,7 @@ impl Tensor {
     /// stay in the page cache, and reading them again maps them back), so resident
     /// memory holds the weights once. `None` leaves the tensor as it is.
     pub(crate) fn repacked(&self) -> Option<Tensor> {
-        let cols = *self.shape.last()?;
-        let rows = self.shape.iter().rev().skip(1).product::<usize>();
+        let (rows, cols) = self.inner_dims();
         let (dtype, bytes) = whale_kernels::repack::repack(self.dtype, self.bytes(), rows, cols)?;
         if let Backing::Map(m) = &self.map {
             // SAFETY: the map is private and read-only, so discarding its pages loses
@@ -81,14 +88,7 @@ impl Tensor {
                 m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len)
             };
         }
-        Some(Tensor {
-            map: Backing::Owned(Arc::new(bytes)),
-            offset: 0,
-            len: self.len,
-            dtype,
-            shape: self.shape.clone(),
-            file: self.file.clone(),
-        })
+        Some(self.derived(bytes, dtype, self.shape.clone()))
     }
 
     /// Element type.
@@ -119,8 +119,7 @@ impl Tensor {
     pub fn mat(&self) -> MatRef<'_> {
         let (rows, cols) = if self.dtype.interleave() > 1 {
             // Repacked: groups of rows of the innermost dimension.
-            let cols = self.shape.last().copied().unwrap_or(1);
-            (self.shape.iter().rev().skip(1).product::<usize>(), cols)
+            self.inner_dims()
         } else {
             let rows = self.shape.first().copied().unwrap_or(1);
             (rows, self.shape.iter().skip(1).product::<usize>())
