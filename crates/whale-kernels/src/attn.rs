@@ -132,10 +132,7 @@ pub fn mqa_blocks(
         let mut sum = vec![0.0f32; heads];
         for ((row, m), l) in s.chunks_mut(n).zip(&mut max).zip(&mut sum) {
             *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for v in row.iter_mut() {
-                *v = (*v - *m).exp();
-                *l += *v;
-            }
+            *l = crate::simd_f32::exp_sum(row, *m);
         }
         let mut o = vec![0.0f32; heads * c];
         mqa_values(&s, heads, rows, stride, n, &mut o);
@@ -158,7 +155,7 @@ pub fn mqa_blocks(
         let mut l = 0.0f32;
         let o = &mut out[h * c..(h + 1) * c];
         for p in &parts {
-            let w = (p.max[h] - m).exp();
+            let w = crate::simd_f32::exp(p.max[h] - m);
             l += w * p.sum[h];
             crate::simd_f32::axpy(w, &p.out[h * c..(h + 1) * c], o);
         }

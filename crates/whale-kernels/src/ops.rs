@@ -31,12 +31,7 @@ pub fn softmax_inplace(x: &mut [f32]) {
     if !m.is_finite() {
         return;
     }
-    let mut s = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        s += *v;
-    }
-    let inv = 1.0 / s;
+    let inv = 1.0 / crate::simd_f32::exp_sum(x, m);
     for v in x.iter_mut() {
         *v *= inv;
     }

@@ -38,8 +38,58 @@ fn add_body(x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `e^x` by range reduction (`x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`) and Cephes' degree-6
+/// polynomial: within 2 ulp of `f32::exp` on `[-87, 88]`, exactly 0 below (so a
+/// `-inf` mask gives 0) and `e^88` above. Integer and float steps only (no calls),
+/// so loops over it vectorise; without fast-math the AVX2 copy computes the same bits.
+#[inline(always)]
+fn exp_one(x: f32) -> f32 {
+    const LO: f32 = -87.0;
+    const HI: f32 = 88.0;
+    // 1.5 · 2²³: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = x.clamp(LO, HI);
+    let nf = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = nf.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let nf = nf - MAGIC;
+    // ln 2 in two parts, the first exact in a few bits, so n·C1 is exact.
+    let r = xc - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let y = (p * r * r + r + 1.0) * f32::from_bits(((n + 127) << 23) as u32);
+    if x < LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn exp_sum_body(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ch = x.chunks_exact_mut(8);
+    for c in &mut ch {
+        for k in 0..8 {
+            c[k] = exp_one(c[k] - m);
+            acc[k] += c[k];
+        }
+    }
+    let mut s = 0.0;
+    for v in ch.into_remainder() {
+        *v = exp_one(*v - m);
+        s += *v;
+    }
+    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        super::exp_sum_body(x, m)
+    }
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         super::dot_body(a, b)
@@ -102,6 +152,24 @@ pub fn add(x: &[f32], y: &mut [f32]) {
     add_body(x, y)
 }
 
+/// `e^x` (the scalar form of [`exp_sum`]'s arithmetic).
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    exp_one(x)
+}
+
+/// `x[i] = e^(x[i] − m)` in place; returns `Σ x[i]` (softmax's numerators and
+/// denominator in one pass).
+#[inline]
+pub fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: as in `dot`.
+        return unsafe { avx2::exp_sum(x, m) };
+    }
+    exp_sum_body(x, m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,12 +189,44 @@ mod tests {
             add_body(&a, &mut y1);
             add(&a, &mut y2);
             assert_eq!(y1, y2);
+            let mut e1: Vec<f32> = a.iter().map(|v| v * 30.0).collect();
+            let mut e2 = e1.clone();
+            let s1 = exp_sum_body(&mut e1, 0.5);
+            let s2 = exp_sum(&mut e2, 0.5);
+            assert_eq!(e1, e2);
+            assert_eq!(s1.to_bits(), s2.to_bits());
             #[cfg(target_arch = "x86_64")]
             if crate::qdot::x86::has_avx2() {
+                // SAFETY: AVX2 and FMA were detected just above.
+                let mut e3 = a.iter().map(|v| v * 30.0).collect::<Vec<_>>();
+                assert_eq!(
+                    unsafe { avx2::exp_sum(&mut e3, 0.5) }.to_bits(),
+                    s1.to_bits()
+                );
+                assert_eq!(e3, e1);
                 // SAFETY: AVX2 and FMA were detected just above.
                 let d = unsafe { avx2::dot(&a, &b) };
                 assert!((d - want).abs() <= 1e-5 * want.abs().max(1.0));
             }
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_and_zero_below_the_range() {
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            let ulps = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulps <= 2, "exp({x}) = {got}, libm {want} ({ulps} ulp)");
+            x += 0.0137;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-87.5), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(1000.0), 88f32.exp());
+        let mut v = [0.0, f32::NEG_INFINITY, 1.0];
+        let s = exp_sum(&mut v, 1.0);
+        assert_eq!(v[1], 0.0);
+        assert!((s - (1.0 + (-1f32).exp())).abs() < 1e-6);
     }
 }
