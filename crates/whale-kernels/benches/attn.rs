@@ -1,11 +1,15 @@
 //! Absorbed-MLA decode attention at depth: 16 query heads over `n` latent rows of 576
 //! values (DeepSeek-V2-Lite: kv_lora 512 + rope 64), one 64-row page at a time as the
-//! paged cache hands them over. Run: `cargo bench -p whale-kernels --bench attn`.
+//! paged cache hands them over; then expanded-MLA prefill of 512 rows at depth, 16
+//! heads of 192-value keys and 128-value values, as the tiled causal kernel computes
+//! it beside the scores → softmax → weighted-sum composition it replaced.
+//! Run: `cargo bench -p whale-kernels --bench attn`.
 
 mod common;
 use common::median_secs;
 
-use whale_kernels::{mqa_scores, mqa_values};
+use rayon::prelude::*;
+use whale_kernels::{causal_attention, mqa_scores, mqa_values, softmax_inplace, Rows};
 
 fn main() {
     let (heads, l, c) = (16usize, 576usize, 512usize);
@@ -27,6 +31,60 @@ fn main() {
             ts * 1e3,
             tv * 1e3,
             macs / (ts + tv) / 1e9
+        );
+    }
+
+    println!();
+    println!(
+        "{:>6} {:>6} {:>14} {:>10} {:>14} {:>10}",
+        "rows", "depth", "composed ms", "GMAC/s", "tiled ms", "GMAC/s"
+    );
+    let (heads, d, dv) = (16usize, 192usize, 128usize);
+    for (t, past) in [(512usize, 0usize), (512, 4096)] {
+        let n = past + t;
+        let q: Vec<f32> = (0..t * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let k: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.11).cos()).collect();
+        let v: Vec<f32> = (0..n * dv).map(|i| (i as f32 * 0.23).sin()).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        // Causal: row i sees past + i + 1 keys.
+        let macs = heads as f64 * (t * past + t * (t + 1) / 2) as f64 * (d + dv) as f64;
+        let composed = median_secs(
+            || {
+                (0..heads).for_each(|_| {
+                    let mut s = vec![0.0f32; t * n];
+                    mqa_scores(&q, t, &k, d, n, scale, &mut s);
+                    for (i, row) in s.chunks_mut(n).enumerate() {
+                        softmax_inplace(&mut row[..past + i + 1]);
+                        row[past + i + 1..].fill(0.0);
+                    }
+                    let mut o = vec![0.0f32; t * dv];
+                    mqa_values(&s, t, &v, dv, n, &mut o);
+                })
+            },
+            3,
+        );
+        let tiled = median_secs(
+            || {
+                (0..heads).into_par_iter().for_each(|_| {
+                    let mut o = vec![0.0f32; t * dv];
+                    causal_attention(
+                        &q,
+                        &[Rows::dense(&k, d)],
+                        Rows::dense(&v, dv),
+                        past,
+                        scale,
+                        &mut o,
+                    );
+                })
+            },
+            3,
+        );
+        println!(
+            "{t:>6} {past:>6} {:>14.1} {:>10.2} {:>14.1} {:>10.2}",
+            composed * 1e3,
+            macs / composed / 1e9,
+            tiled * 1e3,
+            macs / tiled / 1e9
         );
     }
 }

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod attn;
+mod attn_prefill;
 mod dtype;
 mod matmul;
 mod ops;
@@ -28,6 +29,7 @@ pub mod repack;
 pub mod simd_f32;
 
 pub use attn::{mqa_blocks, mqa_scores, mqa_values};
+pub use attn_prefill::{causal_attention, Rows};
 pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{
     axpy_row, matmul, matmul_many, matmul_t_vec, matmul_with, matvec_many, MatMul, MatVec,

@@ -18,7 +18,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{Packable, Tensor};
 use rayon::prelude::*;
-use whale_kernels::{matmul_t_vec, matmul_with, rmsnorm_inplace, softmax_inplace};
+use whale_kernels::{causal_attention, matmul_t_vec, matmul_with, rmsnorm_inplace, Rows};
 
 /// Which MLA formulation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -91,7 +91,7 @@ impl KvUp {
         }
     }
 
-    /// Decompressed `[N, H, P+V]` (k_nope then v per head) of latents `[N, C]`.
+    /// Decompressed latents `[N, C]`: `k_nope` as `[N, H·P]` and values as `[N, H·V]`.
     #[allow(clippy::too_many_arguments)]
     fn expand(
         &self,
@@ -102,32 +102,34 @@ impl KvUp {
         p: usize,
         v: usize,
         c: usize,
-    ) -> Vec<f32> {
-        let mut kvx = vec![0.0f32; n * nh * (p + v)];
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut k = vec![0.0f32; n * nh * p];
+        let mut vv = vec![0.0f32; n * nh * v];
         match self {
-            KvUp::Fused(w) => w.forward(lat, n, &mut kvx),
+            KvUp::Fused(w) => {
+                let mut kvx = vec![0.0f32; n * nh * (p + v)];
+                w.forward(lat, n, &mut kvx);
+                for ((x, kr), vr) in kvx
+                    .chunks_exact(p + v)
+                    .zip(k.chunks_exact_mut(p))
+                    .zip(vv.chunks_exact_mut(v))
+                {
+                    kr.copy_from_slice(&x[..p]);
+                    vr.copy_from_slice(&x[p..]);
+                }
+            }
             KvUp::Split {
                 v_b,
                 w_uk: Some(w_uk),
                 ..
             } if !exact => {
-                // All heads at once, in the integer kernels: k_nope = lat · W_UKᵀ as
-                // [N, H·P], v = lat · W_UVᵀ as [N, H·V].
-                let mut k = vec![0.0f32; n * nh * p];
-                let mut vv = vec![0.0f32; n * nh * v];
+                // All heads at once, in the integer kernels.
                 matmul_with(lat, n, w_uk.get().mat(), &mut k, false);
                 matmul_with(lat, n, v_b.get().rows(0, nh * v, c).mat(), &mut vv, false);
-                for u in 0..n {
-                    for h in 0..nh {
-                        let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
-                        dst[..p].copy_from_slice(&k[(u * nh + h) * p..(u * nh + h + 1) * p]);
-                        dst[p..].copy_from_slice(&vv[(u * nh + h) * v..(u * nh + h + 1) * v]);
-                    }
-                }
             }
             KvUp::Split { k_b_t, v_b, .. } => {
-                let mut k = vec![0.0f32; n * p];
-                let mut vv = vec![0.0f32; n * v];
+                let mut kh = vec![0.0f32; n * p];
+                let mut vh = vec![0.0f32; n * v];
                 let mut w_uk = vec![0u8; p * c * 4];
                 for h in 0..nh {
                     // k_nope = lat · W_UKᵀᵀ: W_UK[h] ([P, C], f32) rebuilt from the stored
@@ -142,17 +144,18 @@ impl KvUp {
                     }
                     let w = whale_kernels::MatRef::new(whale_kernels::DType::F32, &w_uk, p, c)
                         .expect("[P, C] f32");
-                    matmul_with(lat, n, w, &mut k, true);
-                    matmul_with(lat, n, v_b.get().rows(h * v, v, c).mat(), &mut vv, exact);
+                    matmul_with(lat, n, w, &mut kh, true);
+                    matmul_with(lat, n, v_b.get().rows(h * v, v, c).mat(), &mut vh, exact);
                     for u in 0..n {
-                        let dst = &mut kvx[(u * nh + h) * (p + v)..(u * nh + h + 1) * (p + v)];
-                        dst[..p].copy_from_slice(&k[u * p..(u + 1) * p]);
-                        dst[p..].copy_from_slice(&vv[u * v..(u + 1) * v]);
+                        k[(u * nh + h) * p..(u * nh + h + 1) * p]
+                            .copy_from_slice(&kh[u * p..(u + 1) * p]);
+                        vv[(u * nh + h) * v..(u * nh + h + 1) * v]
+                            .copy_from_slice(&vh[u * v..(u + 1) * v]);
                     }
                 }
             }
         }
-        kvx
+        (k, vv)
     }
 }
 
@@ -338,23 +341,24 @@ impl Mla {
 
     /// Chunks of fewer new rows than this run in the absorbed form under
     /// [`MlaMode::Auto`]. Over `N` cached rows the absorbed form costs `T·N·H·(2C+R)`
-    /// multiply-adds in the f32 attention kernels; the expanded form decompresses all
-    /// `N` latents (`N·H·C·(P+V)`, integer kernels) and then costs `T·N·H·(P+R+V)` in
-    /// attention. `N` cancels: absorbed wins while `T < C·(P+V)·ρ / (2C+R−P−R−V)`, with
-    /// `ρ` the attention kernels' speed over the integer kernels' (0.4 measured here:
-    /// 46 GMAC/s for `cargo bench --bench attn` against 117 for Q4_0 × 64 rows in
-    /// `--bench quant`). V2-Lite: 68 rows. A 16-token chunk at depth 4096 ran at 2 tok/s
-    /// in the expanded form.
+    /// multiply-adds in the multi-query attention kernels (speed `A`); the expanded form
+    /// decompresses all `N` latents (`N·H·C·(P+V)`, integer kernels, speed `I`) and then
+    /// costs `T·N·H·(P+R+V)` in the tiled causal kernel (speed `E`). `N` cancels: the
+    /// absorbed form wins while `T < C·(P+V)/I / ((2C+R)/A − (P+R+V)/E)`. Measured here
+    /// (`cargo bench --bench attn`, `--bench quant`): `A` ≈ 33, `E` ≈ 50, `I` ≈ 117
+    /// GMAC/s, so V2-Lite switches at 42 rows.
     fn absorb_below(&self) -> f64 {
-        const RHO: f64 = 0.4;
+        const A: f64 = 33.0;
+        const E: f64 = 50.0;
+        const I: f64 = 117.0;
         let (p, r, v, c) = (
             self.nope as f64,
             self.rope_dim as f64,
             self.v_dim as f64,
             self.kv_rank as f64,
         );
-        let extra = (2.0 * c + r - p - r - v).max(1.0);
-        (c * (p + v) * RHO / extra).max(2.0)
+        let per_row = ((2.0 * c + r) / A - (p + r + v) / E).max(1e-9);
+        (c * (p + v) / I / per_row).max(2.0)
     }
 
     /// Per head `[T, V]` outputs by the absorbed form: multi-query attention over the
@@ -426,7 +430,9 @@ impl Mla {
         out
     }
 
-    /// Per head `[T, V]` outputs by the expanded form.
+    /// Per head `[T, V]` outputs by the expanded form: every latent decompressed to its
+    /// heads' keys and values, then causal attention per head (heads in parallel) in
+    /// the tiled kernel, which reads each head's rows where they lie.
     fn expanded(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
         let (nh, p, r, v, c) = (
             self.n_head,
@@ -441,35 +447,38 @@ impl Mla {
         for u in 0..n {
             lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
         }
-        // decompressed: [N, H, P+V]
-        let kvx = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
-        let mut keys = vec![0.0f32; n * qk]; // [N, P+R] of one head
-        let mut vals = vec![0.0f32; n * v]; // [N, V] of one head
-        let mut qs = vec![0.0f32; t * qk]; // [T, P+R] of one head
-        let mut scores = vec![0.0f32; t * n]; // [T, N]
+        let (k_nope, vals) = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
+        drop(lat);
         (0..nh)
+            .into_par_iter()
             .map(|hi| {
-                for u in 0..n {
-                    let x = &kvx[(u * nh + hi) * (p + v)..(u * nh + hi + 1) * (p + v)];
-                    keys[u * qk..u * qk + p].copy_from_slice(&x[..p]);
-                    keys[u * qk + p..(u + 1) * qk]
-                        .copy_from_slice(&kv[u * (c + r) + c..(u + 1) * (c + r)]);
-                    vals[u * v..(u + 1) * v].copy_from_slice(&x[p..]);
-                }
+                let mut qs = vec![0.0f32; t * qk]; // [T, P+R] of this head
                 for ti in 0..t {
                     qs[ti * qk..(ti + 1) * qk]
                         .copy_from_slice(&q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk]);
                 }
-                // The T queries of this head play the role of MQA's heads over its keys.
-                whale_kernels::mqa_scores(&qs, t, &keys, qk, n, self.scale, &mut scores);
-                for (ti, row) in scores.chunks_mut(n).enumerate() {
-                    // Causal: query ti sees positions ..= past + ti.
-                    let visible = past + ti + 1;
-                    softmax_inplace(&mut row[..visible]);
-                    row[visible..].fill(0.0);
-                }
+                let keys = [
+                    Rows {
+                        data: &k_nope,
+                        stride: nh * p,
+                        offset: hi * p,
+                        len: p,
+                    },
+                    Rows {
+                        data: kv,
+                        stride: c + r,
+                        offset: c,
+                        len: r,
+                    },
+                ];
+                let values = Rows {
+                    data: &vals,
+                    stride: nh * v,
+                    offset: hi * v,
+                    len: v,
+                };
                 let mut out = vec![0.0f32; t * v];
-                whale_kernels::mqa_values(&scores, t, &vals, v, n, &mut out);
+                causal_attention(&qs, &keys, values, past, self.scale, &mut out);
                 out
             })
             .collect()
