@@ -9,14 +9,14 @@ mod common;
 use common::median_secs;
 
 use rayon::prelude::*;
-use whale_kernels::{causal_attention, mqa_scores, mqa_values, softmax_inplace, Rows};
+use whale_kernels::{causal_attention, mqa_blocks, mqa_scores, mqa_values, softmax_inplace, Rows};
 
 fn main() {
     let (heads, l, c) = (16usize, 576usize, 512usize);
     println!("threads: {}", rayon::current_num_threads());
     println!(
-        "{:>6} {:>10} {:>10} {:>10}",
-        "rows", "scores ms", "values ms", "GMAC/s"
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "rows", "scores ms", "values ms", "GMAC/s", "paged ms", "GMAC/s"
     );
     for n in [1024usize, 4096] {
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -26,11 +26,17 @@ fn main() {
         let mut o = vec![0.0f32; heads * c];
         let tv = median_secs(|| mqa_values(&s, heads, &rows, l, n, &mut o), 21);
         let macs = (heads * n * (l + c)) as f64;
+        // The decode step as the model runs it: 64-row pages, merged softmax.
+        let pages: Vec<&[f32]> = rows.chunks(64 * l).collect();
+        let mut o2 = vec![0.0f32; heads * c];
+        let tb = median_secs(|| mqa_blocks(&q, heads, &pages, l, n, c, 0.1, &mut o2), 21);
         println!(
-            "{n:>6} {:>10.3} {:>10.3} {:>10.2}",
+            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
             ts * 1e3,
             tv * 1e3,
-            macs / (ts + tv) / 1e9
+            macs / (ts + tv) / 1e9,
+            tb * 1e3,
+            macs / tb / 1e9
         );
     }
 

@@ -21,27 +21,65 @@ pub fn mqa_scores(
     scale: f32,
     scores: &mut [f32],
 ) {
+    let qt = packed_queries(q, heads);
+    scores_with(q, qt.as_deref(), heads, rows, stride, n, scale, scores);
+}
+
+/// The queries `[H, L]` in panels of 16 heads for the AVX2 score tiles (`None` where
+/// they are not used).
+fn packed_queries(q: &[f32], heads: usize) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::qdot::isa() != crate::qdot::Isa::Scalar && heads > 0 {
+        let l = q.len() / heads;
+        let mut qt = Vec::new();
+        crate::attn_prefill::pack_keys(&[crate::Rows::dense(q, l)], heads, l, &mut qt);
+        return Some(qt);
+    }
+    let _ = (q, heads);
+    None
+}
+
+/// [`mqa_scores`] with the queries already packed by [`packed_queries`].
+#[allow(clippy::too_many_arguments)]
+fn scores_with(
+    q: &[f32],
+    qt: Option<&[f32]>,
+    heads: usize,
+    rows: &[f32],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
     let l = q.len() / heads;
     assert!(l <= stride && rows.len() >= n * stride && scores.len() == heads * n);
     // Score chunks per task are [chunk, H] (row-major by cache row), transposed after.
     let mut st = vec![0.0f32; n * heads];
-    st.par_chunks_mut(ROWS_PER_TASK * heads)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let u0 = ci * ROWS_PER_TASK;
-            #[cfg(target_arch = "x86_64")]
-            if crate::qdot::isa() != crate::qdot::Isa::Scalar && l.is_multiple_of(8) {
-                // SAFETY: AVX2 and FMA were detected; the asserts above bound every row.
-                unsafe { x86::scores_rows(q, heads, l, rows, stride, u0, chunk, scale) };
-                return;
+    let task = |(ci, chunk): (usize, &mut [f32])| {
+        let u0 = ci * ROWS_PER_TASK;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(qt) = qt {
+            // SAFETY: `qt` exists only where AVX2 and FMA were detected; it holds `H`
+            // queries of `L` values packed by `pack_keys`; the assert above bounds
+            // every cache row.
+            unsafe { x86::scores_tiles(qt, heads, l, rows, stride, u0, chunk, scale) };
+            return;
+        }
+        let _ = qt;
+        for (k, out) in chunk.chunks_mut(heads).enumerate() {
+            let row = &rows[(u0 + k) * stride..(u0 + k) * stride + l];
+            for (h, o) in out.iter_mut().enumerate() {
+                *o = crate::simd_f32::dot(&q[h * l..(h + 1) * l], row) * scale;
             }
-            for (k, out) in chunk.chunks_mut(heads).enumerate() {
-                let row = &rows[(u0 + k) * stride..(u0 + k) * stride + l];
-                for (h, o) in out.iter_mut().enumerate() {
-                    *o = crate::simd_f32::dot(&q[h * l..(h + 1) * l], row) * scale;
-                }
-            }
-        });
+        }
+    };
+    if n > ROWS_PER_TASK {
+        st.par_chunks_mut(ROWS_PER_TASK * heads)
+            .enumerate()
+            .for_each(task);
+    } else if n > 0 {
+        task((0, &mut st));
+    }
     for u in 0..n {
         for h in 0..heads {
             scores[h * n + u] = st[u * heads + h];
@@ -120,6 +158,7 @@ pub fn mqa_blocks(
 ) {
     assert_eq!(out.len(), heads * c);
     let per = blocks.first().map_or(1, |b| (b.len() / stride).max(1));
+    let qt = packed_queries(q, heads);
     let block = |(bi, rows): (usize, &&[f32])| -> Option<Partial> {
         let u0 = bi * per;
         let n = (rows.len() / stride).min(visible.checked_sub(u0)?);
@@ -127,7 +166,7 @@ pub fn mqa_blocks(
             return None;
         }
         let mut s = vec![0.0f32; heads * n];
-        mqa_scores(q, heads, rows, stride, n, scale, &mut s);
+        scores_with(q, qt.as_deref(), heads, rows, stride, n, scale, &mut s);
         let mut max = vec![0.0f32; heads];
         let mut sum = vec![0.0f32; heads];
         for ((row, m), l) in s.chunks_mut(n).zip(&mut max).zip(&mut sum) {
@@ -166,24 +205,17 @@ pub fn mqa_blocks(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::attn_prefill::x86::tile_6x16;
+    use crate::attn_prefill::MR;
     use std::arch::x86_64::*;
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`): four
-    /// rows (in L1 while every head passes over them) by two heads at a time, so six
-    /// loads feed eight FMAs; row and head remainders go through the same tile with
-    /// repeated pointers, their extra results dropped.
+    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`): six
+    /// rows broadcast against a panel of 16 packed queries per register tile (see
+    /// [`tile_6x16`]); a row remainder repeats the last row, its results dropped.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn scores_rows(
-        q: &[f32],
+    pub unsafe fn scores_tiles(
+        qt: &[f32],
         heads: usize,
         l: usize,
         rows: &[f32],
@@ -192,33 +224,35 @@ mod x86 {
         out: &mut [f32],
         scale: f32,
     ) {
-        const R: usize = 4;
         let n = out.len() / heads;
-        let qp = q.as_ptr();
-        for k in (0..n).step_by(R) {
-            let kr = (n - k).min(R);
-            let rp: [*const f32; R] =
+        let vs = _mm256_set1_ps(scale);
+        let mut tmp = [0.0f32; MR * 16];
+        debug_assert!(qt.len() >= heads.div_ceil(16) * l * 16);
+        for k in (0..n).step_by(MR) {
+            let kr = (n - k).min(MR);
+            let rp: [*const f32; MR] =
                 std::array::from_fn(|i| rows.as_ptr().add((u0 + k + i.min(kr - 1)) * stride));
-            for h in (0..heads).step_by(2) {
-                let h2 = h + 1 < heads;
-                let q0 = qp.add(h * l);
-                let q1 = if h2 { q0.add(l) } else { q0 };
-                let mut a0 = [_mm256_setzero_ps(); R];
-                let mut a1 = [_mm256_setzero_ps(); R];
-                for j in (0..l).step_by(8) {
-                    let y0 = _mm256_loadu_ps(q0.add(j));
-                    let y1 = _mm256_loadu_ps(q1.add(j));
-                    for i in 0..R {
-                        let x = _mm256_loadu_ps(rp[i].add(j));
-                        a0[i] = _mm256_fmadd_ps(x, y0, a0[i]);
-                        a1[i] = _mm256_fmadd_ps(x, y1, a1[i]);
-                    }
+            // The next tile's rows, towards L2 while this one computes: the row
+            // broadcasts otherwise wait on memory (six 2.3 KB streams per tile).
+            for i in 0..(n - k).saturating_sub(MR).min(MR) {
+                let np = rows.as_ptr().add((u0 + k + MR + i) * stride);
+                for off in (0..l).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T1>(np.add(off) as *const i8);
                 }
+            }
+            for hp in 0..heads.div_ceil(16) {
+                tile_6x16(
+                    rp,
+                    qt.as_ptr().add(hp * l * 16),
+                    l,
+                    vs,
+                    tmp.as_mut_ptr(),
+                    16,
+                );
+                let hn = (heads - hp * 16).min(16);
                 for i in 0..kr {
-                    out[(k + i) * heads + h] = hsum(a0[i]) * scale;
-                    if h2 {
-                        out[(k + i) * heads + h + 1] = hsum(a1[i]) * scale;
-                    }
+                    out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
+                        .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
                 }
             }
         }
@@ -321,8 +355,15 @@ mod tests {
 
     #[test]
     fn shared_cache_attention_matches_per_head_loops() {
-        // Odd head and row counts exercise the pair kernels' edges.
-        let (heads, l, stride, n) = (5, 40, 44, 301);
+        // Odd head and row counts exercise the tiles' edges (rows in sixes, heads in
+        // panels of sixteen: 21 heads are a full panel and a partial one).
+        for heads in [5, 21] {
+            shared_cache_attention_case(heads);
+        }
+    }
+
+    fn shared_cache_attention_case(heads: usize) {
+        let (l, stride, n) = (40, 44, 301);
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
         let rows: Vec<f32> = (0..n * stride).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut s = vec![0.0; heads * n];

@@ -14,7 +14,7 @@ use crate::simd_f32;
 use std::cell::RefCell;
 
 /// Query rows per register tile.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Query rows per chunk (a multiple of [`MR`]).
 const QC: usize = 48;
 /// Keys per block (a multiple of 16).
@@ -140,7 +140,7 @@ fn causal_portable(
 
 /// `N` keys of `D` values as panels of 16: `kt[(p·D + j)·16 + c]` is value `j` of key
 /// `p·16 + c`, zeros past `N`.
-fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) {
+pub(crate) fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) {
     let panels = n.div_ceil(16);
     kt.clear();
     kt.resize(panels * d * 16, 0.0);
@@ -158,10 +158,41 @@ fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{Rows, KB, MR, QC};
     use crate::simd_f32;
     use std::arch::x86_64::*;
+
+    /// `out[i·ostride + c] = scale · Σ_j a[i][j] · panel[j·16 + c]` for six rows `a` of
+    /// `d` values and a panel of 16 columns packed as [`super::pack_keys`] lays them out:
+    /// two vector loads and six broadcasts feed twelve FMAs, no horizontal sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn tile_6x16(
+        a: [*const f32; MR],
+        panel: *const f32,
+        d: usize,
+        scale: __m256,
+        out: *mut f32,
+        ostride: usize,
+    ) {
+        let mut a0 = [_mm256_setzero_ps(); MR];
+        let mut a1 = [_mm256_setzero_ps(); MR];
+        for j in 0..d {
+            let k0 = _mm256_loadu_ps(panel.add(j * 16));
+            let k1 = _mm256_loadu_ps(panel.add(j * 16 + 8));
+            for i in 0..MR {
+                let x = _mm256_broadcast_ss(&*a[i].add(j));
+                a0[i] = _mm256_fmadd_ps(x, k0, a0[i]);
+                a1[i] = _mm256_fmadd_ps(x, k1, a1[i]);
+            }
+        }
+        for i in 0..MR {
+            let op = out.add(i * ostride);
+            _mm256_storeu_ps(op, _mm256_mul_ps(a0[i], scale));
+            _mm256_storeu_ps(op.add(8), _mm256_mul_ps(a1[i], scale));
+        }
+    }
 
     /// See [`super::causal_attention`]; `kt` is the keys as [`super::pack_keys`] lays
     /// them out, `v.len` a multiple of 16.
@@ -205,22 +236,14 @@ mod x86 {
                         std::array::from_fn(|i| q.as_ptr().add((r0 + i.min(mr - 1)) * d));
                     for ct in 0..kn.div_ceil(16) {
                         let kp = kt.as_ptr().add((kb / 16 + ct) * d * 16);
-                        let mut a0 = [_mm256_setzero_ps(); MR];
-                        let mut a1 = [_mm256_setzero_ps(); MR];
-                        for j in 0..d {
-                            let k0 = _mm256_loadu_ps(kp.add(j * 16));
-                            let k1 = _mm256_loadu_ps(kp.add(j * 16 + 8));
-                            for i in 0..MR {
-                                let x = _mm256_broadcast_ss(&*qp[i].add(j));
-                                a0[i] = _mm256_fmadd_ps(x, k0, a0[i]);
-                                a1[i] = _mm256_fmadd_ps(x, k1, a1[i]);
-                            }
-                        }
-                        for i in 0..MR {
-                            let sp = s[i].as_mut_ptr().add(ct * 16);
-                            _mm256_storeu_ps(sp, _mm256_mul_ps(a0[i], vscale));
-                            _mm256_storeu_ps(sp.add(8), _mm256_mul_ps(a1[i], vscale));
-                        }
+                        tile_6x16(
+                            qp,
+                            kp,
+                            d,
+                            vscale,
+                            (s.as_mut_ptr() as *mut f32).add(ct * 16),
+                            KB,
+                        );
                     }
                     // Online softmax: probabilities into s, zero where a row cannot see.
                     for i in 0..MR {
