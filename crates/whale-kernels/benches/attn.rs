@@ -1,6 +1,6 @@
 //! Absorbed-MLA decode attention at depth: 16 query heads over `n` latent rows of 576
 //! values (DeepSeek-V2-Lite: kv_lora 512 + rope 64), one 64-row page at a time as the
-//! paged cache hands them over; then expanded-MLA prefill of 512 rows at depth, 16
+//! paged cache hands them over (f32 and f16 pages); then expanded-MLA prefill of 512 rows at depth, 16
 //! heads of 192-value keys and 128-value values, as the tiled causal kernel computes
 //! it beside the scores → softmax → weighted-sum composition it replaced.
 //! Run: `cargo bench -p whale-kernels --bench attn`.
@@ -9,14 +9,16 @@ mod common;
 use common::median_secs;
 
 use rayon::prelude::*;
-use whale_kernels::{causal_attention, mqa_blocks, mqa_scores, mqa_values, softmax_inplace, Rows};
+use whale_kernels::{
+    causal_attention, mqa_blocks, mqa_scores, mqa_values, softmax_inplace, Block, Rows,
+};
 
 fn main() {
     let (heads, l, c) = (16usize, 576usize, 512usize);
     println!("threads: {}", rayon::current_num_threads());
     println!(
-        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "rows", "scores ms", "values ms", "GMAC/s", "paged ms", "GMAC/s"
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "rows", "scores ms", "values ms", "GMAC/s", "paged ms", "GMAC/s", "f16 ms", "GMAC/s"
     );
     for n in [1024usize, 4096] {
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -27,16 +29,25 @@ fn main() {
         let tv = median_secs(|| mqa_values(&s, heads, &rows, l, n, &mut o), 21);
         let macs = (heads * n * (l + c)) as f64;
         // The decode step as the model runs it: 64-row pages, merged softmax.
-        let pages: Vec<&[f32]> = rows.chunks(64 * l).collect();
+        let pages: Vec<Block> = rows.chunks(64 * l).map(Block::F32).collect();
         let mut o2 = vec![0.0f32; heads * c];
         let tb = median_secs(|| mqa_blocks(&q, heads, &pages, l, n, c, 0.1, &mut o2), 21);
+        // The same pages stored as f16 (the default cache type).
+        let halves: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let pages16: Vec<Block> = halves.chunks(64 * l).map(Block::F16).collect();
+        let th = median_secs(
+            || mqa_blocks(&q, heads, &pages16, l, n, c, 0.1, &mut o2),
+            21,
+        );
         println!(
-            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
+            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
             ts * 1e3,
             tv * 1e3,
             macs / (ts + tv) / 1e9,
             tb * 1e3,
-            macs / tb / 1e9
+            macs / tb / 1e9,
+            th * 1e3,
+            macs / th / 1e9
         );
     }
 

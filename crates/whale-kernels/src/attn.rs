@@ -138,18 +138,62 @@ struct Partial {
     out: Vec<f32>,
 }
 
+/// One block of a paged cache's rows, as the cache stores them.
+#[derive(Clone, Copy, Debug)]
+pub enum Block<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// IEEE half-precision values (half the memory and the bytes read per step).
+    F16(&'a [half::f16]),
+}
+
+impl Block<'_> {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            Block::F32(r) => r.len(),
+            Block::F16(r) => r.len(),
+        }
+    }
+
+    /// Whether the block holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `len` values as f32 in `out` (cleared first).
+    pub fn to_f32_into(&self, len: usize, out: &mut Vec<f32>) {
+        out.clear();
+        match self {
+            Block::F32(r) => out.extend_from_slice(&r[..len]),
+            Block::F16(r) => {
+                out.resize(len, 0.0);
+                // `half` converts slices with F16C where the CPU has it (runtime check).
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&r[..len], out);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// One f16 block widened to f32 (147 KB for a 64-row V2 page): it stays in L2
+    /// while the block's scores and weighted sum read it.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Softmax attention of `H` query vectors over cache rows held in blocks (a paged
 /// cache): `out[h] = Σ_u softmax_u(scale · q[h] · rows[u][..L]) · rows[u][..C]` over
 /// the first `visible` rows, where block `i` holds rows `i·B..` (`B = blocks[0].len() /
 /// stride`) of `stride` values each. Each block's scores, exponentials and weighted sum
-/// are computed while the block is in cache (blocks in parallel), then the blocks are
-/// merged by rescaling with their maxima (as flash-decoding does), so the cache is read
-/// once per step instead of once for the scores and again for the values.
+/// are computed while the block is in cache (blocks in parallel; an f16 block is
+/// widened to f32 first), then the blocks are merged by rescaling with their maxima
+/// (as flash-decoding does), so the cache is read once per step instead of once for
+/// the scores and again for the values.
 #[allow(clippy::too_many_arguments)]
 pub fn mqa_blocks(
     q: &[f32],
     heads: usize,
-    blocks: &[&[f32]],
+    blocks: &[Block<'_>],
     stride: usize,
     visible: usize,
     c: usize,
@@ -159,12 +203,7 @@ pub fn mqa_blocks(
     assert_eq!(out.len(), heads * c);
     let per = blocks.first().map_or(1, |b| (b.len() / stride).max(1));
     let qt = packed_queries(q, heads);
-    let block = |(bi, rows): (usize, &&[f32])| -> Option<Partial> {
-        let u0 = bi * per;
-        let n = (rows.len() / stride).min(visible.checked_sub(u0)?);
-        if n == 0 {
-            return None;
-        }
+    let partial = |rows: &[f32], n: usize| -> Partial {
         let mut s = vec![0.0f32; heads * n];
         scores_with(q, qt.as_deref(), heads, rows, stride, n, scale, &mut s);
         let mut max = vec![0.0f32; heads];
@@ -175,7 +214,21 @@ pub fn mqa_blocks(
         }
         let mut o = vec![0.0f32; heads * c];
         mqa_values(&s, heads, rows, stride, n, &mut o);
-        Some(Partial { max, sum, out: o })
+        Partial { max, sum, out: o }
+    };
+    let block = |(bi, rows): (usize, &Block<'_>)| -> Option<Partial> {
+        let u0 = bi * per;
+        let n = (rows.len() / stride).min(visible.checked_sub(u0)?);
+        if n == 0 {
+            return None;
+        }
+        Some(match rows {
+            Block::F32(r) => partial(r, n),
+            Block::F16(_) => WIDE.with_borrow_mut(|wide| {
+                rows.to_f32_into(n * stride, wide);
+                partial(wide, n)
+            }),
+        })
     };
     let parts: Vec<Partial> = if blocks.len() > 1 {
         blocks.par_iter().enumerate().filter_map(block).collect()
@@ -341,7 +394,7 @@ mod tests {
             }
             let mut want = vec![0.0; heads * c];
             mqa_values(&s, heads, &rows, stride, visible, &mut want);
-            let blocks: Vec<&[f32]> = rows.chunks(per * stride).collect();
+            let blocks: Vec<Block> = rows.chunks(per * stride).map(Block::F32).collect();
             let mut got = vec![0.0; heads * c];
             mqa_blocks(&q, heads, &blocks, stride, visible, c, 0.7, &mut got);
             for (g, w) in got.iter().zip(&want) {
@@ -350,6 +403,16 @@ mod tests {
                     "{n} {visible}: {g} vs {w}"
                 );
             }
+            // f16 blocks compute what f32 blocks of the same (rounded) values compute.
+            let halves: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let rounded: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+            let b16: Vec<Block> = halves.chunks(per * stride).map(Block::F16).collect();
+            let b32: Vec<Block> = rounded.chunks(per * stride).map(Block::F32).collect();
+            let mut g16 = vec![0.0; heads * c];
+            let mut g32 = vec![0.0; heads * c];
+            mqa_blocks(&q, heads, &b16, stride, visible, c, 0.7, &mut g16);
+            mqa_blocks(&q, heads, &b32, stride, visible, c, 0.7, &mut g32);
+            assert_eq!(g16, g32);
         }
     }
 

@@ -28,7 +28,7 @@ pub mod quantize;
 pub mod repack;
 pub mod simd_f32;
 
-pub use attn::{mqa_blocks, mqa_scores, mqa_values};
+pub use attn::{mqa_blocks, mqa_scores, mqa_values, Block};
 pub use attn_prefill::{causal_attention, Rows};
 pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{

@@ -9,17 +9,73 @@
 //! reference-counted: a cache made from another's prefix ([`LatentCache::share_prefix`])
 //! shares its full pages instead of copying them, and a shared page is copied only
 //! if a sequence writes into it (copy on write), so prompt-prefix reuse costs no copy.
+//!
+//! Values are stored as [`KvType`] says: f16 (llama.cpp's default cache type too)
+//! halves the memory and the bytes a decode step reads; f32 keeps the forward pass's
+//! values bit for bit.
 
 use crate::config::ModelConfig;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::sync::Arc;
+use whale_kernels::Block;
+
+/// How a [`LatentCache`] stores its values. The library's default is f32 (exactly
+/// what the forward pass computed, so results match the reference implementation to
+/// rounding); the `whale` commands default to f16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// IEEE half precision: 2 bytes per value (V2-Lite: 31 KB per token).
+    F16,
+    /// f32: 4 bytes per value, exactly what the forward pass computed.
+    #[default]
+    F32,
+}
+
+impl KvType {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+
+    /// `f16` or `f32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(KvType::F16),
+            "f32" => Ok(KvType::F32),
+            other => Err(format!("unknown cache type {other:?} (f16 or f32)")),
+        }
+    }
+}
+
+/// One page's values, `[layer][PAGE_TOKENS][latent_dim]`.
+#[derive(Clone, Debug)]
+enum Page {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
 
 /// Tokens per cache page.
 pub const PAGE_TOKENS: usize = 64;
 
-/// Latent cache for one sequence: pages of `[layer][PAGE_TOKENS][kv_lora_rank + qk_rope_head_dim]` f32.
+/// Latent cache for one sequence: pages of `[layer][PAGE_TOKENS][kv_lora_rank + qk_rope_head_dim]`.
 #[derive(Clone, Debug)]
 pub struct LatentCache {
-    pages: Vec<Arc<Vec<f32>>>,
+    pages: Vec<Arc<Page>>,
+    kv_type: KvType,
     n_layers: usize,
     latent_dim: usize,
     n_tokens: usize,
@@ -28,10 +84,11 @@ pub struct LatentCache {
 }
 
 impl LatentCache {
-    /// An empty cache shaped for `cfg`.
-    pub fn new(cfg: &ModelConfig) -> Self {
+    /// An empty cache shaped for `cfg`, storing values as `kv_type` says.
+    pub fn new(cfg: &ModelConfig, kv_type: KvType) -> Self {
         LatentCache {
             pages: Vec::new(),
+            kv_type,
             n_layers: cfg.num_hidden_layers,
             latent_dim: cfg.latent_dim(),
             n_tokens: 0,
@@ -54,9 +111,15 @@ impl LatentCache {
         self.latent_dim
     }
 
-    /// Bytes one token occupies: `layers × (kv_lora_rank + qk_rope_head_dim) × 4`.
+    /// How values are stored.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Bytes one token occupies: `layers × (kv_lora_rank + qk_rope_head_dim) × 2` (f16)
+    /// or `× 4` (f32).
     pub fn bytes_per_token(&self) -> usize {
-        self.n_layers * self.latent_dim * std::mem::size_of::<f32>()
+        self.n_layers * self.latent_dim * self.kv_type.bytes()
     }
 
     /// Bytes of one page.
@@ -100,6 +163,7 @@ impl LatentCache {
         let n = n.min(self.n_tokens);
         LatentCache {
             pages: self.pages[..n.div_ceil(PAGE_TOKENS)].to_vec(),
+            kv_type: self.kv_type,
             n_layers: self.n_layers,
             latent_dim: self.latent_dim,
             n_tokens: n,
@@ -113,27 +177,37 @@ impl LatentCache {
 
     /// The first `n` rows of `layer` as page slices `[≤ PAGE_TOKENS, latent_dim]`, in order
     /// (rows appended by a forward pass in progress included).
-    pub fn layer_pages(&self, layer: usize, n: usize) -> Vec<&[f32]> {
+    pub fn layer_pages(&self, layer: usize, n: usize) -> Vec<Block<'_>> {
         let dim = self.latent_dim;
         let off = self.layer_offset(layer);
         (0..n.div_ceil(PAGE_TOKENS))
             .map(|p| {
-                let rows = (n - p * PAGE_TOKENS).min(PAGE_TOKENS);
-                &self.pages[p][off..off + rows * dim]
+                let r = off..off + (n - p * PAGE_TOKENS).min(PAGE_TOKENS) * dim;
+                match &*self.pages[p] {
+                    Page::F16(v) => Block::F16(&v[r]),
+                    Page::F32(v) => Block::F32(&v[r]),
+                }
             })
             .collect()
     }
 
-    /// The first `n` rows of `layer` copied into one `[n, latent_dim]` buffer.
+    /// The first `n` rows of `layer` as f32 in one `[n, latent_dim]` buffer.
     pub fn gather(&self, layer: usize, n: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(n * self.latent_dim);
+        let mut out = vec![0.0f32; n * self.latent_dim];
+        let mut at = 0;
         for p in self.layer_pages(layer, n) {
-            out.extend_from_slice(p);
+            let dst = &mut out[at..at + p.len()];
+            match p {
+                Block::F16(v) => v.convert_to_f32_slice(dst),
+                Block::F32(v) => dst.copy_from_slice(v),
+            }
+            at += p.len();
         }
         out
     }
 
-    /// Appends rows `[m, latent_dim]` to `layer` (the forward pass does this once per layer).
+    /// Appends rows `[m, latent_dim]` to `layer` (the forward pass does this once per
+    /// layer), rounded to the cache's type.
     pub(crate) fn append(&mut self, layer: usize, rows: &[f32]) {
         let dim = self.latent_dim;
         debug_assert_eq!(rows.len() % dim, 0);
@@ -141,7 +215,10 @@ impl LatentCache {
         let m = rows.len() / dim;
         let page_len = self.n_layers * PAGE_TOKENS * dim;
         while self.pages.len() * PAGE_TOKENS < start + m {
-            self.pages.push(Arc::new(vec![0.0; page_len]));
+            self.pages.push(Arc::new(match self.kv_type {
+                KvType::F16 => Page::F16(vec![f16::ZERO; page_len]),
+                KvType::F32 => Page::F32(vec![0.0; page_len]),
+            }));
         }
         let off = self.layer_offset(layer);
         let mut i = 0;
@@ -149,10 +226,15 @@ impl LatentCache {
             let pos = start + i;
             let (p, slot) = (pos / PAGE_TOKENS, pos % PAGE_TOKENS);
             let k = (PAGE_TOKENS - slot).min(m - i);
+            let (dst, src) = (
+                off + slot * dim..off + (slot + k) * dim,
+                &rows[i * dim..(i + k) * dim],
+            );
             // Copy on write: a page shared with another cache is duplicated first.
-            let page = Arc::make_mut(&mut self.pages[p]);
-            page[off + slot * dim..off + (slot + k) * dim]
-                .copy_from_slice(&rows[i * dim..(i + k) * dim]);
+            match Arc::make_mut(&mut self.pages[p]) {
+                Page::F16(v) => v[dst].convert_from_f32_slice(src),
+                Page::F32(v) => v[dst].copy_from_slice(src),
+            }
             i += k;
         }
         self.pending[layer] += m;

@@ -33,7 +33,7 @@ mod synth;
 mod tokenizer;
 mod weights;
 
-pub use cache::{LatentCache, PAGE_TOKENS};
+pub use cache::{KvType, LatentCache, PAGE_TOKENS};
 pub use chat::{ChatTemplate, Message};
 pub use config::{yarn_get_mscale, ModelConfig, ModelType, RopeScaling, ScoringFunc, TopkMethod};
 pub use convert::{convert_to_gguf, ConvertOptions, ConvertReport};

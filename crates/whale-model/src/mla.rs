@@ -18,7 +18,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{Packable, Tensor};
 use rayon::prelude::*;
-use whale_kernels::{causal_attention, matmul_t_vec, matmul_with, rmsnorm_inplace, Rows};
+use whale_kernels::{causal_attention, matmul_t_vec, matmul_with, rmsnorm_inplace, Block, Rows};
 
 /// Which MLA formulation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -363,7 +363,14 @@ impl Mla {
 
     /// Per head `[T, V]` outputs by the absorbed form: multi-query attention over the
     /// latent rows `[c ‖ k_pe]`, all heads at once, so each cache row is read once.
-    fn absorbed(&self, q: &[f32], t: usize, past: usize, kv: &[&[f32]], n: usize) -> Vec<Vec<f32>> {
+    fn absorbed(
+        &self,
+        q: &[f32],
+        t: usize,
+        past: usize,
+        kv: &[Block<'_>],
+        n: usize,
+    ) -> Vec<Vec<f32>> {
         let (nh, p, r, v, c) = (
             self.n_head,
             self.nope,

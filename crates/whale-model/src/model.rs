@@ -1,7 +1,7 @@
 //! The DeepSeek-V2/V3 decoder: embedding → layers (pre-norm MLA + dense MLP or
 //! MoE) → final norm → lm_head.
 
-use crate::cache::LatentCache;
+use crate::cache::{KvType, LatentCache};
 use crate::config::{ModelConfig, ModelType, TopkMethod};
 use crate::error::ModelError;
 use crate::linear::{Linear, Mlp};
@@ -44,6 +44,7 @@ pub struct DeepseekModel {
     lm_head: Linear,
     rope: Rope,
     mla_mode: MlaMode,
+    kv_type: KvType,
     weight_bytes: usize,
 }
 
@@ -186,6 +187,7 @@ impl DeepseekModel {
             layers,
             lm_head,
             mla_mode: MlaMode::Auto,
+            kv_type: KvType::default(),
             weight_bytes: st.total_bytes(),
             cfg,
         })
@@ -248,9 +250,19 @@ impl DeepseekModel {
         self.mla_mode = mode;
     }
 
+    /// How caches made by [`Self::new_cache`] store latents (default f32).
+    pub fn set_kv_type(&mut self, kv_type: KvType) {
+        self.kv_type = kv_type;
+    }
+
+    /// The type [`Self::new_cache`] uses.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
     /// A new empty latent cache for this model.
     pub fn new_cache(&self) -> LatentCache {
-        LatentCache::new(&self.cfg)
+        LatentCache::new(&self.cfg, self.kv_type)
     }
 
     /// Runs `tokens` at positions `cache.len()..` and appends their latents to `cache`.

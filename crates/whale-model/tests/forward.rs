@@ -47,7 +47,35 @@ fn check_f32_fixture(name: &str) {
         exp.greedy,
         "{name}: greedy continuation"
     );
+
+    // The f16 cache the commands use: latents rounded to 11 significant bits.
+    let mut folder = folder;
+    folder.model.set_kv_type(whale_model::KvType::F16);
+    let mut cache = folder.model.new_cache();
+    let all16 = folder
+        .model
+        .forward(&exp.tokens, &mut cache, Logits::All)
+        .unwrap();
+    let scale = exp
+        .logits
+        .iter()
+        .flatten()
+        .fold(0.0f32, |m, x| m.max(x.abs()));
+    let rel = max_abs_diff(&all16, &exp.logits) / scale;
+    eprintln!("{name}: f16 cache: max |logit error| / max |logit| = {rel:.3e}");
+    assert!(
+        rel < F16_CACHE_BOUND,
+        "{name}: f16 cache logits differ by {rel}"
+    );
+    assert_eq!(
+        greedy(&folder, &exp.tokens, 32),
+        exp.greedy,
+        "{name}: greedy continuation with an f16 cache"
+    );
 }
+
+/// Largest logit error, relative to the largest logit, that the f16 cache may add.
+const F16_CACHE_BOUND: f32 = 2e-3;
 
 #[test]
 fn v2_lite_checkpoint_style_matches_transformers() {
@@ -149,6 +177,8 @@ fn latent_cache_holds_only_latents() {
         .model
         .forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last)
         .unwrap();
+    // f32 values unless the model is told otherwise.
+    assert_eq!(cache.kv_type(), whale_model::KvType::F32);
     let per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4;
     assert_eq!(cache.bytes_per_token(), per_token);
     // Pages of 64 tokens: five tokens take one page.
@@ -165,11 +195,13 @@ fn latent_cache_holds_only_latents() {
         "n_routed_experts":64,"n_shared_experts":2,"num_experts_per_tok":6,"first_k_dense_replace":1}"#,
     )
     .unwrap();
-    let c = whale_model::LatentCache::new(&lite);
-    assert_eq!(c.bytes_per_token(), 27 * 576 * 4);
-    let expanded = 27 * 16 * (192 + 128) * 4;
+    let c32 = whale_model::LatentCache::new(&lite, whale_model::KvType::F32);
+    assert_eq!(c32.bytes_per_token(), 27 * 576 * 4);
+    let c = whale_model::LatentCache::new(&lite, whale_model::KvType::F16);
+    assert_eq!(c.bytes_per_token(), 27 * 576 * 2);
+    let expanded = 27 * 16 * (192 + 128) * 2;
     eprintln!(
-        "V2-Lite: latent cache {} B/token vs expanded per-head K/V {} B/token",
+        "V2-Lite: f16 latent cache {} B/token vs f16 expanded per-head K/V {} B/token",
         c.bytes_per_token(),
         expanded
     );

@@ -141,6 +141,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         "repacked": whale_model::repack_enabled(),
         "depth_fill_s": fill_s,
         "kv_bytes_per_token": kv,
+        "kv_type": cache.kv_type().name(),
         "weight_bytes": m.weight_bytes(),
         "decode_weight_bytes_per_token": weights,
         "decode_cache_bytes_per_token": cache_read,
@@ -157,7 +158,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         );
         println!("|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} MB | {} | {:.2} GB |",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} MB | {} ({}) | {:.2} GB |",
             folder.dir.display(),
             a.threads,
             a.depth,
@@ -166,6 +167,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
             per_token as f64 * tg_s / 1e9,
             weights as f64 / 1e6,
             kv,
+            cache.kv_type().name(),
             peak_rss() as f64 / 1e9
         );
     }

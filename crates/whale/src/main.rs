@@ -151,6 +151,10 @@ struct ModelArg {
     /// else the bundled models/whale-tiny-chat.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// How the latent cache stores values: f16 (half the memory and the bytes a decode
+    /// step reads; llama.cpp's default too) or f32 (the forward pass's values bit for bit).
+    #[arg(long, default_value = "f16")]
+    kv_type: whale_model::KvType,
 }
 
 /// Where the bundled default model lives: beside the working directory, or in the
@@ -298,20 +302,22 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn open(dir: &Path) -> Result<ModelFolder> {
+fn open(dir: &Path, kv_type: whale_model::KvType) -> Result<ModelFolder> {
     let t = Instant::now();
-    let folder =
+    let mut folder =
         ModelFolder::open(dir).with_context(|| format!("cannot load model {}", dir.display()))?;
+    folder.model.set_kv_type(kv_type);
     let c = folder.model.config();
     tracing::info!(
-        "loaded {} in {:.2}s: {} layers, {} experts (top-{}), {:.1} MB of weights, latent cache {} B/token",
+        "loaded {} in {:.2}s: {} layers, {} experts (top-{}), {:.1} MB of weights, latent cache {} B/token ({})",
         dir.display(),
         t.elapsed().as_secs_f64(),
         c.num_hidden_layers,
         c.n_routed_experts,
         c.num_experts_per_tok,
         folder.model.weight_bytes() as f64 / 1e6,
-        folder.model.new_cache().bytes_per_token()
+        folder.model.new_cache().bytes_per_token(),
+        kv_type.name()
     );
     Ok(folder)
 }
@@ -321,10 +327,10 @@ fn open(dir: &Path) -> Result<ModelFolder> {
 /// as soon as the file is mapped (1.1 s for the 8.9 GB V2-Lite Q4_0 file, against
 /// ~10 s when the whole file is repacked first on this VM) and later tokens use the
 /// faster kernels as each weight's copy completes.
-fn with_model<R>(dir: &Path, f: impl FnOnce(&ModelFolder) -> Result<R>) -> Result<R> {
+fn with_model<R>(m: &ModelArg, f: impl FnOnce(&ModelFolder) -> Result<R>) -> Result<R> {
     let background = whale_model::repack_enabled();
     whale_model::set_repack(false);
-    let folder = open(dir)?;
+    let folder = open(&m.path()?, m.kv_type)?;
     if !background {
         return f(&folder);
     }
@@ -396,7 +402,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { model, tokens, mla } => {
-            let mut folder = open(&model.path()?)?;
+            let mut folder = open(&model.path()?, model.kv_type)?;
             folder.model.set_mla_mode(match mla {
                 Mla::Auto => MlaMode::Auto,
                 Mla::Absorbed => MlaMode::Absorbed,
@@ -420,7 +426,7 @@ fn run(cli: Cli) -> Result<()> {
             json: as_json,
         } => {
             let dir = model.path()?;
-            with_model(&dir, |folder| {
+            with_model(&model, |folder| {
                 let tok = folder.tokenizer.as_ref();
                 let ids = match (&tokens, &prompt) {
                     (Some(t), _) => parse_ids(t)?,
@@ -524,7 +530,7 @@ fn run(cli: Cli) -> Result<()> {
             // repack reads every page once, then drops it from this process).
             whale_model::set_populate(!whale_model::repack_enabled());
             let t = Instant::now();
-            let folder = open(&model.path()?)?;
+            let folder = open(&model.path()?, model.kv_type)?;
             let load_s = t.elapsed().as_secs_f64();
             let args = bench::BenchArgs {
                 prompt,
@@ -544,9 +550,7 @@ fn run(cli: Cli) -> Result<()> {
             system,
             sampling,
         } => {
-            with_model(&model.path()?, |folder| {
-                chat::run(folder, system, &sampling)
-            })?;
+            with_model(&model, |folder| chat::run(folder, system, &sampling))?;
         }
     }
     Ok(())

@@ -100,7 +100,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             .context("cannot size the thread pool")?;
     }
     let dir = args.model.path()?;
-    let folder = crate::open(&dir)?;
+    let folder = crate::open(&dir, args.model.kv_type)?;
     let eos = folder.eos_token_ids();
     let whale_model::ModelFolder {
         model, tokenizer, ..
