@@ -98,33 +98,56 @@ pub fn mqa_values(
 ) {
     let c = out.len() / heads;
     assert!(c <= stride && rows.len() >= n * stride && probs.len() == heads * n);
+    if n <= ROWS_PER_TASK {
+        // One task's worth (a decode block): on this thread, straight into `out`.
+        out.fill(0.0);
+        values_add(probs, heads, n, rows, stride, 0, n, out);
+        return;
+    }
     let partial = (0..n.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .map(|ci| {
             let mut acc = vec![0.0f32; heads * c];
             let (u0, u1) = (ci * ROWS_PER_TASK, ((ci + 1) * ROWS_PER_TASK).min(n));
-            #[cfg(target_arch = "x86_64")]
-            if crate::qdot::isa() != crate::qdot::Isa::Scalar && c.is_multiple_of(8) {
-                // SAFETY: AVX2 and FMA were detected; the asserts above bound every row.
-                unsafe { x86::values_rows(probs, heads, n, rows, stride, u0, u1, &mut acc) };
-                return acc;
-            }
-            for u in u0..u1 {
-                let row = &rows[u * stride..u * stride + c];
-                for h in 0..heads {
-                    crate::simd_f32::axpy(probs[h * n + u], row, &mut acc[h * c..(h + 1) * c]);
-                }
-            }
+            values_add(probs, heads, n, rows, stride, u0, u1, &mut acc);
             acc
         })
-        .reduce(
-            || vec![0.0f32; heads * c],
-            |mut a, b| {
-                crate::simd_f32::add(&b, &mut a);
-                a
-            },
-        );
-    out.copy_from_slice(&partial);
+        .reduce_with(|mut a, b| {
+            crate::simd_f32::add(&b, &mut a);
+            a
+        });
+    if let Some(p) = partial {
+        out.copy_from_slice(&p);
+    }
+}
+
+/// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]` (`probs` is `[H, n]`).
+#[allow(clippy::too_many_arguments)]
+fn values_add(
+    probs: &[f32],
+    heads: usize,
+    n: usize,
+    rows: &[f32],
+    stride: usize,
+    u0: usize,
+    u1: usize,
+    acc: &mut [f32],
+) {
+    let c = acc.len() / heads;
+    assert!(c <= stride && rows.len() >= u1 * stride && probs.len() == heads * n && u1 <= n);
+    #[cfg(target_arch = "x86_64")]
+    if crate::qdot::isa() != crate::qdot::Isa::Scalar && c.is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA were detected; the assert above bounds every row and
+        // probability read.
+        unsafe { x86::values_rows(probs, heads, n, rows, stride, u0, u1, acc) };
+        return;
+    }
+    for u in u0..u1 {
+        let row = &rows[u * stride..u * stride + c];
+        for h in 0..heads {
+            crate::simd_f32::axpy(probs[h * n + u], row, &mut acc[h * c..(h + 1) * c]);
+        }
+    }
 }
 
 /// One block of cache rows' contribution to multi-query attention, softmax taken
