@@ -91,7 +91,9 @@ impl KvUp {
         }
     }
 
-    /// Decompressed latents `[N, C]`: `k_nope` as `[N, H·P]` and values as `[N, H·V]`.
+    /// Decompressed latents `[N, C]`: every head's `k_nope` and values, left where the
+    /// products write them (the fused weight interleaves them per head, the split
+    /// weights give `[N, H·P]` then `[N, H·V]`).
     #[allow(clippy::too_many_arguments)]
     fn expand(
         &self,
@@ -102,21 +104,13 @@ impl KvUp {
         p: usize,
         v: usize,
         c: usize,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let mut k = vec![0.0f32; n * nh * p];
-        let mut vv = vec![0.0f32; n * nh * v];
-        match self {
+    ) -> Expanded {
+        let mut buf = vec![0.0f32; n * nh * (p + v)];
+        let split = ((0, nh * p, p), (n * nh * p, nh * v, v));
+        let (k_at, v_at) = match self {
             KvUp::Fused(w) => {
-                let mut kvx = vec![0.0f32; n * nh * (p + v)];
-                w.forward(lat, n, &mut kvx);
-                for ((x, kr), vr) in kvx
-                    .chunks_exact(p + v)
-                    .zip(k.chunks_exact_mut(p))
-                    .zip(vv.chunks_exact_mut(v))
-                {
-                    kr.copy_from_slice(&x[..p]);
-                    vr.copy_from_slice(&x[p..]);
-                }
+                w.forward(lat, n, &mut buf);
+                ((0, nh * (p + v), p + v), (p, nh * (p + v), p + v))
             }
             KvUp::Split {
                 v_b,
@@ -124,10 +118,13 @@ impl KvUp {
                 ..
             } if !exact => {
                 // All heads at once, in the integer kernels.
-                matmul_with(lat, n, w_uk.get().mat(), &mut k, false);
-                matmul_with(lat, n, v_b.get().rows(0, nh * v, c).mat(), &mut vv, false);
+                let (k, vv) = buf.split_at_mut(n * nh * p);
+                matmul_with(lat, n, w_uk.get().mat(), k, false);
+                matmul_with(lat, n, v_b.get().rows(0, nh * v, c).mat(), vv, false);
+                split
             }
             KvUp::Split { k_b_t, v_b, .. } => {
+                let (k, vv) = buf.split_at_mut(n * nh * p);
                 let mut kh = vec![0.0f32; n * p];
                 let mut vh = vec![0.0f32; n * v];
                 let mut w_uk = vec![0u8; p * c * 4];
@@ -153,9 +150,34 @@ impl KvUp {
                             .copy_from_slice(&vh[u * v..(u + 1) * v]);
                     }
                 }
+                split
             }
+        };
+        Expanded {
+            buf,
+            k: k_at,
+            v: v_at,
         }
-        (k, vv)
+    }
+}
+
+/// Decompressed latents of [`KvUp::expand`]: `k` and `v` are (start, row stride, step
+/// from one head to the next) of each head's `k_nope` and values in `buf`.
+struct Expanded {
+    buf: Vec<f32>,
+    k: (usize, usize, usize),
+    v: (usize, usize, usize),
+}
+
+impl Expanded {
+    /// Head `h`'s rows of `len` values, at (start, row stride, head step) in `buf`.
+    fn rows(&self, (start, stride, step): (usize, usize, usize), h: usize, len: usize) -> Rows<'_> {
+        Rows {
+            data: &self.buf[start..],
+            stride,
+            offset: h * step,
+            len,
+        }
     }
 }
 
@@ -454,7 +476,7 @@ impl Mla {
         for u in 0..n {
             lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
         }
-        let (k_nope, vals) = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
+        let x = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
         drop(lat);
         (0..nh)
             .into_par_iter()
@@ -465,12 +487,7 @@ impl Mla {
                         .copy_from_slice(&q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk]);
                 }
                 let keys = [
-                    Rows {
-                        data: &k_nope,
-                        stride: nh * p,
-                        offset: hi * p,
-                        len: p,
-                    },
+                    x.rows(x.k, hi, p),
                     Rows {
                         data: kv,
                         stride: c + r,
@@ -478,12 +495,7 @@ impl Mla {
                         len: r,
                     },
                 ];
-                let values = Rows {
-                    data: &vals,
-                    stride: nh * v,
-                    offset: hi * v,
-                    len: v,
-                };
+                let values = x.rows(x.v, hi, v);
                 let mut out = vec![0.0f32; t * v];
                 causal_attention(&qs, &keys, values, past, self.scale, &mut out);
                 out
