@@ -184,16 +184,13 @@ impl Block<'_> {
         self.len() == 0
     }
 
-    /// The first `len` values as f32 in `out` (cleared first).
-    pub fn to_f32_into(&self, len: usize, out: &mut Vec<f32>) {
-        out.clear();
+    /// The first `out.len()` values as f32 into `out`.
+    pub fn write_f32(&self, out: &mut [f32]) {
+        let len = out.len();
         match self {
-            Block::F32(r) => out.extend_from_slice(&r[..len]),
-            Block::F16(r) => {
-                out.resize(len, 0.0);
-                // `half` converts slices with F16C where the CPU has it (runtime check).
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&r[..len], out);
-            }
+            Block::F32(r) => out.copy_from_slice(&r[..len]),
+            // `half` converts slices with F16C where the CPU has it (runtime check).
+            Block::F16(r) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&r[..len], out),
         }
     }
 }
@@ -248,7 +245,8 @@ pub fn mqa_blocks(
         Some(match rows {
             Block::F32(r) => partial(r, n),
             Block::F16(_) => WIDE.with_borrow_mut(|wide| {
-                rows.to_f32_into(n * stride, wide);
+                wide.resize(n * stride, 0.0);
+                rows.write_f32(wide);
                 partial(wide, n)
             }),
         })

@@ -196,11 +196,7 @@ impl LatentCache {
         let mut out = vec![0.0f32; n * self.latent_dim];
         let mut at = 0;
         for p in self.layer_pages(layer, n) {
-            let dst = &mut out[at..at + p.len()];
-            match p {
-                Block::F16(v) => v.convert_to_f32_slice(dst),
-                Block::F32(v) => dst.copy_from_slice(v),
-            }
+            p.write_f32(&mut out[at..at + p.len()]);
             at += p.len();
         }
         out
