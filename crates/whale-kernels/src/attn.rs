@@ -53,33 +53,38 @@ fn scores_with(
 ) {
     let l = q.len() / heads;
     assert!(l <= stride && rows.len() >= n * stride && scores.len() == heads * n);
-    // Score chunks per task are [chunk, H] (row-major by cache row), transposed after.
-    let mut st = vec![0.0f32; n * heads];
-    let task = |(ci, chunk): (usize, &mut [f32])| {
+    // A task's scores go to `out` as `[rows, H]` (`head_major` false: a chunk of a
+    // larger step, transposed after) or `[H, rows]` (one task: straight into `scores`).
+    let task = |ci: usize, out: &mut [f32], head_major: bool| {
         let u0 = ci * ROWS_PER_TASK;
         #[cfg(target_arch = "x86_64")]
         if let Some(qt) = qt {
             // SAFETY: `qt` exists only where AVX2 and FMA were detected; it holds `H`
             // queries of `L` values packed by `pack_keys`; the assert above bounds
             // every cache row.
-            unsafe { x86::scores_tiles(qt, heads, l, rows, stride, u0, chunk, scale) };
+            unsafe { x86::scores_tiles(qt, heads, l, rows, stride, u0, out, scale, head_major) };
             return;
         }
         let _ = qt;
-        for (k, out) in chunk.chunks_mut(heads).enumerate() {
+        let m = out.len() / heads;
+        for k in 0..m {
             let row = &rows[(u0 + k) * stride..(u0 + k) * stride + l];
-            for (h, o) in out.iter_mut().enumerate() {
-                *o = crate::simd_f32::dot(&q[h * l..(h + 1) * l], row) * scale;
+            for h in 0..heads {
+                let at = if head_major { h * m + k } else { k * heads + h };
+                out[at] = crate::simd_f32::dot(&q[h * l..(h + 1) * l], row) * scale;
             }
         }
     };
-    if n > ROWS_PER_TASK {
-        st.par_chunks_mut(ROWS_PER_TASK * heads)
-            .enumerate()
-            .for_each(task);
-    } else if n > 0 {
-        task((0, &mut st));
+    if n <= ROWS_PER_TASK {
+        if n > 0 {
+            task(0, scores, true);
+        }
+        return;
     }
+    let mut st = vec![0.0f32; n * heads];
+    st.par_chunks_mut(ROWS_PER_TASK * heads)
+        .enumerate()
+        .for_each(|(ci, chunk)| task(ci, chunk, false));
     for u in 0..n {
         for h in 0..heads {
             scores[h * n + u] = st[u * heads + h];
@@ -150,15 +155,87 @@ fn values_add(
     }
 }
 
-/// One block of cache rows' contribution to multi-query attention, softmax taken
-/// over the block alone (see [`mqa_blocks`]).
-struct Partial {
-    /// Per head: the block's largest score.
+/// Flash-decoding's running state over some blocks of cache rows: per head the
+/// largest score seen, `Σ exp(score − max)` and `Σ exp(score − max) · row[..C]`.
+struct Running {
+    /// Per head: the largest score so far (−∞ before any row).
     max: Vec<f32>,
     /// Per head: `Σ exp(score − max)`.
     sum: Vec<f32>,
     /// `[H, C]`: `Σ exp(score − max) · row[..C]`.
     out: Vec<f32>,
+    /// One block's scores, `[H, n]` (scratch kept across the blocks a task runs).
+    s: Vec<f32>,
+}
+
+impl Running {
+    fn new(heads: usize, c: usize) -> Self {
+        Running {
+            max: vec![f32::NEG_INFINITY; heads],
+            sum: vec![0.0; heads],
+            out: vec![0.0; heads * c],
+            s: Vec::new(),
+        }
+    }
+
+    /// Folds `n` rows of `stride` values into the state: their scores, then per head
+    /// the old sums rescaled to the new maximum, then their weighted values added
+    /// in place (no per-block buffers).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rows(
+        &mut self,
+        q: &[f32],
+        qt: Option<&[f32]>,
+        heads: usize,
+        rows: &[f32],
+        stride: usize,
+        n: usize,
+        scale: f32,
+    ) {
+        let c = self.out.len() / heads;
+        self.s.resize(heads * n, 0.0);
+        scores_with(q, qt, heads, rows, stride, n, scale, &mut self.s);
+        for h in 0..heads {
+            let row = &mut self.s[h * n..(h + 1) * n];
+            let m = row.iter().copied().fold(self.max[h], f32::max);
+            if m == f32::NEG_INFINITY {
+                // Nothing finite yet: these rows weigh nothing.
+                row.fill(0.0);
+                continue;
+            }
+            let r = crate::simd_f32::exp(self.max[h] - m);
+            if r != 1.0 {
+                self.sum[h] *= r;
+                self.out[h * c..(h + 1) * c]
+                    .iter_mut()
+                    .for_each(|v| *v *= r);
+            }
+            self.max[h] = m;
+            self.sum[h] += crate::simd_f32::exp_sum(row, m);
+        }
+        values_add(&self.s, heads, n, rows, stride, 0, n, &mut self.out);
+    }
+
+    /// The state over both states' rows.
+    fn merge(mut self, other: Running) -> Running {
+        let c = self.out.len() / self.max.len().max(1);
+        for h in 0..self.max.len() {
+            let m = self.max[h].max(other.max[h]);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let (ra, rb) = (
+                crate::simd_f32::exp(self.max[h] - m),
+                crate::simd_f32::exp(other.max[h] - m),
+            );
+            let o = &mut self.out[h * c..(h + 1) * c];
+            o.iter_mut().for_each(|v| *v *= ra);
+            crate::simd_f32::axpy(rb, &other.out[h * c..(h + 1) * c], o);
+            self.sum[h] = self.sum[h] * ra + other.sum[h] * rb;
+            self.max[h] = m;
+        }
+        self
+    }
 }
 
 /// One block of a paged cache's rows, as the cache stores them.
@@ -189,8 +266,19 @@ impl Block<'_> {
         let len = out.len();
         match self {
             Block::F32(r) => out.copy_from_slice(&r[..len]),
-            // `half` converts slices with F16C where the CPU has it (runtime check).
-            Block::F16(r) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&r[..len], out),
+            Block::F16(r) => {
+                #[cfg(target_arch = "x86_64")]
+                if crate::qdot::isa() != crate::qdot::Isa::Scalar {
+                    // SAFETY: a non-scalar ISA means AVX2, FMA and F16C were detected;
+                    // `widen_f16` reads `out.len()` values, which `r[..len]` holds.
+                    unsafe { x86::widen_f16(&r[..len], out) };
+                    return;
+                }
+                // `half`'s slice conversion: F16C through a call per eight values
+                // (the inline loop above is what decode at depth measured: 10% of a
+                // token's time went to the calls).
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&r[..len], out)
+            }
         }
     }
 }
@@ -223,57 +311,48 @@ pub fn mqa_blocks(
     assert_eq!(out.len(), heads * c);
     let per = blocks.first().map_or(1, |b| (b.len() / stride).max(1));
     let qt = packed_queries(q, heads);
-    let partial = |rows: &[f32], n: usize| -> Partial {
-        let mut s = vec![0.0f32; heads * n];
-        scores_with(q, qt.as_deref(), heads, rows, stride, n, scale, &mut s);
-        let mut max = vec![0.0f32; heads];
-        let mut sum = vec![0.0f32; heads];
-        for ((row, m), l) in s.chunks_mut(n).zip(&mut max).zip(&mut sum) {
-            *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            *l = crate::simd_f32::exp_sum(row, *m);
-        }
-        let mut o = vec![0.0f32; heads * c];
-        mqa_values(&s, heads, rows, stride, n, &mut o);
-        Partial { max, sum, out: o }
-    };
-    let block = |(bi, rows): (usize, &Block<'_>)| -> Option<Partial> {
+    let fold = |mut acc: Running, (bi, rows): (usize, &Block<'_>)| -> Running {
         let u0 = bi * per;
-        let n = (rows.len() / stride).min(visible.checked_sub(u0)?);
+        let n = (rows.len() / stride).min(visible.saturating_sub(u0));
         if n == 0 {
-            return None;
+            return acc;
         }
-        Some(match rows {
-            Block::F32(r) => partial(r, n),
+        match rows {
+            Block::F32(r) => acc.add_rows(q, qt.as_deref(), heads, r, stride, n, scale),
             Block::F16(_) => WIDE.with_borrow_mut(|wide| {
                 wide.resize(n * stride, 0.0);
                 rows.write_f32(wide);
-                partial(wide, n)
+                acc.add_rows(q, qt.as_deref(), heads, wide, stride, n, scale)
             }),
-        })
+        }
+        acc
     };
-    let parts: Vec<Partial> = if blocks.len() > 1 {
-        blocks.par_iter().enumerate().filter_map(block).collect()
+    let state = if blocks.len() > 1 {
+        // A few runs of consecutive blocks per thread: each run keeps one state
+        // (a 32 KB sum for V2-Lite) instead of one per block.
+        let min_len = (blocks.len() / (4 * rayon::current_num_threads())).max(1);
+        blocks
+            .par_iter()
+            .enumerate()
+            .with_min_len(min_len)
+            .fold(|| Running::new(heads, c), fold)
+            .reduce_with(Running::merge)
     } else {
-        blocks.iter().enumerate().filter_map(block).collect()
+        Some(blocks.iter().enumerate().fold(Running::new(heads, c), fold))
     };
     out.fill(0.0);
+    let Some(state) = state else { return };
     for h in 0..heads {
-        let m = parts
-            .iter()
-            .map(|p| p.max[h])
-            .fold(f32::NEG_INFINITY, f32::max);
-        if !m.is_finite() {
+        if state.max[h] == f32::NEG_INFINITY {
             continue;
         }
-        let mut l = 0.0f32;
-        let o = &mut out[h * c..(h + 1) * c];
-        for p in &parts {
-            let w = crate::simd_f32::exp(p.max[h] - m);
-            l += w * p.sum[h];
-            crate::simd_f32::axpy(w, &p.out[h * c..(h + 1) * c], o);
+        let inv = 1.0 / state.sum[h];
+        for (o, v) in out[h * c..(h + 1) * c]
+            .iter_mut()
+            .zip(&state.out[h * c..(h + 1) * c])
+        {
+            *o = v * inv;
         }
-        let inv = 1.0 / l;
-        o.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
@@ -283,9 +362,34 @@ mod x86 {
     use crate::attn_prefill::MR;
     use std::arch::x86_64::*;
 
-    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`): six
-    /// rows broadcast against a panel of 16 packed queries per register tile (see
-    /// [`tile_6x16`]); a row remainder repeats the last row, its results dropped.
+    /// `out[i] = src[i]` widened from IEEE half precision, eight values per
+    /// `vcvtph2ps`, the tail one value at a time.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen_f16(src: &[half::f16], out: &mut [f32]) {
+        assert_eq!(src.len(), out.len());
+        let n = out.len();
+        let (sp, op) = (src.as_ptr() as *const __m128i, out.as_mut_ptr());
+        let mut i = 0;
+        while i + 32 <= n {
+            for j in 0..4 {
+                let h = _mm_loadu_si128(sp.add(i / 8 + j));
+                _mm256_storeu_ps(op.add(i + 8 * j), _mm256_cvtph_ps(h));
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            _mm256_storeu_ps(op.add(i), _mm256_cvtph_ps(_mm_loadu_si128(sp.add(i / 8))));
+            i += 8;
+        }
+        for k in i..n {
+            out[k] = src[k].to_f32();
+        }
+    }
+
+    /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`, or
+    /// `[H, rows]` when `head_major`): six rows broadcast against a panel of 16 packed
+    /// queries per register tile (see [`tile_6x16`]); a row remainder repeats the
+    /// last row, its results dropped.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn scores_tiles(
@@ -297,6 +401,7 @@ mod x86 {
         u0: usize,
         out: &mut [f32],
         scale: f32,
+        head_major: bool,
     ) {
         let n = out.len() / heads;
         let vs = _mm256_set1_ps(scale);
@@ -325,8 +430,14 @@ mod x86 {
                 );
                 let hn = (heads - hp * 16).min(16);
                 for i in 0..kr {
-                    out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
-                        .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
+                    if head_major {
+                        for t in 0..hn {
+                            out[(hp * 16 + t) * n + k + i] = tmp[i * 16 + t];
+                        }
+                    } else {
+                        out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
+                            .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
+                    }
                 }
             }
         }
@@ -434,6 +545,25 @@ mod tests {
             mqa_blocks(&q, heads, &b16, stride, visible, c, 0.7, &mut g16);
             mqa_blocks(&q, heads, &b32, stride, visible, c, 0.7, &mut g32);
             assert_eq!(g16, g32);
+        }
+    }
+
+    #[test]
+    fn f16_blocks_widen_exactly() {
+        // Every finite, infinite, subnormal and NaN half: the vector widening and
+        // `half`'s scalar conversion give the same bits (NaNs stay NaN).
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        for len in [all.len(), 577, 31, 8, 3, 0] {
+            let src = &all[all.len() - len..];
+            let mut got = vec![0.0f32; len];
+            Block::F16(src).write_f32(&mut got);
+            for (g, h) in got.iter().zip(src) {
+                let w = h.to_f32();
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{h:?}"
+                );
+            }
         }
     }
 
