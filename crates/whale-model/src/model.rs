@@ -289,6 +289,15 @@ impl DeepseekModel {
     ///
     /// Returns, per item, logits `[rows, vocab]` for the rows its `logits` asks for.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        // The whole step on a pool worker: its kernels then fork and join inside the
+        // pool instead of waking it from outside once per kernel.
+        whale_kernels::on_pool(|| self.forward_batch_on_pool(items))
+    }
+
+    fn forward_batch_on_pool(
+        &self,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let d = self.cfg.hidden_size;
         let mut tokens = Vec::new();
         for it in items.iter() {
