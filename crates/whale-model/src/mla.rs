@@ -91,44 +91,46 @@ impl KvUp {
         }
     }
 
-    /// Decompressed latents `[N, C]`: every head's `k_nope` and values, left where the
-    /// products write them (the fused weight interleaves them per head, the split
-    /// weights give `[N, H·P]` then `[N, H·V]`).
+    /// Decompressed latents `[N, C]` for the heads `h0..h0 + hn`: their `k_nope` and
+    /// values, left where the products write them (the fused weight interleaves them
+    /// per head, the split weights give `[N, hn·P]` then `[N, hn·V]`).
     #[allow(clippy::too_many_arguments)]
     fn expand(
         &self,
         exact: bool,
         lat: &[f32],
         n: usize,
-        nh: usize,
+        (h0, hn): (usize, usize),
         p: usize,
         v: usize,
         c: usize,
     ) -> Expanded {
-        let mut buf = vec![0.0f32; n * nh * (p + v)];
-        let split = ((0, nh * p, p), (n * nh * p, nh * v, v));
+        let mut buf = vec![0.0f32; n * hn * (p + v)];
+        let split = ((0, hn * p, p), (n * hn * p, hn * v, v));
         let (k_at, v_at) = match self {
             KvUp::Fused(w) => {
-                w.forward(lat, n, &mut buf);
-                ((0, nh * (p + v), p + v), (p, nh * (p + v), p + v))
+                let rows = w.mat().row_range(h0 * (p + v), hn * (p + v));
+                matmul_with(lat, n, rows, &mut buf, exact);
+                ((0, hn * (p + v), p + v), (p, hn * (p + v), p + v))
             }
             KvUp::Split {
                 v_b,
                 w_uk: Some(w_uk),
                 ..
             } if !exact => {
-                // All heads at once, in the integer kernels.
-                let (k, vv) = buf.split_at_mut(n * nh * p);
-                matmul_with(lat, n, w_uk.get().mat(), k, false);
-                matmul_with(lat, n, v_b.get().rows(0, nh * v, c).mat(), vv, false);
+                // The group's heads at once, in the integer kernels.
+                let (k, vv) = buf.split_at_mut(n * hn * p);
+                matmul_with(lat, n, w_uk.get().mat().row_range(h0 * p, hn * p), k, false);
+                matmul_with(lat, n, v_b.get().rows(h0 * v, hn * v, c).mat(), vv, false);
                 split
             }
             KvUp::Split { k_b_t, v_b, .. } => {
-                let (k, vv) = buf.split_at_mut(n * nh * p);
+                let (k, vv) = buf.split_at_mut(n * hn * p);
                 let mut kh = vec![0.0f32; n * p];
                 let mut vh = vec![0.0f32; n * v];
                 let mut w_uk = vec![0u8; p * c * 4];
-                for h in 0..nh {
+                for j in 0..hn {
+                    let h = h0 + j;
                     // k_nope = lat · W_UKᵀᵀ: W_UK[h] ([P, C], f32) rebuilt from the stored
                     // transpose [C, P] once per head, then one product over all N rows
                     // (an axpy per latent element and row cost 100× more at depth).
@@ -144,9 +146,9 @@ impl KvUp {
                     matmul_with(lat, n, w, &mut kh, true);
                     matmul_with(lat, n, v_b.get().rows(h * v, v, c).mat(), &mut vh, exact);
                     for u in 0..n {
-                        k[(u * nh + h) * p..(u * nh + h + 1) * p]
+                        k[(u * hn + j) * p..(u * hn + j + 1) * p]
                             .copy_from_slice(&kh[u * p..(u + 1) * p]);
-                        vv[(u * nh + h) * v..(u * nh + h + 1) * v]
+                        vv[(u * hn + j) * v..(u * hn + j + 1) * v]
                             .copy_from_slice(&vh[u * v..(u + 1) * v]);
                     }
                 }
@@ -200,6 +202,8 @@ pub(crate) struct Mla {
     pub scale: f32,
     /// f32 arithmetic on dequantised latent up-projections.
     pub exact: bool,
+    /// Bytes of decompressed keys and values the expanded form holds at once.
+    pub expanded_bytes: usize,
 }
 
 impl Mla {
@@ -256,6 +260,10 @@ impl Mla {
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with
 /// the RMSNorm default, not `config.rms_norm_eps`.
 const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// Default bytes of decompressed keys and values the expanded form holds at once
+/// (see [`Mla::expanded`]).
+pub(crate) const EXPANDED_BYTES: usize = 24 << 20;
 
 impl Mla {
     /// Attention for a batch of sequences: `h` (`[T, d]`, already normalised) holds the
@@ -411,6 +419,8 @@ impl Mla {
             KvUp::Split { k_b_t, .. } => (0..nh).map(|hi| k_b_t.get().rows(hi * c, c, p)).collect(),
             KvUp::Fused(_) => Vec::new(),
         };
+        // W_UV [V, C] per head.
+        let w_uv: Vec<Tensor> = (0..nh).map(|hi| self.kv_up.w_uv(hi, p, v, c)).collect();
         for ti in 0..t {
             let qt = &q[ti * nh * qk..(ti + 1) * nh * qk];
             if !w.is_empty() {
@@ -443,18 +453,18 @@ impl Mla {
             let visible = past + ti + 1;
             // õ: [H, C], softmax over the visible rows, page by page.
             whale_kernels::mqa_blocks(&q_cat, nh, kv, c + r, visible, c, self.scale, &mut o_lat);
-            // o = W_UV õ per head: [V]
-            out.par_iter_mut().enumerate().for_each(|(hi, oh)| {
-                let w_uv = self.kv_up.w_uv(hi, p, v, c); // [V, C]
-                let o_h = &o_lat[hi * c..(hi + 1) * c];
-                matmul_with(
-                    o_h,
-                    1,
-                    w_uv.mat(),
-                    &mut oh[ti * v..(ti + 1) * v],
-                    self.exact,
-                );
-            });
+            // o = W_UV õ per head: [V], all heads' products as one parallel pass.
+            let jobs = out
+                .iter_mut()
+                .zip(&w_uv)
+                .enumerate()
+                .map(|(hi, (oh, w))| whale_kernels::MatVec {
+                    x: &o_lat[hi * c..(hi + 1) * c],
+                    w: w.mat(),
+                    y: &mut oh[ti * v..(ti + 1) * v],
+                })
+                .collect();
+            whale_kernels::matvec_many(jobs, self.exact);
         }
         out
     }
@@ -476,18 +486,29 @@ impl Mla {
         for u in 0..n {
             lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
         }
-        let x = self.kv_up.expand(self.exact, &lat, n, nh, p, v, c);
-        drop(lat);
-        (0..nh)
-            .into_par_iter()
-            .map(|hi| {
+        // Heads in groups whose decompressed keys and values stay under
+        // `expanded_bytes` (by default all 16 heads of V2-Lite up to ~1.2k rows; 4 at a time at
+        // 4.6k): the buffer is N·H·(P+V) floats for all heads, 94 MB at depth 4096 and
+        // 2.7 GB at 128k, where a group bounds it, for a re-quantisation of the
+        // latents per extra group (~1% of a chunk's time).
+        let per_head = n * (p + v) * std::mem::size_of::<f32>();
+        let fit =
+            (self.expanded_bytes / per_head.max(1)).clamp(rayon::current_num_threads().min(nh), nh);
+        let groups = nh.div_ceil(fit.max(1));
+        let size = nh.div_ceil(groups);
+        let mut outs = Vec::with_capacity(nh);
+        for h0 in (0..nh).step_by(size) {
+            let hn = size.min(nh - h0);
+            let x = self.kv_up.expand(self.exact, &lat, n, (h0, hn), p, v, c);
+            outs.par_extend((0..hn).into_par_iter().map(|j| {
+                let hi = h0 + j;
                 let mut qs = vec![0.0f32; t * qk]; // [T, P+R] of this head
                 for ti in 0..t {
                     qs[ti * qk..(ti + 1) * qk]
                         .copy_from_slice(&q[ti * nh * qk + hi * qk..ti * nh * qk + (hi + 1) * qk]);
                 }
                 let keys = [
-                    x.rows(x.k, hi, p),
+                    x.rows(x.k, j, p),
                     Rows {
                         data: kv,
                         stride: c + r,
@@ -495,11 +516,12 @@ impl Mla {
                         len: r,
                     },
                 ];
-                let values = x.rows(x.v, hi, v);
+                let values = x.rows(x.v, j, v);
                 let mut out = vec![0.0f32; t * v];
                 causal_attention(&qs, &keys, values, past, self.scale, &mut out);
                 out
-            })
-            .collect()
+            }));
+        }
+        outs
     }
 }

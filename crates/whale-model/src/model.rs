@@ -162,6 +162,7 @@ impl DeepseekModel {
                 kv_rank: c,
                 scale: cfg.softmax_scale(),
                 exact: false,
+                expanded_bytes: crate::mla::EXPANDED_BYTES,
             };
             let ffn = if cfg.is_moe_layer(li) {
                 Ffn::Moe(load_moe(st, &cfg, &format!("{pre}.mlp"))?)
@@ -248,6 +249,17 @@ impl DeepseekModel {
     /// Chooses the MLA form (default: expanded for prefill, absorbed for decode).
     pub fn set_mla_mode(&mut self, mode: MlaMode) {
         self.mla_mode = mode;
+    }
+
+    /// Bytes of decompressed keys and values that a prefill chunk in the expanded MLA
+    /// form may hold at once (default 24 MiB). Past that, heads are decompressed and
+    /// attended a group at a time (at least one head per worker thread), so the
+    /// buffer no longer grows with the context times the heads; the results are the
+    /// same bits either way.
+    pub fn set_expanded_budget(&mut self, bytes: usize) {
+        for l in &mut self.layers {
+            l.attn.expanded_bytes = bytes;
+        }
     }
 
     /// How caches made by [`Self::new_cache`] store latents (default f32).

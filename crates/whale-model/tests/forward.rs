@@ -135,8 +135,9 @@ fn absorbed_and_expanded_mla_agree() {
     for name in ["v2-lite", "v2", "v3"] {
         let mut folder = ModelFolder::open(&model_dir(name)).unwrap();
         let exp = expected(name);
-        let mut run = |mode| {
+        let mut run = |mode, budget| {
             folder.model.set_mla_mode(mode);
+            folder.model.set_expanded_budget(budget);
             let mut cache = folder.model.new_cache();
             // prefill half, then the rest token by token: both paths see a non-empty cache.
             let (a, b) = exp.tokens.split_at(exp.tokens.len() / 2);
@@ -151,8 +152,18 @@ fn absorbed_and_expanded_mla_agree() {
             }
             out
         };
-        let x = run(MlaMode::Absorbed);
-        let y = run(MlaMode::Expanded);
+        let x = run(MlaMode::Absorbed, 64 << 20);
+        let y = run(MlaMode::Expanded, 64 << 20);
+        // Decompressing a group of heads at a time (a 1-byte budget: one head per
+        // worker thread) computes the same bits.
+        let grouped = run(MlaMode::Expanded, 1);
+        assert!(
+            grouped
+                .iter()
+                .zip(&y)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: grouped expansion changed the logits"
+        );
         let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let err = x
             .iter()

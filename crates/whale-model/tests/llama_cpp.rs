@@ -26,7 +26,8 @@ use std::io::Read;
 use std::path::Path;
 use whale_kernels::DType;
 use whale_model::{
-    convert_to_gguf, ConvertOptions, DeepseekModel, GgufFile, Logits, ModelFolder, Tokenizer,
+    convert_to_gguf, ConvertOptions, DeepseekModel, GgufFile, Logits, MlaMode, ModelFolder,
+    Tokenizer,
 };
 
 fn json(path: &Path) -> Value {
@@ -139,6 +140,21 @@ fn whale_matches_llama_cpp_on_files_from_its_converter() {
         let want = floats(&r["logits"]);
         let margin = router_margin();
         let fast = logits_of(&g, &ids(&r["tokens"]));
+        // The expanded form with heads decompressed a group at a time (a 1-byte
+        // budget) computes the same bits as all heads at once, on the integer path.
+        g.set_mla_mode(MlaMode::Expanded);
+        let whole = logits_of(&g, &ids(&r["tokens"]));
+        g.set_expanded_budget(1);
+        let grouped = logits_of(&g, &ids(&r["tokens"]));
+        assert!(
+            whole
+                .iter()
+                .zip(&grouped)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: grouped expansion changed the logits"
+        );
+        g.set_expanded_budget(64 << 20);
+        g.set_mla_mode(MlaMode::Auto);
         g.set_exact(true);
         let exact = rel_err(&logits_of(&g, &ids(&r["tokens"])), &want);
         let fast_kept = rel_err_at(&fast, &want, |p| margin[p] >= NEAR_TIE);
