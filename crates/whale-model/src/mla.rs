@@ -470,8 +470,9 @@ impl Mla {
     }
 
     /// Per head `[T, V]` outputs by the expanded form: every latent decompressed to its
-    /// heads' keys and values, then causal attention per head (heads in parallel) in
-    /// the tiled kernel, which reads each head's rows where they lie.
+    /// heads' keys and values (a group of heads at a time past `expanded_bytes`), then
+    /// causal attention per head (heads in parallel) in the tiled kernel, which reads
+    /// each head's rows where they lie.
     fn expanded(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
         let (nh, p, r, v, c) = (
             self.n_head,
@@ -490,7 +491,8 @@ impl Mla {
         // `expanded_bytes` (by default all 16 heads of V2-Lite up to ~1.2k rows; 4 at a time at
         // 4.6k): the buffer is N·H·(P+V) floats for all heads, 94 MB at depth 4096 and
         // 2.7 GB at 128k, where a group bounds it, for a re-quantisation of the
-        // latents per extra group (~1% of a chunk's time).
+        // latents per extra group (estimated ~1% of a chunk's time; the measured
+        // pp512 at depth 4096 did not move beyond noise).
         let per_head = n * (p + v) * std::mem::size_of::<f32>();
         let fit =
             (self.expanded_bytes / per_head.max(1)).clamp(rayon::current_num_threads().min(nh), nh);
