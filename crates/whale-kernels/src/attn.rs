@@ -104,7 +104,7 @@ pub fn mqa_values(
     let c = out.len() / heads;
     assert!(c <= stride && rows.len() >= n * stride && probs.len() == heads * n);
     if n <= ROWS_PER_TASK {
-        // One task's worth (a decode block): on this thread, straight into `out`.
+        // One task's worth: on this thread, straight into `out`.
         out.fill(0.0);
         values_add(probs, heads, n, rows, stride, 0, n, out);
         return;
