@@ -40,6 +40,21 @@ pub fn can_repack(dtype: DType, rows: usize, cols: usize) -> bool {
 /// Repacks a `[rows, cols]` matrix of Q4_0 or Q8_0 (file layout) into its interleaved
 /// type; `None` when [`can_repack`] says no. Groups are repacked in parallel.
 pub fn repack(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Option<(DType, Vec<u8>)> {
+    repack_pieces(dtype, bytes, rows, cols, usize::MAX, |_| {})
+}
+
+/// [`repack`] a piece of about `piece_bytes` of the source at a time (whole groups),
+/// calling `done` with each piece's source byte range once it is copied: a caller
+/// reading from a file map can drop those pages as it goes, so a large tensor is
+/// never resident twice.
+pub fn repack_pieces(
+    dtype: DType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    piece_bytes: usize,
+    mut done: impl FnMut(std::ops::Range<usize>),
+) -> Option<(DType, Vec<u8>)> {
     if !can_repack(dtype, rows, cols) {
         return None;
     }
@@ -47,15 +62,18 @@ pub fn repack(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Option<(D
     let rb = dtype.bytes_for(cols)?;
     assert_eq!(bytes.len(), rows * rb, "repack: wrong byte count");
     let gb = ROWS * rb;
+    let piece = (piece_bytes / gb).max(1) * gb;
     let mut out = vec![0u8; bytes.len()];
     let work = |(src, dst): (&[u8], &mut [u8])| repack_group(dtype, src, rb, dst);
-    if bytes.len() >= 1 << 20 {
-        bytes
-            .par_chunks(gb)
-            .zip(out.par_chunks_mut(gb))
-            .for_each(work);
-    } else {
-        bytes.chunks(gb).zip(out.chunks_mut(gb)).for_each(work);
+    for (i, (src, dst)) in bytes.chunks(piece).zip(out.chunks_mut(piece)).enumerate() {
+        if src.len() >= 1 << 20 {
+            src.par_chunks(gb)
+                .zip(dst.par_chunks_mut(gb))
+                .for_each(work);
+        } else {
+            src.chunks(gb).zip(dst.chunks_mut(gb)).for_each(work);
+        }
+        done(i * piece..i * piece + src.len());
     }
     Some((to, out))
 }
@@ -131,6 +149,30 @@ mod tests {
             assert!(MatRef::new(to, &packed[..packed.len() / rows * 4], 4, cols).is_none());
         }
         assert!(repack(DType::Q4K, &[], 0, 256).is_none());
+    }
+
+    #[test]
+    fn repack_in_pieces_matches_whole_and_reports_every_source_byte() {
+        for dtype in [DType::Q4_0, DType::Q8_0] {
+            let (rows, cols) = (40, 64);
+            let vals: Vec<f32> = (0..rows * cols).map(|i| (i % 17) as f32 - 8.0).collect();
+            let mut q = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
+            crate::quantize::quantize_row(dtype, &vals, &mut q);
+            let whole = repack(dtype, &q, rows, cols).unwrap();
+            let gb = ROWS * dtype.bytes_for(cols).unwrap();
+            // Pieces of two groups (one left over), and a piece size below one group.
+            for piece in [2 * gb + 5, 1] {
+                let mut seen = vec![];
+                let got = repack_pieces(dtype, &q, rows, cols, piece, |r| seen.push(r)).unwrap();
+                assert_eq!(got, whole, "{dtype:?} piece {piece}");
+                let step = (piece / gb).max(1) * gb;
+                let want: Vec<_> = (0..q.len())
+                    .step_by(step)
+                    .map(|s| s..(s + step).min(q.len()))
+                    .collect();
+                assert_eq!(seen, want);
+            }
+        }
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl GgufFile {
         if POPULATE.load(std::sync::atomic::Ordering::Relaxed) {
             opts.populate();
         }
-        // SAFETY: a read-only private map; whale never writes through it (see weights.rs).
+        // SAFETY: a read-only (shared) map; whale never writes through it (see weights.rs).
         let map = unsafe { opts.map(&file) }.map_err(|e| ModelError::io(path, e))?;
         Self::parse(path, Arc::new(map)).map_err(|m| ModelError::format(path, m))
     }

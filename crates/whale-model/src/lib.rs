@@ -48,4 +48,4 @@ pub use moe::moe_counters;
 pub use rope::Rope;
 pub use synth::{preset, synth_gguf, SynthOptions};
 pub use tokenizer::Tokenizer;
-pub use weights::{Tensor, WeightStore};
+pub use weights::{release_free_heap, Tensor, WeightStore};

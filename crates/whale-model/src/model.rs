@@ -93,29 +93,53 @@ impl DeepseekModel {
     /// faster integer kernels), layer by layer, stopping early when `stop` is set;
     /// returns the bytes repacked. Safe to run on another thread while the model
     /// computes: each weight switches to its repacked copy when that is complete.
+    ///
+    /// After each layer and at the end, the file pages of repacked weights that
+    /// reading their neighbours mapped back in are dropped again, and at the end
+    /// freed heap is returned to the system
+    /// ([`crate::release_free_heap`]), so resident memory holds the weights once.
     pub fn repack(&self, stop: Option<&std::sync::atomic::AtomicBool>) -> usize {
         let mut done = 0;
         let stopped = || stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
-        for l in &self.layers {
-            let mut ws = l.attn.packables();
-            match &l.ffn {
-                Ffn::Dense(m) => ws.extend(m.packables()),
-                Ffn::Moe(m) => {
-                    ws.extend(m.shared.iter().flat_map(Mlp::packables));
-                    ws.extend(m.experts.iter().flat_map(Mlp::packables));
-                }
-            }
+        let lists = self.packables();
+        for (i, ws) in lists.iter().enumerate() {
             for w in ws {
                 if stopped() {
                     return done;
                 }
                 done += w.repack();
             }
+            // Reading this group mapped back pages of the one before (and of itself).
+            for w in lists[i.saturating_sub(1)..=i].iter().flatten() {
+                w.release_file_pages();
+            }
         }
-        if !stopped() {
-            done += self.lm_head.packable().repack();
+        for w in lists.iter().flatten() {
+            w.release_file_pages();
         }
+        crate::release_free_heap();
         done
+    }
+
+    /// Every weight the repack pass may turn over, layer by layer, the output head last.
+    fn packables(&self) -> Vec<Vec<&crate::weights::Packable>> {
+        let mut all: Vec<Vec<_>> = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut ws = l.attn.packables();
+                match &l.ffn {
+                    Ffn::Dense(m) => ws.extend(m.packables()),
+                    Ffn::Moe(m) => {
+                        ws.extend(m.shared.iter().flat_map(Mlp::packables));
+                        ws.extend(m.experts.iter().flat_map(Mlp::packables));
+                    }
+                }
+                ws
+            })
+            .collect();
+        all.push(vec![self.lm_head.packable()]);
+        all
     }
 
     fn build(st: &dyn TensorSource, cfg: ModelConfig) -> Result<Self, ModelError> {
