@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use whale_model::{BatchItem, DeepseekModel, LatentCache, Logits, Tokenizer};
 
@@ -33,15 +33,26 @@ pub struct EngineConfig {
     /// Pages in the KV pool.
     pub total_pages: usize,
     /// Most prompt tokens prefilled in one step (over all prefilling sequences) when
-    /// no stream is decoding.
+    /// no stream is decoding: 512 lets sixteen short prompts that arrive together
+    /// start in one step (at 256 a second step carried the rest of them, stalling the
+    /// first twelve streams' first decode).
     pub prefill_chunk: usize,
     /// Most prompt tokens per step while streams are decoding. A CPU prefills a few
     /// tens of tokens per second, so each prefill step stalls the running streams;
     /// measured on 2 cores (BENCHMARKS.md), 16-token chunks stalled them more often and
-    /// doubled time to first token, so the default equals `prefill_chunk`.
+    /// doubled time to first token, so the default is 256.
     pub prefill_chunk_decoding: usize,
     /// Keep finished requests' caches for reuse by prompts with the same prefix.
     pub prefix_cache: bool,
+    /// When a request reaches an idle engine, how long it may wait for others that
+    /// arrive with it (a client opening several streams at once) so that they all
+    /// start in the first step: on a CPU a step with a prompt in it takes seconds, and
+    /// a stream admitted one step late has its prompt chunk stall the others' decoding.
+    /// `Duration::ZERO` starts at once.
+    pub gather_window: Duration,
+    /// Within the window, the gathering stops once no request has come for this long
+    /// (so a lone request waits only this).
+    pub gather_gap: Duration,
 }
 
 impl Default for EngineConfig {
@@ -51,9 +62,11 @@ impl Default for EngineConfig {
             max_waiting: 256,
             page_tokens: 64,
             total_pages: 1024,
-            prefill_chunk: 256,
+            prefill_chunk: 512,
             prefill_chunk_decoding: 256,
             prefix_cache: true,
+            gather_window: Duration::from_millis(100),
+            gather_gap: Duration::from_millis(10),
         }
     }
 }
@@ -310,6 +323,7 @@ impl<'m> Core<'m> {
                     Ok(job) => self.waiting.push_back(job),
                     Err(_) => return,
                 }
+                self.gather(&rx);
             }
             while let Ok(job) = rx.try_recv() {
                 self.waiting.push_back(job);
@@ -338,6 +352,22 @@ impl<'m> Core<'m> {
                 }
             }
             self.publish();
+        }
+    }
+
+    /// Takes in the requests that follow the first one to an idle engine closely (each
+    /// within `gather_gap` of the last, all within `gather_window`), up to a full batch.
+    fn gather(&mut self, rx: &mpsc::Receiver<Job>) {
+        let end = Instant::now() + self.cfg.gather_window;
+        while self.waiting.len() < self.cfg.max_batch {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match rx.recv_timeout(self.cfg.gather_gap.min(left)) {
+                Ok(job) => self.waiting.push_back(job),
+                Err(_) => return, // quiet for a gap, or the engine is shutting down
+            }
         }
     }
 

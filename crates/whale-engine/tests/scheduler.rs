@@ -199,3 +199,35 @@ fn a_hit_survives_the_eviction_of_its_own_entry() {
     assert_eq!((hit, reason, n), (64, FinishReason::Length, max));
     assert_eq!(first.0, 0);
 }
+
+#[test]
+fn requests_arriving_together_start_in_one_step() {
+    // Three requests 50 ms apart reach an idle engine. Gathering (here with a 500 ms
+    // gap, so a slow machine cannot split them) starts all three in the first step:
+    // one step answers every one-token request. Without it the first runs alone.
+    let run = |gather: bool| {
+        let (e, tok, eos) = engine(EngineConfig {
+            gather_window: if gather {
+                Duration::from_secs(2)
+            } else {
+                Duration::ZERO
+            },
+            gather_gap: Duration::from_millis(500),
+            ..Default::default()
+        });
+        let rxs: Vec<_> = ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"]
+            .iter()
+            .map(|q| {
+                let rx = e.submit(request(chat(&tok, q), 1, &eos, q)).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                rx
+            })
+            .collect();
+        for rx in rxs {
+            assert_eq!(drain(rx).3, 1);
+        }
+        EngineStats::get(&e.stats().steps)
+    };
+    assert_eq!(run(true), 1);
+    assert!(run(false) > 1);
+}
