@@ -43,15 +43,25 @@ pub struct ServerConfig {
     pub fingerprint: String,
 }
 
+/// One request counted against its key's per-minute limits.
+struct Counted {
+    at: Instant,
+    /// The ticket [`AppState::admit_caller`] gave it.
+    id: u64,
+    /// Tokens: prompt + every choice's `max_tokens` until the request ends, then
+    /// what it used ([`AppState::settle_tokens`]).
+    tokens: u64,
+}
+
 /// Requests and tokens of one key in the last minute.
 #[derive(Default)]
 struct Window {
-    events: VecDeque<(Instant, u64)>,
+    events: VecDeque<Counted>,
 }
 
 impl Window {
     fn prune(&mut self, now: Instant) {
-        while let Some(&(t, _)) = self.events.front() {
+        while let Some(&Counted { at: t, .. }) = self.events.front() {
             if now.duration_since(t) >= Duration::from_secs(60) {
                 self.events.pop_front();
             } else {
@@ -69,6 +79,7 @@ pub struct AppState {
     pub(crate) cfg: ServerConfig,
     pub(crate) http: HttpStats,
     windows: Mutex<HashMap<String, Window>>,
+    next_ticket: std::sync::atomic::AtomicU64,
     grammars: Result<whale_engine::Grammars, String>,
 }
 
@@ -77,6 +88,8 @@ pub struct AppState {
 pub(crate) struct Caller {
     pub key: String,
     pub info: Option<KeyInfo>,
+    /// The request's entry in the key's per-minute window, when it was counted.
+    pub ticket: Option<u64>,
 }
 
 /// The key requests are billed to on an open server.
@@ -102,6 +115,7 @@ impl AppState {
             cfg,
             http: HttpStats::default(),
             windows: Mutex::new(HashMap::new()),
+            next_ticket: Default::default(),
         }
     }
 
@@ -118,6 +132,7 @@ impl AppState {
             return Ok(Caller {
                 key: ANONYMOUS.into(),
                 info: None,
+                ticket: None,
             });
         }
         let Some(auth) = auth else {
@@ -138,6 +153,7 @@ impl AppState {
             Some(info) => Ok(Caller {
                 key: key.to_string(),
                 info: Some(info),
+                ticket: None,
             }),
             None => {
                 let tail: String = key
@@ -155,8 +171,10 @@ impl AppState {
         }
     }
 
-    /// Balance and per-minute limits; counts the request when it passes.
-    fn admit_caller(&self, caller: &Caller, tokens: u64) -> Result<(), ApiError> {
+    /// Balance and per-minute limits; counts the request when it passes (with
+    /// `tokens`, its most: prompt + every choice's `max_tokens`, until it ends and
+    /// [`Self::settle_tokens`] puts in what it used).
+    fn admit_caller(&self, caller: &mut Caller, tokens: u64) -> Result<(), ApiError> {
         let Some(info) = &caller.info else {
             return Ok(());
         };
@@ -176,27 +194,44 @@ impl AppState {
                 info.rpm
             )));
         }
-        let used: u64 = win.events.iter().map(|e| e.1).sum();
+        let used: u64 = win.events.iter().map(|e| e.tokens).sum();
         if info.tpm > 0 && used + tokens > info.tpm as u64 {
             return Err(ApiError::rate_limit(format!(
                 "Rate limit reached: this key allows {} tokens per minute ({used} used in the last minute, this request needs up to {tokens})",
                 info.tpm
             )));
         }
-        win.events.push_back((now, tokens));
+        let id = self
+            .next_ticket
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        win.events.push_back(Counted {
+            at: now,
+            id,
+            tokens,
+        });
+        caller.ticket = Some(id);
         Ok(())
     }
 
     /// Takes back the request [`Self::admit_caller`] counted when the engine refused it
     /// (a 503 does not count against the key's limits).
-    fn forget_last(&self, caller: &Caller) {
-        // Only keys with limits have their requests counted.
-        if !caller.info.as_ref().is_some_and(|i| i.rpm > 0 || i.tpm > 0) {
-            return;
-        }
+    fn forget(&self, caller: &Caller) {
+        let Some(id) = caller.ticket else { return };
         let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(win) = w.get_mut(&caller.key) {
-            win.events.pop_back();
+            win.events.retain(|e| e.id != id);
+        }
+    }
+
+    /// A finished request's real token count (prompt + completion) in place of the
+    /// most it could have used, so a key's tokens-per-minute limit counts tokens used.
+    pub(crate) fn settle_tokens(&self, key: &str, ticket: u64, tokens: u64) {
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = w
+            .get_mut(key)
+            .and_then(|win| win.events.iter_mut().find(|e| e.id == ticket))
+        {
+            e.tokens = tokens;
         }
     }
 
@@ -319,13 +354,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .nest("/v1", api.clone())
         .nest("/beta", api)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), count_status))
+        .layer(middleware::from_fn_with_state(state.clone(), around))
         .with_state(state)
 }
 
-async fn count_status(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let r = next.run(req).await;
+/// Around every request: counts the answer's status for /metrics and sets
+/// `x-request-id` on it, the client's own (as proxies pass it along: visible ASCII,
+/// at most 128 bytes) or a new `req_…` id, so a client's logs and the server's meet.
+async fn around(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req_{}", sse::new_id()));
+    let mut r = next.run(req).await;
     st.http.count(r.status().as_u16());
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        r.headers_mut().insert("x-request-id", v);
+    }
     r
 }
 
@@ -567,7 +615,7 @@ fn chat_prompt(
 
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     result((|| {
-        let caller = st.authorize(&headers)?;
+        let mut caller = st.authorize(&headers)?;
         let req: ChatRequest = api::parse(&body)?;
         st.check_model(&req.model)?;
         let c = req.common()?;
@@ -591,10 +639,10 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) 
         }
         let (prompt, prefix) = chat_prompt(&st, &msgs, true, tools_json.as_ref())?;
         let max_tokens = st.max_tokens(c.max_tokens, prompt.len())?;
-        st.admit_caller(&caller, (prompt.len() + max_tokens) as u64)?;
+        st.admit_caller(&mut caller, (prompt.len() + c.n * max_tokens) as u64)?;
         let rx = st
             .submit(&caller, prompt.clone(), &c, max_tokens, &tool_mode)
-            .inspect_err(|_| st.forget_last(&caller))?;
+            .inspect_err(|_| st.forget(&caller))?;
         Ok(sse::respond(
             st.clone(),
             Job {
@@ -614,7 +662,7 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) 
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     result((|| {
-        let caller = st.authorize(&headers)?;
+        let mut caller = st.authorize(&headers)?;
         let req: CompletionRequest = api::parse(&body)?;
         st.check_model(&req.model)?;
         let c = req.common()?;
@@ -657,10 +705,10 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
             return Err(ApiError::param("prompt", "the prompt is empty"));
         }
         let max_tokens = st.max_tokens(c.max_tokens, prompt.len())?;
-        st.admit_caller(&caller, (prompt.len() + max_tokens) as u64)?;
+        st.admit_caller(&mut caller, (prompt.len() + c.n * max_tokens) as u64)?;
         let rx = st
             .submit(&caller, prompt.clone(), &c, max_tokens, &ToolMode::None)
-            .inspect_err(|_| st.forget_last(&caller))?;
+            .inspect_err(|_| st.forget(&caller))?;
         let echo = if req.echo == Some(true) {
             Some(match text {
                 Some(t) => t,

@@ -49,7 +49,8 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn new_id() -> String {
+/// A random 128-bit id in hex.
+pub(crate) fn new_id() -> String {
     let mut r = whale_engine::Rng::from_entropy();
     format!("{:016x}{:016x}", r.next_u64(), r.next_u64())
 }
@@ -72,6 +73,8 @@ struct Meter {
     st: Arc<AppState>,
     row: UsageRow,
     billed: bool,
+    /// The request's entry in its key's per-minute window, settled at billing.
+    ticket: Option<u64>,
 }
 
 impl Meter {
@@ -83,6 +86,11 @@ impl Meter {
         self.row.finish_reason = finish.to_string();
         if let Err(e) = self.st.ledger.record(&self.row) {
             tracing::error!("billing {}: {e}", self.row.request_id);
+        }
+        if let Some(t) = self.ticket {
+            let r = &self.row;
+            let used = r.prompt_cache_hit_tokens + r.prompt_cache_miss_tokens + r.completion_tokens;
+            self.st.settle_tokens(&r.key, t, used);
         }
     }
 }
@@ -143,6 +151,7 @@ pub(crate) fn respond(st: Arc<AppState>, job: Job, rxs: Vec<UnboundedReceiver<Ev
             finish_reason: String::new(),
         },
         billed: false,
+        ticket: job.caller.ticket,
     };
     let mut a = Answer {
         st,

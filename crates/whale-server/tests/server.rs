@@ -899,3 +899,67 @@ async fn a_request_past_its_time_limit_is_closed_and_its_pages_freed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_count_tokens_used_and_answers_carry_request_ids() {
+    let key = |k: &str, tpm: u32| KeyInfo {
+        key: k.into(),
+        name: k.into(),
+        granted: 0,
+        topped_up: 10 * NANO,
+        unlimited: false,
+        rpm: 0,
+        tpm,
+    };
+    let s = start(Opts {
+        keys: vec![key("sk-any", 0)],
+        ..Default::default()
+    })
+    .await;
+    let ask = |max_tokens: u64| {
+        json!({"model": "deepseek-chat", "temperature": 0, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "What is 37 + 48?"}]})
+    };
+    let (st, v) = s.json("/chat/completions", Some("sk-any"), ask(100)).await;
+    assert_eq!(st, 200, "{v}");
+    let p = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let c = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(c < 100, "the answer ends before max_tokens");
+    // Room for two requests counted at their most (prompt + max_tokens) but one token
+    // short: the second passes only if the first was settled at what it used.
+    let tpm = 2 * (p + 100) - 1;
+    s.ledger.add_key(&key("sk-tpm", tpm as u32)).unwrap();
+    for _ in 0..2 {
+        let (st, v) = s.json("/chat/completions", Some("sk-tpm"), ask(100)).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    // A request that cannot fit is refused, and the message counts the tokens used.
+    let (st, v) = s
+        .json("/chat/completions", Some("sk-tpm"), ask(tpm - p))
+        .await;
+    assert_eq!(st, 429, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("({} used in the last minute", 2 * (p + c))),
+        "{msg}"
+    );
+    // x-request-id: the client's own is echoed, else the server makes one.
+    let r = s
+        .http
+        .get(format!("{}/v1/models", s.base))
+        .header("authorization", "Bearer sk-any")
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-42");
+    let r = s
+        .http
+        .get(format!("{}/v1/nope", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let id = r.headers()["x-request-id"].to_str().unwrap();
+    assert!(id.starts_with("req_") && id.len() == 36, "{id}");
+}
