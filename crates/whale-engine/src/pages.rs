@@ -1,21 +1,27 @@
 //! The paged latent-KV pool and the prompt-prefix cache that lives in it.
 //!
 //! Sequences keep their latents in fixed-size pages of tokens (64, DeepSeek's cache
-//! unit; [`whale_model::LatentCache`]). The pool counts pages: a request is
-//! admitted only when pages for its prompt and its `max_tokens` can be had, so an
-//! admitted stream never stalls for memory. Finished sequences leave their cache,
-//! cut to whole pages, in a per-scope (per API key) prefix cache; a later prompt
-//! with the same prefix shares those pages (reference-counted, no copy) and the
-//! cached entries give their pages back to admissions, least recently used first.
+//! unit; [`whale_model::LatentCache`]). A request is admitted only when pages for its
+//! prompt and its `max_tokens` can be had, so an admitted stream never stalls for
+//! memory. Finished sequences leave their cache, cut to whole pages, in a per-scope
+//! (per API key) prefix cache; a later prompt with the same prefix shares those pages
+//! (reference-counted, no copy) and the cached entries give their pages back to
+//! admissions, least recently used first.
+//!
+//! The pool counts memory, not reservations: the pages in use are the distinct pages
+//! that running sequences and cached prefixes hold (a page shared by several counts
+//! once, [`occupancy`]) plus what running sequences have reserved and not yet
+//! filled. So a prefix hit needs only pages for the tokens after it, and evicting an
+//! entry whose pages a running sequence still shares frees nothing, as in memory.
 
+use std::collections::HashSet;
 use whale_model::LatentCache;
 
-/// Page accounting: how many pages exist and how many are taken.
+/// The pool's size: how many pages exist and how many tokens each holds.
 #[derive(Debug)]
 pub struct PagePool {
     page_tokens: usize,
     total: usize,
-    used: usize,
 }
 
 impl PagePool {
@@ -24,7 +30,6 @@ impl PagePool {
         PagePool {
             page_tokens: page_tokens.max(1),
             total,
-            used: 0,
         }
     }
 
@@ -42,31 +47,39 @@ impl PagePool {
     pub fn total(&self) -> usize {
         self.total
     }
+}
 
-    /// Pages taken.
-    pub fn used(&self) -> usize {
-        self.used
+/// Pages in use, as [`occupancy`] counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// All pages taken: held by running sequences or cached prefixes, or reserved by
+    /// running sequences for tokens still to come.
+    pub used: usize,
+    /// Of those, the pages only cached prefixes hold.
+    pub cached: usize,
+}
+
+/// The pages in use by `running` sequences (each cache with the pages reserved for
+/// it: its prompt and `max_tokens`, shared pages included) and by `cached` prefixes:
+/// every distinct page held once, plus each running sequence's reservation beyond
+/// the pages it holds.
+pub fn occupancy<'a>(
+    running: impl IntoIterator<Item = (&'a LatentCache, usize)>,
+    cached: impl IntoIterator<Item = &'a LatentCache>,
+) -> Occupancy {
+    let mut held = HashSet::new();
+    let mut reserved = 0;
+    for (c, r) in running {
+        held.extend(c.page_ids());
+        reserved += r.saturating_sub(c.pages());
     }
-
-    /// Pages free.
-    pub fn free(&self) -> usize {
-        self.total - self.used
+    let by_running = held.len();
+    for c in cached {
+        held.extend(c.page_ids());
     }
-
-    /// Takes `n` pages if that many are free.
-    pub fn take(&mut self, n: usize) -> bool {
-        if n <= self.free() {
-            self.used += n;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Returns `n` pages.
-    pub fn give(&mut self, n: usize) {
-        debug_assert!(n <= self.used);
-        self.used -= n.min(self.used);
+    Occupancy {
+        used: held.len() + reserved,
+        cached: held.len() - by_running,
     }
 }
 
@@ -74,7 +87,6 @@ struct Entry {
     scope: String,
     tokens: Vec<u32>,
     cache: LatentCache,
-    pages: usize,
     last_used: u64,
 }
 
@@ -96,9 +108,9 @@ pub struct PrefixHit {
 }
 
 impl PrefixCache {
-    /// Pages the cached prefixes hold.
-    pub fn pages(&self) -> usize {
-        self.entries.iter().map(|e| e.pages).sum()
+    /// The cached prefixes' caches (for [`occupancy`]).
+    pub fn caches(&self) -> impl Iterator<Item = &LatentCache> {
+        self.entries.iter().map(|e| &e.cache)
     }
 
     /// Cached prefixes.
@@ -142,33 +154,28 @@ impl PrefixCache {
         })
     }
 
-    /// Keeps `cache` (whose tokens are `tokens`) cut to whole pages, taking its pages
-    /// from `pool` (evicting older entries if needed). Entries it extends are dropped.
+    /// Keeps a finished sequence's `cache` (whose tokens are `tokens`) cut to whole
+    /// pages of `page_tokens`: memory it already held, so nothing is taken from the
+    /// pool. Entries it extends are dropped.
     pub fn insert(
         &mut self,
         scope: &str,
         mut tokens: Vec<u32>,
         mut cache: LatentCache,
-        pool: &mut PagePool,
+        page_tokens: usize,
     ) {
-        let keep = cache.len().min(tokens.len()) / pool.page_tokens() * pool.page_tokens();
+        let keep = cache.len().min(tokens.len()) / page_tokens * page_tokens;
         if keep == 0 {
             return;
         }
         tokens.truncate(keep);
         cache.truncate(keep);
         // An entry that is a prefix of this one (the previous turn of a conversation) is redundant.
-        let mut freed = 0;
         self.entries.retain(|e| {
-            let redundant = e.scope == scope
+            !(e.scope == scope
                 && e.tokens.len() <= tokens.len()
-                && tokens[..e.tokens.len()] == e.tokens[..];
-            if redundant {
-                freed += e.pages;
-            }
-            !redundant
+                && tokens[..e.tokens.len()] == e.tokens[..])
         });
-        pool.give(freed);
         // Nothing to add if an existing entry already covers these tokens.
         if self.entries.iter().any(|e| {
             e.scope == scope
@@ -177,24 +184,18 @@ impl PrefixCache {
         }) {
             return;
         }
-        let pages = pool.pages_for(keep);
-        while !pool.take(pages) {
-            if !self.evict_one(pool) {
-                return;
-            }
-        }
         self.clock += 1;
         self.entries.push(Entry {
             scope: scope.to_string(),
             tokens,
             cache,
-            pages,
             last_used: self.clock,
         });
     }
 
-    /// Drops the least recently used entry, returning its pages; false when empty.
-    pub fn evict_one(&mut self, pool: &mut PagePool) -> bool {
+    /// Drops the least recently used entry (its pages are freed unless a running
+    /// sequence shares them); false when empty.
+    pub fn evict_one(&mut self) -> bool {
         let Some(i) = self
             .entries
             .iter()
@@ -204,14 +205,13 @@ impl PrefixCache {
         else {
             return false;
         };
-        let e = self.entries.swap_remove(i);
-        pool.give(e.pages);
+        self.entries.swap_remove(i);
         true
     }
 
     /// Drops every entry.
-    pub fn clear(&mut self, pool: &mut PagePool) {
-        while self.evict_one(pool) {}
+    pub fn clear(&mut self) {
+        self.entries.clear();
     }
 }
 
@@ -221,15 +221,11 @@ mod tests {
 
     #[test]
     fn pool_counts_pages() {
-        let mut p = PagePool::new(4, 64);
+        let p = PagePool::new(4, 64);
         assert_eq!(p.pages_for(0), 0);
         assert_eq!(p.pages_for(1), 1);
         assert_eq!(p.pages_for(64), 1);
         assert_eq!(p.pages_for(65), 2);
-        assert!(p.take(3));
-        assert!(!p.take(2));
-        assert_eq!(p.free(), 1);
-        p.give(3);
-        assert_eq!(p.used(), 0);
+        assert_eq!(p.total(), 4);
     }
 }

@@ -9,7 +9,7 @@
 //! (the client went away) is removed at the next step and its pages freed.
 
 use crate::generate::{FinishReason, TextOut};
-use crate::pages::{PagePool, PrefixCache};
+use crate::pages::{occupancy, Occupancy, PagePool, PrefixCache};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stats::EngineStats;
 use std::collections::VecDeque;
@@ -281,6 +281,7 @@ struct Seq<'t> {
     output: Vec<u32>,
     sampler: Sampler,
     text: TextOut<'t>,
+    /// Pages reserved: for the prompt and `max_tokens`, shared prefix pages included.
     pages: usize,
     hit: usize,
     last_token_at: Option<Instant>,
@@ -376,8 +377,16 @@ impl<'m> Core<'m> {
         // it never misses a job still in the channel.
         let s = &self.stats;
         EngineStats::set(&s.running, self.running.len() as u64);
-        EngineStats::set(&s.pages_used, self.pool.used() as u64);
-        EngineStats::set(&s.pages_cached, self.prefix.pages() as u64);
+        let occ = self.occupancy(None);
+        EngineStats::set(&s.pages_used, occ.used as u64);
+        EngineStats::set(&s.pages_cached, occ.cached as u64);
+    }
+
+    /// Pages in use by the running sequences and the prefix cache, with `pending` (a
+    /// prefix hit about to be admitted) counted as running.
+    fn occupancy(&self, pending: Option<&LatentCache>) -> Occupancy {
+        let running = self.running.iter().map(|s| (&s.cache, s.pages));
+        occupancy(running.chain(pending.map(|c| (c, 0))), self.prefix.caches())
     }
 
     fn drop_cancelled(&mut self) {
@@ -388,8 +397,7 @@ impl<'m> Core<'m> {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].job.tx.is_closed() {
-                let s = self.running.swap_remove(i);
-                self.pool.give(s.pages);
+                self.running.swap_remove(i);
                 gone += 1;
             } else {
                 i += 1;
@@ -407,8 +415,7 @@ impl<'m> Core<'m> {
                 .pool
                 .pages_for(job.req.prompt.len() + job.req.max_tokens);
             // Look the prefix up before evicting for room: a hit shares the entry's pages,
-            // so evicting that entry next loses nothing (the new sequence's reservation
-            // covers its whole prompt, shared pages included).
+            // so evicting that entry next loses nothing.
             let hit = if self.cfg.prefix_cache {
                 self.prefix.lookup(
                     &job.req.cache_scope,
@@ -418,13 +425,20 @@ impl<'m> Core<'m> {
             } else {
                 None
             };
-            while self.pool.free() < need && self.prefix.evict_one(&mut self.pool) {}
-            if self.pool.free() < need {
+            // The hit's pages are in memory already: the request needs pages for the
+            // tokens after them only. Cached entries give way, oldest first; evicting
+            // one whose pages are shared (the hit's own included) frees nothing.
+            let fresh = need - hit.as_ref().map_or(0, |h| h.cache.pages()).min(need);
+            let fits = |st: &Self| {
+                let occ = st.occupancy(hit.as_ref().map(|h| &h.cache));
+                occ.used + fresh <= st.pool.total()
+            };
+            while !fits(self) && self.prefix.evict_one() {}
+            if !fits(self) {
                 return; // first come, first served: later requests wait too
             }
             let job = self.waiting.pop_front().expect("front exists");
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.pool.take(need);
             let (cache, hit) = match hit {
                 Some(h) => (h.cache, h.tokens),
                 None => (self.model.new_cache(), 0),
@@ -604,10 +618,10 @@ impl<'m> Core<'m> {
             text,
             usage,
         });
-        self.pool.give(s.pages);
         if self.cfg.prefix_cache && reason != FinishReason::InsufficientResource {
             let scope = std::mem::take(&mut s.job.req.cache_scope);
-            self.prefix.insert(&scope, s.fed, s.cache, &mut self.pool);
+            self.prefix
+                .insert(&scope, s.fed, s.cache, self.pool.page_tokens());
         }
     }
 }

@@ -231,3 +231,39 @@ fn requests_arriving_together_start_in_one_step() {
     assert_eq!(run(true), 1);
     assert!(run(false) > 1);
 }
+
+#[test]
+fn prefix_hits_take_pages_only_for_what_follows_them() {
+    // Three pages. The first answer leaves a one-page prefix; two requests that hit it
+    // and need two pages each (the shared one and one of their own) then run side by
+    // side with the entry kept: 1 shared + 1 + 1 = 3 pages of memory. Counting each
+    // reservation whole (2 + 2, plus the entry) would have made the second wait.
+    let (e, tok, _) = engine(EngineConfig {
+        total_pages: 3,
+        ..Default::default()
+    });
+    let system = "Count the letter r in the word strawberry. ".repeat(3);
+    let prompt = whale_engine::chat_prompt(
+        &tok,
+        &[
+            whale_model::Message::new("system", &system),
+            whale_model::Message::new("user", "What is 37 + 48?"),
+        ],
+    )
+    .unwrap();
+    assert!(prompt.len() > 64 && prompt.len() < 128, "{}", prompt.len());
+    drain(e.submit(request(prompt.clone(), 4, &[], "k")).unwrap());
+    wait_for(&e.stats().pages_cached, 1);
+    let max = 2 * 64 - prompt.len();
+    let rxs: Vec<_> = (0..2)
+        .map(|_| e.submit(request(prompt.clone(), max, &[], "k")).unwrap())
+        .collect();
+    wait_for(&e.stats().running, 2);
+    for rx in rxs {
+        let (hit, _, reason, n) = drain(rx);
+        assert_eq!((hit, reason, n), (64, FinishReason::Length, max));
+    }
+    // The entry stayed (both hits shared it) and nothing is left running.
+    wait_for(&e.stats().running, 0);
+    assert_eq!(EngineStats::get(&e.stats().pages_cached), 1);
+}

@@ -132,6 +132,13 @@ impl LatentCache {
         self.pages.len()
     }
 
+    /// An identity for each page held (the address of its storage): caches that share
+    /// a page give the same id for it, so counting distinct ids over several caches
+    /// counts the memory they hold together.
+    pub fn page_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.pages.iter().map(|p| Arc::as_ptr(p) as usize)
+    }
+
     /// Pages held that another cache also holds (a shared prompt prefix).
     pub fn shared_pages(&self) -> usize {
         self.pages
