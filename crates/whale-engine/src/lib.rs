@@ -14,6 +14,7 @@
 
 mod chat;
 mod detok;
+mod disk;
 mod generate;
 mod grammar;
 mod pages;
@@ -25,6 +26,7 @@ mod stop;
 
 pub use chat::chat_prompt;
 pub use detok::Detokenizer;
+pub use disk::{DiskCache, DiskCacheConfig, DiskHit};
 pub use generate::{
     generate, generate_with_cache, EngineError, FinishReason, GenerateRequest, Generation,
 };

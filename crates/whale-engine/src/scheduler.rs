@@ -8,8 +8,9 @@
 //! Sequences join and leave between steps. A request whose receiver is dropped
 //! (the client went away) is removed at the next step and its pages freed.
 
+use crate::disk::{DiskCache, DiskCacheConfig};
 use crate::generate::{FinishReason, TextOut};
-use crate::pages::{occupancy, Occupancy, PagePool, PrefixCache};
+use crate::pages::{occupancy, Occupancy, PagePool, PrefixCache, PrefixHit};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stats::EngineStats;
 use std::collections::VecDeque;
@@ -53,6 +54,10 @@ pub struct EngineConfig {
     /// Within the window, the gathering stops once no request has come for this long
     /// (so a lone request waits only this).
     pub gather_gap: Duration,
+    /// The prefix cache's disk tier ([`crate::disk`]): finished requests' pages are
+    /// also written there, and read back for prompts whose prefix memory no longer
+    /// holds. `None` keeps prefixes in memory only.
+    pub disk_cache: Option<DiskCacheConfig>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             gather_window: Duration::from_millis(100),
             gather_gap: Duration::from_millis(10),
+            disk_cache: None,
         }
     }
 }
@@ -294,6 +300,7 @@ struct Core<'m> {
     stats: Arc<EngineStats>,
     pool: PagePool,
     prefix: PrefixCache,
+    disk: Option<DiskCache>,
     waiting: VecDeque<Job>,
     running: Vec<Seq<'m>>,
 }
@@ -305,6 +312,22 @@ impl<'m> Core<'m> {
         cfg: EngineConfig,
         stats: Arc<EngineStats>,
     ) -> Self {
+        let disk = cfg.disk_cache.clone().and_then(|d| {
+            let dir = d.dir.clone();
+            DiskCache::open(d, &model.new_cache())
+                .inspect_err(|e| {
+                    tracing::error!("prefix disk cache at {}: {e}; memory only", dir.display())
+                })
+                .ok()
+        });
+        if let Some(d) = &disk {
+            let (files, bytes) = d.usage();
+            tracing::info!(
+                "prefix disk cache at {}: {files} prefixes, {:.2} GB",
+                d.dir().display(),
+                bytes as f64 / 1e9
+            );
+        }
         Core {
             model,
             tok,
@@ -312,6 +335,7 @@ impl<'m> Core<'m> {
             cfg,
             stats,
             prefix: PrefixCache::default(),
+            disk,
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -416,7 +440,7 @@ impl<'m> Core<'m> {
                 .pages_for(job.req.prompt.len() + job.req.max_tokens);
             // Look the prefix up before evicting for room: a hit shares the entry's pages,
             // so evicting that entry next loses nothing.
-            let hit = if self.cfg.prefix_cache {
+            let mut hit = if self.cfg.prefix_cache {
                 self.prefix.lookup(
                     &job.req.cache_scope,
                     &job.req.prompt,
@@ -425,6 +449,11 @@ impl<'m> Core<'m> {
             } else {
                 None
             };
+            if self.cfg.prefix_cache {
+                if let Some(h) = self.disk_hit(need, hit.as_ref().map_or(0, |h| h.tokens)) {
+                    hit = Some(h);
+                }
+            }
             // The hit's pages are in memory already: the request needs pages for the
             // tokens after them only. Cached entries give way, oldest first; evicting
             // one whose pages are shared (the hit's own included) frees nothing.
@@ -462,6 +491,46 @@ impl<'m> Core<'m> {
                 job,
             };
             self.running.push(seq);
+        }
+    }
+
+    /// A longer prefix than memory's `mem_tokens` for the waiting front request, read
+    /// back from the disk tier, when the pool can hold it with the rest of the
+    /// request's `need` pages (cached entries giving way): its pages are new memory.
+    fn disk_hit(&mut self, need: usize, mem_tokens: usize) -> Option<PrefixHit> {
+        let job = self.waiting.front()?;
+        let found = self
+            .disk
+            .as_ref()?
+            .lookup(&job.req.cache_scope, &job.req.prompt)
+            .filter(|d| d.tokens > mem_tokens)?;
+        let fits = |st: &Self| st.occupancy(None).used + need <= st.pool.total();
+        while !fits(self) && self.prefix.evict_one() {}
+        if !fits(self) {
+            return None;
+        }
+        let t = Instant::now();
+        let disk = self.disk.as_ref()?;
+        match disk.load(&found, self.model.new_cache()) {
+            Ok(cache) => {
+                tracing::debug!(
+                    "prefix disk cache: {} tokens read in {:.3} s",
+                    found.tokens,
+                    t.elapsed().as_secs_f64()
+                );
+                EngineStats::add(
+                    &self.stats.prompt_cache_disk_hit_tokens,
+                    found.tokens as u64,
+                );
+                Some(PrefixHit {
+                    cache,
+                    tokens: found.tokens,
+                })
+            }
+            Err(e) => {
+                tracing::warn!("prefix disk cache: reading a prefix: {e}");
+                None
+            }
         }
     }
 
@@ -620,6 +689,9 @@ impl<'m> Core<'m> {
         });
         if self.cfg.prefix_cache && reason != FinishReason::InsufficientResource {
             let scope = std::mem::take(&mut s.job.req.cache_scope);
+            if let Some(d) = &self.disk {
+                d.store(&scope, s.fed.clone(), s.cache.clone());
+            }
             self.prefix
                 .insert(&scope, s.fed, s.cache, self.pool.page_tokens());
         }

@@ -66,6 +66,8 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     /// Prompt tokens served from the prefix cache.
     pub prompt_cache_hit_tokens: AtomicU64,
+    /// Of those, tokens read back from the prefix cache's disk tier.
+    pub prompt_cache_disk_hit_tokens: AtomicU64,
     /// Generated tokens.
     pub generation_tokens: AtomicU64,
     /// Requests finished, by reason: stop, length, resource/cancelled.
@@ -109,6 +111,7 @@ impl Default for EngineStats {
             pages_cached: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             prompt_cache_hit_tokens: AtomicU64::new(0),
+            prompt_cache_disk_hit_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             finished_stop: AtomicU64::new(0),
             finished_length: AtomicU64::new(0),

@@ -267,3 +267,76 @@ fn prefix_hits_take_pages_only_for_what_follows_them() {
     wait_for(&e.stats().running, 0);
     assert_eq!(EngineStats::get(&e.stats().pages_cached), 1);
 }
+
+#[test]
+fn prefixes_on_disk_outlive_the_engine_and_never_change_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = |tag: &str| EngineConfig {
+        disk_cache: Some(whale_engine::DiskCacheConfig {
+            dir: dir.path().to_path_buf(),
+            budget_bytes: 1 << 30,
+            tag: tag.into(),
+        }),
+        ..Default::default()
+    };
+    let files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wkv"))
+            .collect()
+    };
+    let system = "Count the letter r in the word strawberry. ".repeat(6);
+    let prompt = |q: &str, tok: &whale_model::Tokenizer| {
+        whale_engine::chat_prompt(
+            tok,
+            &[
+                whale_model::Message::new("system", &system),
+                whale_model::Message::new("user", q),
+            ],
+        )
+        .unwrap()
+    };
+    // First engine: the answer's pages are written in the background.
+    let (e, tok, eos) = engine(disk("model-a"));
+    let p = prompt("What is 37 + 48?", &tok);
+    assert!(p.len() > 128, "{}", p.len());
+    let (h0, a0, _, _) = drain(e.submit(request(p.clone(), 16, &eos, "alice")).unwrap());
+    assert_eq!(h0, 0);
+    let t = Instant::now();
+    while files().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(20), "nothing written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(e);
+    // A new engine (empty memory) reads the prefix back: same answer, hits in pages.
+    let (e, _, _) = engine(disk("model-a"));
+    let (h1, a1, _, _) = drain(e.submit(request(p.clone(), 16, &eos, "alice")).unwrap());
+    assert!(h1 >= 128 && h1 % 64 == 0 && h1 < p.len(), "{h1}");
+    assert_eq!(a1, a0, "a disk hit never changes the answer");
+    assert_eq!(
+        EngineStats::get(&e.stats().prompt_cache_disk_hit_tokens),
+        h1 as u64
+    );
+    // Another scope, or another model's tag, never reads it.
+    let (h2, _, _, _) = drain(e.submit(request(p.clone(), 1, &eos, "bob")).unwrap());
+    assert_eq!(h2, 0);
+    drop(e);
+    let (e, _, _) = engine(disk("model-b"));
+    let (h3, _, _, _) = drain(e.submit(request(p.clone(), 1, &eos, "alice")).unwrap());
+    assert_eq!(h3, 0, "files of another model are not read");
+    drop(e);
+    // A damaged file is a miss (and is removed), not a wrong answer.
+    for f in files() {
+        let len = std::fs::metadata(&f).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
+    }
+    let (e, _, _) = engine(disk("model-a"));
+    let (h4, a4, _, _) = drain(e.submit(request(p, 16, &eos, "alice")).unwrap());
+    assert_eq!((h4, a4), (0, a0));
+}

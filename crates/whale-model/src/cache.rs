@@ -178,6 +178,64 @@ impl LatentCache {
         }
     }
 
+    /// Writes the first `pages` pages' values, little-endian, page after page (each
+    /// `[layer][PAGE_TOKENS][latent_dim]` of the cache's type): the prefix cache's disk
+    /// tier. [`Self::read_pages`] reads them back.
+    pub fn write_pages(&self, pages: usize, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for p in &self.pages[..pages.min(self.pages.len())] {
+            buf.clear();
+            match &**p {
+                Page::F16(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_bits().to_le_bytes())),
+                Page::F32(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+            }
+            w.write_all(&buf)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `n_tokens` tokens' worth of whole pages written by [`Self::write_pages`]
+    /// into this cache, which must be empty and shaped as the writer was (same layers,
+    /// latent size and type: the caller checks); `n_tokens` is a multiple of
+    /// [`PAGE_TOKENS`].
+    pub fn read_pages(
+        &mut self,
+        n_tokens: usize,
+        r: &mut impl std::io::Read,
+    ) -> std::io::Result<()> {
+        assert!(self.is_empty() && n_tokens.is_multiple_of(PAGE_TOKENS));
+        let vals = self.n_layers * PAGE_TOKENS * self.latent_dim;
+        let mut buf = vec![0u8; vals * self.kv_type.bytes()];
+        let mut pages = Vec::with_capacity(n_tokens / PAGE_TOKENS);
+        for _ in 0..n_tokens / PAGE_TOKENS {
+            r.read_exact(&mut buf)?;
+            pages.push(Arc::new(match self.kv_type {
+                KvType::F16 => Page::F16(
+                    buf.chunks_exact(2)
+                        .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                        .collect(),
+                ),
+                KvType::F32 => Page::F32(
+                    buf.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                ),
+            }));
+        }
+        self.pages = pages;
+        self.n_tokens = n_tokens;
+        Ok(())
+    }
+
+    /// Layers the cache holds.
+    pub fn layers(&self) -> usize {
+        self.n_layers
+    }
+
     fn layer_offset(&self, layer: usize) -> usize {
         layer * PAGE_TOKENS * self.latent_dim
     }
@@ -248,5 +306,46 @@ impl LatentCache {
         debug_assert!(self.pending.iter().all(|&p| p == n));
         self.n_tokens += n;
         self.pending.fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_written_read_back_bit_for_bit() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/whale-tiny-chat");
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        for kv in [KvType::F16, KvType::F32] {
+            let mut c = LatentCache::new(&cfg, kv);
+            let (n, dim) = (130, c.latent_dim());
+            for l in 0..cfg.num_hidden_layers {
+                let rows: Vec<f32> = (0..n * dim)
+                    .map(|i| ((i * 7 + l * 13) % 101) as f32 * 0.37 - 18.0)
+                    .collect();
+                c.append(l, &rows);
+            }
+            c.commit(n);
+            let mut bytes = Vec::new();
+            c.write_pages(2, &mut bytes).unwrap();
+            assert_eq!(bytes.len(), 2 * c.bytes_per_page());
+            let mut back = LatentCache::new(&cfg, kv);
+            back.read_pages(128, &mut &bytes[..]).unwrap();
+            assert_eq!(back.len(), 128);
+            for l in 0..cfg.num_hidden_layers {
+                let (a, b) = (c.gather(l, 128), back.gather(l, 128));
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kv:?} layer {l}"
+                );
+            }
+            // A short file is an error, not a cache of zeros.
+            let mut short = LatentCache::new(&cfg, kv);
+            assert!(short
+                .read_pages(128, &mut &bytes[..bytes.len() - 1])
+                .is_err());
+        }
     }
 }

@@ -224,6 +224,13 @@ pub fn render(model: &str, s: &EngineStats, http: &HttpStats) -> String {
     );
     counter(
         &mut o,
+        "whale_prompt_cache_disk_hit_tokens_total",
+        "Prompt tokens read back from the prefix cache's disk tier (part of the hits).",
+        l,
+        g(&s.prompt_cache_disk_hit_tokens),
+    );
+    counter(
+        &mut o,
         "whale_generation_tokens_total",
         "Generated tokens.",
         l,

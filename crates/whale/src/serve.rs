@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use whale_engine::{Engine, EngineConfig};
+use whale_engine::{DiskCacheConfig, Engine, EngineConfig};
 use whale_server::billing::{money, new_key, parse_money, KeyInfo, Ledger, Prices};
 use whale_server::{AppState, ServerConfig};
 
@@ -66,6 +66,14 @@ pub struct ServeArgs {
     /// Do not reuse cached prompt prefixes.
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Also keep prompt prefixes on disk in this directory (DeepSeek's context caching
+    /// on disk): finished requests' latent pages are written there in the background
+    /// and read back for later prompts that start the same way, across restarts too.
+    #[arg(long)]
+    pub prefix_cache_dir: Option<PathBuf>,
+    /// Most disk the prefix cache's files may take, GB (least recently used go first).
+    #[arg(long, default_value_t = 20.0)]
+    pub prefix_cache_disk_gb: f64,
     /// A file of API keys, one per line (`KEY [name]`, `#` comments); they are added to
     /// the database as unmetered keys (usage recorded, no balance).
     #[arg(long)]
@@ -187,6 +195,19 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             prefill_chunk_decoding: args.prefill_chunk_decoding,
             prefix_cache: !args.no_prefix_cache,
             gather_window: std::time::Duration::from_millis(args.gather_ms),
+            disk_cache: match &args.prefix_cache_dir {
+                Some(d) if !args.no_prefix_cache => {
+                    std::fs::create_dir_all(d).with_context(|| {
+                        format!("cannot create the prefix cache directory {}", d.display())
+                    })?;
+                    Some(DiskCacheConfig {
+                        dir: d.clone(),
+                        budget_bytes: (args.prefix_cache_disk_gb * 1e9) as u64,
+                        tag: model_tag(&dir, args.model.kv_type.name())?,
+                    })
+                }
+                _ => None,
+            },
             ..EngineConfig::default()
         },
     );
@@ -222,9 +243,50 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             kv_bytes as f64 / 1e6,
             args.max_batch
         );
+        if let (Some(d), false) = (&args.prefix_cache_dir, args.no_prefix_cache) {
+            eprintln!(
+                "whale: prompt prefixes also kept on disk in {} (at most {} GB)",
+                d.display(),
+                args.prefix_cache_disk_gb
+            );
+        }
         whale_server::serve_on(listener, state).await?;
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// The model's identity for the prefix cache's files: its path, and the size and
+/// modification time of every weight and config file, with the cache type; any
+/// change to the weights gives another tag, so a cache is never read into another
+/// model.
+fn model_tag(model: &std::path::Path, kv_type: &str) -> Result<String> {
+    let path = model
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", model.display()))?;
+    let mut files = if path.is_dir() {
+        std::fs::read_dir(&path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| matches!(x, "safetensors" | "json" | "gguf"))
+            })
+            .collect::<Vec<_>>()
+    } else {
+        vec![path.clone()]
+    };
+    files.sort();
+    let mut text = format!("{}|{kv_type}", path.display());
+    for f in files {
+        let m = std::fs::metadata(&f)?;
+        let t = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        text.push_str(&format!("|{}:{}:{t}", f.display(), m.len()));
+    }
+    Ok(text)
 }
 
 fn fingerprint(dir: &std::path::Path, layers: usize) -> String {
