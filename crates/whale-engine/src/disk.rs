@@ -103,6 +103,9 @@ struct Job {
 /// A found prefix on disk: read it with [`DiskCache::load`].
 pub struct DiskHit {
     path: PathBuf,
+    scope: String,
+    /// The prompt's first `tokens` tokens, which the file must start with.
+    prefix: Vec<u32>,
     /// Tokens usable (whole pages, fewer than the prompt's).
     pub tokens: usize,
 }
@@ -221,6 +224,8 @@ impl DiskCache {
         }
         Some(DiskHit {
             path: e.path.clone(),
+            scope: scope.to_string(),
+            prefix: prompt[..tokens].to_vec(),
             tokens,
         })
     }
@@ -232,6 +237,13 @@ impl DiskCache {
             let (h, mut r) = read_header(&hit.path)?;
             if header_shape(&h).as_ref() != Some(&self.shape) {
                 return Err(std::io::Error::other("written for another model"));
+            }
+            // The file must still hold what the index says (another writer, or two
+            // prefixes whose names collide, could have replaced it).
+            let same = h["scope"].as_str() == Some(hit.scope.as_str())
+                && tokens_of(&h).is_some_and(|t| t.starts_with(&hit.prefix));
+            if !same {
+                return Err(std::io::Error::other("holds another prefix"));
             }
             empty.read_pages(hit.tokens, &mut r)?;
             Ok(empty)
