@@ -143,7 +143,10 @@ impl DiskCache {
                     let (Some(scope), Some(tokens)) = (h["scope"].as_str(), tokens_of(&h)) else {
                         continue;
                     };
-                    let meta = std::fs::metadata(&path)?;
+                    // Gone since the listing (another process): skip it.
+                    let Ok(meta) = std::fs::metadata(&path) else {
+                        continue;
+                    };
                     let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                     found.push((used, scope.to_string(), tokens, path, meta.len()));
                 }
