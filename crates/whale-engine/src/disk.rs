@@ -197,26 +197,17 @@ impl DiskCache {
     /// The longest prefix of `prompt` on disk within `scope`, in whole pages, leaving
     /// at least one prompt token to run.
     pub fn lookup(&self, scope: &str, prompt: &[u32]) -> Option<DiskHit> {
-        let limit = prompt.len().saturating_sub(1);
         let mut ix = self.lock();
-        let mut best: Option<(usize, usize)> = None;
-        for (i, e) in ix.entries.iter().enumerate() {
-            if e.scope != scope {
-                continue;
-            }
-            let common = e
-                .tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(limit);
-            let usable = common / PAGE_TOKENS * PAGE_TOKENS;
-            if usable > 0 && best.is_none_or(|(_, b)| usable > b) {
-                best = Some((i, usable));
-            }
-        }
-        let (i, tokens) = best?;
+        let held = ix
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.scope == scope);
+        let (i, tokens) = crate::pages::longest_prefix(
+            prompt,
+            PAGE_TOKENS,
+            held.map(|(i, e)| (i, &e.tokens[..])),
+        )?;
         ix.clock += 1;
         let clock = ix.clock;
         let e = &mut ix.entries[i];

@@ -90,6 +90,31 @@ struct Entry {
     last_used: u64,
 }
 
+/// Of `candidates` (an index and the tokens it holds), the one sharing the longest
+/// prefix with `prompt` in whole pages of `page_tokens`, leaving at least one prompt
+/// token to run (its logits start the answer): its index and the tokens usable.
+pub(crate) fn longest_prefix<'a>(
+    prompt: &[u32],
+    page_tokens: usize,
+    candidates: impl IntoIterator<Item = (usize, &'a [u32])>,
+) -> Option<(usize, usize)> {
+    let limit = prompt.len().saturating_sub(1);
+    let mut best: Option<(usize, usize)> = None;
+    for (i, tokens) in candidates {
+        let common = tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(limit);
+        let usable = common / page_tokens * page_tokens;
+        if usable > 0 && best.is_none_or(|(_, b)| usable > b) {
+            best = Some((i, usable));
+        }
+    }
+    best
+}
+
 /// Latent caches of earlier requests, cut to whole pages, keyed by token prefix and
 /// isolated per scope (the API key): a new prompt that starts with the same tokens
 /// reuses their latents and is billed for them as cache hits.
@@ -126,26 +151,16 @@ impl PrefixCache {
     /// The longest cached prefix of `prompt` within `scope`, in whole pages, leaving at
     /// least one prompt token to run (its logits start the answer).
     pub fn lookup(&mut self, scope: &str, prompt: &[u32], page_tokens: usize) -> Option<PrefixHit> {
-        let limit = prompt.len().saturating_sub(1);
-        let mut best: Option<(usize, usize)> = None;
-        for (i, e) in self.entries.iter().enumerate() {
-            if e.scope != scope {
-                continue;
-            }
-            let common = e
-                .tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(limit)
-                .min(e.cache.len());
-            let usable = common / page_tokens * page_tokens;
-            if usable > 0 && best.is_none_or(|(_, b)| usable > b) {
-                best = Some((i, usable));
-            }
-        }
-        let (i, usable) = best?;
+        let held = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.scope == scope);
+        let (i, usable) = longest_prefix(
+            prompt,
+            page_tokens,
+            held.map(|(i, e)| (i, &e.tokens[..e.tokens.len().min(e.cache.len())])),
+        )?;
         self.clock += 1;
         self.entries[i].last_used = self.clock;
         Some(PrefixHit {
