@@ -80,6 +80,20 @@ fn chat(tok: &whale_model::Tokenizer, q: &str) -> Vec<u32> {
     whale_engine::chat_prompt(tok, &[whale_model::Message::new("user", q)]).unwrap()
 }
 
+/// A chat with a system prompt of `repeats` copies of one sentence (a shared prefix
+/// long enough to fill pages), then the question.
+fn chat_with_system(tok: &whale_model::Tokenizer, repeats: usize, q: &str) -> Vec<u32> {
+    let system = "Count the letter r in the word strawberry. ".repeat(repeats);
+    whale_engine::chat_prompt(
+        tok,
+        &[
+            whale_model::Message::new("system", &system),
+            whale_model::Message::new("user", q),
+        ],
+    )
+    .unwrap()
+}
+
 #[test]
 fn batched_answers_equal_answers_alone() {
     let (e, tok, eos) = engine(EngineConfig::default());
@@ -149,15 +163,7 @@ fn admission_waits_for_pages_and_the_prefix_cache_gives_way() {
 #[test]
 fn prefix_hits_are_whole_pages_of_the_same_scope() {
     let (e, tok, eos) = engine(EngineConfig::default());
-    let system = "Count the letter r in the word strawberry. ".repeat(6);
-    let prompt = whale_engine::chat_prompt(
-        &tok,
-        &[
-            whale_model::Message::new("system", &system),
-            whale_model::Message::new("user", "What is 37 + 48?"),
-        ],
-    )
-    .unwrap();
+    let prompt = chat_with_system(&tok, 6, "What is 37 + 48?");
     assert!(prompt.len() > 64);
     let (h0, a0, _, _) = drain(
         e.submit(request(prompt.clone(), 16, &eos, "alice"))
@@ -182,15 +188,7 @@ fn a_hit_survives_the_eviction_of_its_own_entry() {
         total_pages: 4,
         ..Default::default()
     });
-    let system = "Count the letter r in the word strawberry. ".repeat(3);
-    let prompt = whale_engine::chat_prompt(
-        &tok,
-        &[
-            whale_model::Message::new("system", &system),
-            whale_model::Message::new("user", "What is 37 + 48?"),
-        ],
-    )
-    .unwrap();
+    let prompt = chat_with_system(&tok, 3, "What is 37 + 48?");
     assert!(prompt.len() > 64 && prompt.len() < 128, "{}", prompt.len());
     let first = drain(e.submit(request(prompt.clone(), 4, &[], "k")).unwrap());
     wait_for(&e.stats().pages_cached, 1);
@@ -242,15 +240,7 @@ fn prefix_hits_take_pages_only_for_what_follows_them() {
         total_pages: 3,
         ..Default::default()
     });
-    let system = "Count the letter r in the word strawberry. ".repeat(3);
-    let prompt = whale_engine::chat_prompt(
-        &tok,
-        &[
-            whale_model::Message::new("system", &system),
-            whale_model::Message::new("user", "What is 37 + 48?"),
-        ],
-    )
-    .unwrap();
+    let prompt = chat_with_system(&tok, 3, "What is 37 + 48?");
     assert!(prompt.len() > 64 && prompt.len() < 128, "{}", prompt.len());
     drain(e.submit(request(prompt.clone(), 4, &[], "k")).unwrap());
     wait_for(&e.stats().pages_cached, 1);
@@ -286,20 +276,9 @@ fn prefixes_on_disk_outlive_the_engine_and_never_change_answers() {
             .filter(|p| p.extension().is_some_and(|x| x == "wkv"))
             .collect()
     };
-    let system = "Count the letter r in the word strawberry. ".repeat(6);
-    let prompt = |q: &str, tok: &whale_model::Tokenizer| {
-        whale_engine::chat_prompt(
-            tok,
-            &[
-                whale_model::Message::new("system", &system),
-                whale_model::Message::new("user", q),
-            ],
-        )
-        .unwrap()
-    };
     // First engine: the answer's pages are written in the background.
     let (e, tok, eos) = engine(disk("model-a"));
-    let p = prompt("What is 37 + 48?", &tok);
+    let p = chat_with_system(&tok, 6, "What is 37 + 48?");
     assert!(p.len() > 128, "{}", p.len());
     let (h0, a0, _, _) = drain(e.submit(request(p.clone(), 16, &eos, "alice")).unwrap());
     assert_eq!(h0, 0);
