@@ -95,9 +95,8 @@ impl DeepseekModel {
     /// computes: each weight switches to its repacked copy when that is complete.
     ///
     /// After each layer and at the end, the file pages of repacked weights that
-    /// reading their neighbours mapped back in are dropped again, and at the end
-    /// freed heap is returned to the system
-    /// ([`crate::release_free_heap`]), so resident memory holds the weights once.
+    /// reading their neighbours mapped back in are dropped again, so resident memory
+    /// holds the weights once.
     pub fn repack(&self, stop: Option<&std::sync::atomic::AtomicBool>) -> usize {
         let mut done = 0;
         let stopped = || stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed));
@@ -117,7 +116,6 @@ impl DeepseekModel {
         for w in lists.iter().flatten() {
             w.release_file_pages();
         }
-        crate::release_free_heap();
         done
     }
 

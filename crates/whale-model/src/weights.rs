@@ -78,8 +78,8 @@ impl Tensor {
     /// memory holds the weights once. `None` leaves the tensor as it is.
     pub(crate) fn repacked(&self) -> Option<Tensor> {
         let (rows, cols) = self.inner_dims();
-        // In pieces, each piece's file pages dropped once copied: the output head
-        // (118 MB in V2-Lite Q4_0) would otherwise be resident twice at its end.
+        // In pieces covering the tensor, each piece's file pages dropped once copied:
+        // the output head (118 MB in V2-Lite Q4_0) would otherwise be resident twice.
         let (dtype, bytes) = whale_kernels::repack::repack_pieces(
             self.dtype,
             self.bytes(),
@@ -88,7 +88,6 @@ impl Tensor {
             REPACK_PIECE,
             |r| self.release_range(r.start, r.len()),
         )?;
-        self.release_file_pages();
         Some(self.derived(bytes, dtype, self.shape.clone()))
     }
 
@@ -190,7 +189,8 @@ impl Tensor {
 /// Returns freed heap memory to the system (glibc's `malloc_trim`): loading leaves
 /// about 110 MB of freed, still-resident heap behind on V2-Lite (the tokenizer's
 /// and the metadata's temporaries, between the weights' allocations), which glibc
-/// only gives back from the top of the heap by itself. Returns whether anything was
+/// only gives back from the top of the heap by itself; [`crate::ModelFolder::open`]
+/// calls it once the model is built (and repacked, when repacking at load). Returns whether anything was
 /// released; nothing to do on other C libraries.
 pub fn release_free_heap() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
