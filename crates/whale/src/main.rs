@@ -520,7 +520,11 @@ fn run(cli: Cli) -> Result<()> {
             json,
             batch,
         } => {
-            let threads = threads.unwrap_or_else(rayon::current_num_threads);
+            // Not `rayon::current_num_threads()`: asking the global pool its size builds
+            // it, and `build_global` below would then fail.
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build_global()

@@ -249,6 +249,31 @@ fn gguf_files_run_from_the_command_line() {
 }
 
 #[test]
+fn bench_reports_json_with_and_without_a_thread_count() {
+    let gguf =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/v3-f32.gguf");
+    let g = gguf.to_str().unwrap();
+    for extra in [&[][..], &["--threads", "1", "-b", "2"][..]] {
+        let mut args = vec![
+            "bench", "--model", g, "-p", "8", "-n", "4", "-d", "4", "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = whale(&args);
+        assert!(ok, "{args:?}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        for key in [
+            "pp_tok_s",
+            "tg_tok_s",
+            "kv_bytes_per_token",
+            "peak_rss_bytes",
+        ] {
+            assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+        }
+        assert!(v["threads"].as_u64().is_some_and(|t| t >= 1), "{v}");
+    }
+}
+
+#[test]
 fn convert_writes_a_gguf_that_chats_on_its_own() {
     let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/whale-tiny-chat");
     let dir = tempfile::tempdir().unwrap();
