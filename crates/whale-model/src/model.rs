@@ -248,6 +248,22 @@ impl DeepseekModel {
         total
     }
 
+    /// Bytes of one routed expert summed over the MoE layers, and experts chosen per
+    /// token: a decode step whose MoE layers touch `u` distinct experts each reads
+    /// `decode_weight_bytes() + (u - top_k) · routed_expert_bytes()` of weights.
+    pub fn routed_expert_bytes(&self) -> (usize, usize) {
+        let mut bytes = 0;
+        let mut top_k = 0;
+        for l in &self.layers {
+            if let Ffn::Moe(m) = &l.ffn {
+                let experts: usize = m.experts.iter().map(Mlp::bytes).sum();
+                bytes += experts / m.experts.len().max(1);
+                top_k = m.router.top_k;
+            }
+        }
+        (bytes, top_k)
+    }
+
     /// Chooses the arithmetic for quantised weights: `true` multiplies the dequantised
     /// weights in f32 (the reference answer for the file's weights); `false` (the
     /// default) rounds activations to 8-bit blocks and uses integer kernels, as

@@ -77,6 +77,7 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         }
     }
     let mut tg = vec![];
+    let moe_before = whale_model::moe_counters();
     if a.gen > 0 && a.batch > 1 {
         // B sequences at the same depth, one token each per step, all in one forward.
         for r in 0..a.reps {
@@ -120,11 +121,25 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         }
     };
     let (pp_s, tg_s) = (mean(&pp), mean(&tg));
+    // Distinct routed experts per MoE layer and step while generating: a batched step
+    // reads each once, so its weight bytes grow with this union, not with the batch.
+    let moe_after = whale_model::moe_counters();
+    let calls = (moe_after.0 - moe_before.0).max(1) as f64;
+    let experts_per_layer = (moe_after.1 - moe_before.1) as f64 / calls;
     let kv = cache.bytes_per_token();
     let weights = m.decode_weight_bytes();
-    // A decode step at depth D reads the active weights and the cache of D (+ the new) tokens.
+    let (expert_bytes, top_k) = m.routed_expert_bytes();
+    // A decode step at depth D reads the active weights (the union of the batch's
+    // experts) and every sequence's cache of D (+ the new) tokens.
     let cache_read = (a.depth + a.gen / 2) * kv;
     let per_token = weights + cache_read;
+    let step_weights = if top_k > 0 && experts_per_layer > 0.0 {
+        weights as f64 + (experts_per_layer - top_k as f64) * expert_bytes as f64
+    } else {
+        weights as f64
+    };
+    let per_step = step_weights + (a.batch * cache_read) as f64;
+    let gb_s = per_step * tg_s / a.batch as f64 / 1e9;
     let v = json!({
         "model": folder.dir.display().to_string(),
         "threads": a.threads,
@@ -146,26 +161,30 @@ pub fn run(folder: &ModelFolder, load_s: f64, a: &BenchArgs) -> Result<()> {
         "decode_weight_bytes_per_token": weights,
         "decode_cache_bytes_per_token": cache_read,
         "bytes_read_per_token": per_token,
-        "achieved_gb_s": per_token as f64 * tg_s / 1e9,
+        "moe_experts_per_layer": experts_per_layer,
+        "bytes_read_per_step": per_step,
+        "achieved_gb_s": gb_s,
         "peak_rss_bytes": peak_rss(),
     });
     if a.json {
         println!("{v}");
     } else {
         println!(
-            "| model | threads | depth | pp{} tok/s | tg{} tok/s | GB/s (tg) | weights read/token | cache B/token | peak RSS |",
+            "| model | threads | depth | batch | pp{} tok/s | tg{} tok/s | GB/s (tg) | experts/layer | weights read/step | cache B/token | peak RSS |",
             a.prompt, a.gen
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} MB | {} ({}) | {:.2} GB |",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} MB | {} ({}) | {:.2} GB |",
             folder.dir.display(),
             a.threads,
             a.depth,
+            a.batch,
             pp_s,
             tg_s,
-            per_token as f64 * tg_s / 1e9,
-            weights as f64 / 1e6,
+            gb_s,
+            experts_per_layer,
+            step_weights / 1e6,
             kv,
             cache.kv_type().name(),
             peak_rss() as f64 / 1e9
