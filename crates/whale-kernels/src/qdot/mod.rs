@@ -29,8 +29,9 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     /// `d · Σ q` per block.
     pub s: Vec<f32>,
-    /// `Σ q` per block (the repacked Q4_0 kernel subtracts `8 Σ q` in integers).
-    pub sum: Vec<i32>,
+    /// `8 · Σ q` per block: the repacked Q4_0 kernel subtracts it in integers (its
+    /// nibbles carry an offset of 8), one broadcast load per row and block.
+    pub sum8: Vec<i32>,
 }
 
 impl Q8Row {
@@ -48,12 +49,12 @@ impl Q8Row {
         self.qs.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
-        self.sum.resize(nb, 0);
+        self.sum8.resize(nb, 0);
         let out = (
             &mut self.qs[..],
             &mut self.d[..],
             &mut self.s[..],
-            &mut self.sum[..],
+            &mut self.sum8[..],
         );
         #[cfg(target_arch = "x86_64")]
         if isa() != Isa::Scalar {
@@ -65,10 +66,10 @@ impl Q8Row {
     }
 }
 
-/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `Σ q`.
+/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `8 · Σ q`.
 pub(crate) type Q8Out<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32], &'a mut [i32]);
 
-/// Per block: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σ q`. Written once and
+/// Per block: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σ q`, `8 · Σ q`. Written once and
 /// compiled twice (here, and with AVX2 in `x86`), so both paths round identically.
 #[inline(always)]
 pub(crate) fn quantize_body(x: &[f32], (qs, ds, ss, sums): Q8Out<'_>) {
@@ -91,7 +92,7 @@ pub(crate) fn quantize_body(x: &[f32], (qs, ds, ss, sums): Q8Out<'_>) {
         }
         *d = dv;
         *s = dv * sum as f32;
-        *total = sum;
+        *total = 8 * sum;
     }
 }
 
@@ -364,11 +365,14 @@ mod tests {
         quantize_body(&x, (&mut q1, &mut d1, &mut s1, &mut n1));
         let r = Q8Row::from_f32(&x);
         assert_eq!((r.qs, r.d, r.s), (q1.clone(), d1.clone(), s1.clone()));
-        assert_eq!(r.sum, n1);
+        assert_eq!(r.sum8, n1);
         for (b, &n) in n1.iter().enumerate() {
             assert_eq!(
                 n,
-                q1[b * QK8..(b + 1) * QK8].iter().map(|&v| v as i32).sum()
+                8 * q1[b * QK8..(b + 1) * QK8]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum::<i32>()
             );
         }
         #[cfg(target_arch = "x86_64")]

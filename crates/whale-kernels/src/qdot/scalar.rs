@@ -76,7 +76,7 @@ pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
                     }
                 }
                 if dtype == DType::Q4_0R8 {
-                    sum -= 8 * x.sum[b];
+                    sum -= x.sum8[b];
                 }
                 *accl += sum as f32 * (f16_at(blk, 2 * l) * x.d[b]);
             }

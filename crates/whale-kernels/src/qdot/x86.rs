@@ -271,7 +271,7 @@ pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     let nb = w.len() / gbs;
     assert!(w.len() == nb * gbs && out.len() == 8 * a.len() && a.len() <= 4);
     for x in a {
-        assert!(x.qs.len() >= nb * QK8 && x.d.len() >= nb && x.sum.len() >= nb);
+        assert!(x.qs.len() >= nb * QK8 && x.d.len() >= nb && x.sum8.len() >= nb);
     }
     macro_rules! go {
         ($f:ident) => {
@@ -319,7 +319,11 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
+    // Raw pointers (the caller checked every row's lengths against `nb`): indexing
+    // the rows' vectors put two bounds checks per row in every block.
     let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
+    let s8: [*const i32; N] = std::array::from_fn(|t| a[t].sum8.as_ptr());
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 144);
@@ -342,8 +346,8 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
         for t in 0..N {
             let i = _mm256_madd_epi16(s16[t], ones);
-            let i = _mm256_sub_epi32(i, _mm256_set1_epi32(8 * a[t].sum[b]));
-            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(a[t].d[b]));
+            let i = _mm256_sub_epi32(i, _mm256_set1_epi32(*s8[t].add(b)));
+            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*ds[t].add(b)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
         }
     }
@@ -360,6 +364,7 @@ unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 272);
@@ -379,7 +384,7 @@ unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
         }
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
         for t in 0..N {
-            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(a[t].d[b]));
+            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*ds[t].add(b)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[t]), sc, acc[t]);
         }
     }
