@@ -210,6 +210,7 @@ pub fn matvec_many(jobs: Vec<MatVec<'_>>, exact: bool) {
         jobs.into_iter()
             .map(|j| MatMul {
                 x: j.x,
+                rows: None,
                 n: 1,
                 w: j.w,
                 y: j.y,
@@ -221,9 +222,13 @@ pub fn matvec_many(jobs: Vec<MatVec<'_>>, exact: bool) {
 
 /// One product `y = x · Wᵀ` over a few rows, for [`matmul_many`].
 pub struct MatMul<'a> {
-    /// The input rows `[n, in]`.
+    /// The input rows: `[n, in]`, or with `rows` any number of rows `[_, in]`.
     pub x: &'a [f32],
-    /// Rows of `x`.
+    /// Which rows of `x` are the product's inputs, in order (`n` of them); `None`:
+    /// all of `x`. Products that pick their rows from the same `x` (a MoE layer's
+    /// experts over the step's tokens) share each row's 8-bit quantisation.
+    pub rows: Option<&'a [usize]>,
+    /// Input rows of the product.
     pub n: usize,
     /// The weight `[out, in]`.
     pub w: MatRef<'a>,
@@ -240,55 +245,99 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
     let isa = qdot::isa();
     let int =
         |j: &MatMul| !exact && qdot::supports(j.w.dtype()) && j.w.cols().is_multiple_of(qdot::QK8);
-    // Quantise each distinct input once (gate and up share theirs).
-    let mut acts: Vec<Vec<Q8Row>> = Vec::new();
-    let mut act_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
-    for (k, j) in jobs.iter().enumerate() {
-        assert_eq!(
-            j.x.len(),
-            j.n * j.w.cols(),
-            "matmul_many: x has the wrong length"
-        );
+    for j in &jobs {
+        let cols = j.w.cols();
+        match j.rows {
+            Some(r) => {
+                assert_eq!(r.len(), j.n, "matmul_many: rows and n disagree");
+                assert!(
+                    j.x.len().is_multiple_of(cols)
+                        && r.iter().all(|&i| (i + 1) * cols <= j.x.len()),
+                    "matmul_many: a row index is outside x"
+                );
+            }
+            None => assert_eq!(j.x.len(), j.n * cols, "matmul_many: x has the wrong length"),
+        }
         assert_eq!(
             j.y.len(),
             j.n * j.w.rows(),
             "matmul_many: y has the wrong length"
         );
+    }
+    // Quantise each distinct input row once: gate and up share their `x`, and
+    // products that pick rows from one `x` share those rows.
+    struct Source<'a> {
+        x: &'a [f32],
+        cols: usize,
+        /// Each row of `x` quantised, once some product asked for it.
+        rows: Vec<Option<Q8Row>>,
+    }
+    let mut sources: Vec<Source> = Vec::new();
+    let mut source_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+    for j in &jobs {
         if !int(j) {
-            act_of.push(None);
+            source_of.push(None);
             continue;
         }
-        let same = jobs[..k]
+        let cols = j.w.cols();
+        let si = match sources
             .iter()
-            .zip(&act_of)
-            .find(|(p, a)| a.is_some() && std::ptr::eq(p.x, j.x) && p.n == j.n)
-            .and_then(|(_, a)| *a);
-        act_of.push(Some(same.unwrap_or_else(|| {
-            acts.push(j.x.chunks(j.w.cols()).map(Q8Row::from_f32).collect());
-            acts.len() - 1
-        })));
+            .position(|s| std::ptr::eq(s.x, j.x) && s.cols == cols)
+        {
+            Some(si) => si,
+            None => {
+                sources.push(Source {
+                    x: j.x,
+                    cols,
+                    rows: vec![None; j.x.len() / cols],
+                });
+                sources.len() - 1
+            }
+        };
+        let src = &mut sources[si];
+        for i in j.rows.map_or_else(|| (0..j.n).collect(), <[usize]>::to_vec) {
+            if src.rows[i].is_none() {
+                src.rows[i] = Some(Q8Row::from_f32(&src.x[i * cols..(i + 1) * cols]));
+            }
+        }
+        source_of.push(Some(si));
     }
+    let acts: Vec<Option<Vec<&Q8Row>>> = jobs
+        .iter()
+        .zip(&source_of)
+        .map(|(j, si)| {
+            si.map(|si| {
+                let qs = &sources[si].rows;
+                match j.rows {
+                    Some(r) => r.iter().map(|&i| qs[i].as_ref().unwrap()).collect(),
+                    None => (0..j.n).map(|i| qs[i].as_ref().unwrap()).collect(),
+                }
+            })
+        })
+        .collect();
     // Outputs transposed, [out, n] per job, so a task owns a contiguous block of rows.
     let mut yts: Vec<Vec<f32>> = jobs
         .iter()
         .map(|j| vec![0.0f32; j.n * j.w.rows()])
         .collect();
     struct Task<'a> {
-        act: Option<&'a [Q8Row]>,
+        act: Option<&'a [&'a Q8Row]>,
         x: &'a [f32],
+        rows: Option<&'a [usize]>,
         n: usize,
         w: MatRef<'a>,
         r0: usize,
         yt: &'a mut [f32],
     }
     let mut tasks = Vec::new();
-    for ((j, act), yt) in jobs.iter().zip(&act_of).zip(yts.iter_mut()) {
+    for ((j, act), yt) in jobs.iter().zip(&acts).zip(yts.iter_mut()) {
         // A repacked weight's tasks hold whole groups (MANY_BLOCK is a multiple of 8).
         debug_assert!(MANY_BLOCK.is_multiple_of(j.w.dtype().interleave()));
         for (bi, chunk) in yt.chunks_mut(MANY_BLOCK * j.n).enumerate() {
             tasks.push(Task {
-                act: act.map(|i| &acts[i][..]),
+                act: act.as_deref(),
                 x: j.x,
+                rows: j.rows,
                 n: j.n,
                 w: j.w,
                 r0: bi * MANY_BLOCK,
@@ -302,7 +351,7 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
         let rows = t.yt.len() / t.n;
         match t.act {
             Some(a) if t.w.dtype().interleave() > 1 => {
-                let refs: Vec<&Q8Row> = a.iter().collect();
+                let refs = a;
                 let g = t.w.dtype().interleave();
                 let mut res = [0.0f32; 32];
                 for (gi, out) in t.yt.chunks_mut(g * t.n).enumerate() {
@@ -320,7 +369,7 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
                 }
             }
             Some(a) => {
-                let refs: Vec<&Q8Row> = a.iter().collect();
+                let refs = a;
                 // More than one quad of rows: convert the row's block scales once.
                 let mut dw = vec![0.0f32; if t.n > 4 { t.w.cols() / qdot::QK8 } else { 0 }];
                 for k in 0..rows {
@@ -347,7 +396,8 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
                 for k in 0..rows {
                     t.w.row_into(t.r0 + k, &mut row);
                     for (i, yv) in t.yt[k * t.n..(k + 1) * t.n].iter_mut().enumerate() {
-                        *yv = dot(&t.x[i * inp..(i + 1) * inp], &row);
+                        let xi = t.rows.map_or(i, |r| r[i]);
+                        *yv = dot(&t.x[xi * inp..(xi + 1) * inp], &row);
                     }
                 }
             }
@@ -500,6 +550,7 @@ mod tests {
                     .enumerate()
                     .map(|(i, (x, y))| MatMul {
                         x,
+                        rows: None,
                         n: i + 1,
                         w: m,
                         y,
@@ -515,6 +566,60 @@ mod tests {
                             "{dt:?} n={} exact={exact}: {a} vs {b}",
                             i + 1
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_over_picked_rows_equal_products_over_gathered_copies() {
+        // Experts picking (repeated, unordered) rows of one step's activations, as a
+        // MoE layer does: each row is quantised once and shared; the answer must be
+        // the one the gathered rows give, on the integer and the exact paths.
+        let (out, inp, t) = (40usize, 64usize, 5usize);
+        let x = data(t * inp, 3.0);
+        let picks: [&[usize]; 4] = [&[0, 3], &[4], &[1, 2, 3, 4, 0], &[2, 2]];
+        for dt in [DType::Q4_0, DType::Q8_0, DType::F32] {
+            let w = data(out * inp, 7.0);
+            let mut q = vec![0u8; dt.bytes_for(out * inp).unwrap()];
+            crate::quantize::quantize_row(dt, &w, &mut q);
+            let file = MatRef::new(dt, &q, out, inp).unwrap();
+            let packed = crate::repack::repack(dt, &q, out, inp);
+            let mats: Vec<MatRef> = match &packed {
+                Some((to, p)) => vec![file, MatRef::new(*to, p, out, inp).unwrap()],
+                None => vec![file],
+            };
+            for m in mats {
+                for exact in [false, true] {
+                    let mut got: Vec<Vec<f32>> =
+                        picks.iter().map(|r| vec![0.0; r.len() * out]).collect();
+                    let jobs = picks
+                        .iter()
+                        .zip(got.iter_mut())
+                        .map(|(r, y)| MatMul {
+                            x: &x,
+                            rows: Some(r),
+                            n: r.len(),
+                            w: m,
+                            y,
+                        })
+                        .collect();
+                    matmul_many(jobs, exact);
+                    for (r, g) in picks.iter().zip(&got) {
+                        let xs: Vec<f32> = r
+                            .iter()
+                            .flat_map(|&i| x[i * inp..(i + 1) * inp].iter().copied())
+                            .collect();
+                        let mut want = vec![0.0; r.len() * out];
+                        matmul_with(&xs, r.len(), m, &mut want, exact);
+                        for (a, b) in g.iter().zip(&want) {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                                "{:?} exact={exact} rows {r:?}: {a} vs {b}",
+                                m.dtype()
+                            );
+                        }
                     }
                 }
             }
@@ -543,6 +648,7 @@ mod tests {
                     matmul_many(
                         vec![MatMul {
                             x: &x,
+                            rows: None,
                             n,
                             w: m,
                             y: &mut c,

@@ -236,53 +236,51 @@ impl Moe {
     /// batch; then all down products as another. Each expert is read once per step.
     fn forward_small(&self, x: &[f32], n: usize, d: usize, y: &mut [f32]) {
         let per_expert = self.route_rows(x, n, d);
-        // (mlp, its token rows with weights), the shared expert last over all rows.
-        let all: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
-        let mut groups: Vec<(&Mlp, &[(usize, f32)])> = per_expert
+        // (mlp, its token rows, their weights), the shared expert last over all rows.
+        let all: Vec<usize> = (0..n).collect();
+        let ones = vec![1.0f32; n];
+        let split: Vec<(Vec<usize>, Vec<f32>)> = per_expert
+            .iter()
+            .map(|toks| toks.iter().copied().unzip())
+            .collect();
+        let mut groups: Vec<(&Mlp, &[usize], &[f32])> = split
             .iter()
             .enumerate()
-            .filter(|(_, toks)| !toks.is_empty())
-            .map(|(e, toks)| (&self.experts[e], &toks[..]))
+            .filter(|(_, (rows, _))| !rows.is_empty())
+            .map(|(e, (rows, ws))| (&self.experts[e], &rows[..], &ws[..]))
             .collect();
         count(groups.len(), n);
         if let Some(s) = &self.shared {
-            groups.push((s, &all[..]));
+            groups.push((s, &all[..], &ones[..]));
         }
-        let exact = groups.first().is_some_and(|(m, _)| m.gate.exact);
-        let xs: Vec<Vec<f32>> = groups
-            .iter()
-            .map(|(_, toks)| {
-                let mut xe = Vec::with_capacity(toks.len() * d);
-                for &(t, _) in toks.iter() {
-                    xe.extend_from_slice(&x[t * d..(t + 1) * d]);
-                }
-                xe
-            })
-            .collect();
+        let exact = groups.first().is_some_and(|(m, _, _)| m.gate.exact);
         let mut gu: Vec<(Vec<f32>, Vec<f32>)> = groups
             .iter()
-            .map(|(m, toks)| {
+            .map(|(m, rows, _)| {
                 (
-                    vec![0.0; toks.len() * m.gate.out_dim()],
-                    vec![0.0; toks.len() * m.up.out_dim()],
+                    vec![0.0; rows.len() * m.gate.out_dim()],
+                    vec![0.0; rows.len() * m.up.out_dim()],
                 )
             })
             .collect();
+        // Every expert reads its tokens' rows straight from `x`: each row is
+        // quantised once for the whole layer, not once per expert it is routed to.
         let jobs = groups
             .iter()
-            .zip(&xs)
             .zip(gu.iter_mut())
-            .flat_map(|(((m, toks), xe), (g, u))| {
+            .flat_map(|((m, rows, _), (g, u))| {
                 [
                     whale_kernels::MatMul {
-                        x: xe,
-                        n: toks.len(),
+                        x,
+                        rows: Some(rows),
+                        n: rows.len(),
                         w: m.gate.mat(),
                         y: g,
                     },
                     whale_kernels::MatMul {
-                        x: xe,
-                        n: toks.len(),
+                        x,
+                        rows: Some(rows),
+                        n: rows.len(),
                         w: m.up.mat(),
                         y: u,
                     },
@@ -297,23 +295,24 @@ impl Moe {
         }
         let mut outs: Vec<Vec<f32>> = groups
             .iter()
-            .map(|(_, toks)| vec![0.0f32; toks.len() * d])
+            .map(|(_, rows, _)| vec![0.0f32; rows.len() * d])
             .collect();
         let jobs = groups
             .iter()
             .zip(&gu)
             .zip(outs.iter_mut())
-            .map(|(((m, toks), (g, _)), o)| whale_kernels::MatMul {
+            .map(|(((m, rows, _), (g, _)), o)| whale_kernels::MatMul {
                 x: g,
-                n: toks.len(),
+                rows: None,
+                n: rows.len(),
                 w: m.down.mat(),
                 y: o,
             })
             .collect();
         whale_kernels::matmul_many(jobs, exact);
         y.fill(0.0);
-        for ((_, toks), o) in groups.iter().zip(&outs) {
-            for (j, &(t, w)) in toks.iter().enumerate() {
+        for ((_, rows, ws), o) in groups.iter().zip(&outs) {
+            for (j, (&t, &w)) in rows.iter().zip(ws.iter()).enumerate() {
                 whale_kernels::axpy_row(w, &o[j * d..(j + 1) * d], &mut y[t * d..(t + 1) * d]);
             }
         }
