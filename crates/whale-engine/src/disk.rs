@@ -14,7 +14,8 @@
 //! are kept, the least recently used deleted first; a file that a longer one of the
 //! same scope extends is deleted as redundant (the previous turn of a conversation).
 //! Best effort, as DeepSeek's: a write that cannot keep up is dropped, a file that
-//! cannot be read is a miss.
+//! cannot be read is a miss. One server per directory: the tier holds `DIR/lock`
+//! while open, and a second server finding it held runs without a disk tier.
 
 use serde_json::{json, Value};
 use std::fs::File;
@@ -22,13 +23,17 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use whale_model::{LatentCache, PAGE_TOKENS};
 
 const MAGIC: &[u8; 8] = b"WHALEKV1";
 
 /// Writes waiting for the writer thread; more are dropped (each holds its pages).
 const QUEUE: usize = 8;
+
+/// How long [`DiskCache::open`] waits for a previous holder of the directory's lock
+/// (a server, or an engine in this process, still shutting down).
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Where and how much the disk tier keeps.
 #[derive(Clone, Debug)]
@@ -112,6 +117,8 @@ pub struct DiskHit {
 
 /// The disk tier (see the module documentation).
 pub struct DiskCache {
+    /// `DIR/lock`, locked exclusively (released when the file closes).
+    _lock: File,
     cfg: DiskCacheConfig,
     shape: Shape,
     index: Arc<Mutex<Index>>,
@@ -124,6 +131,9 @@ impl DiskCache {
     /// shaped like `template` under `cfg.tag`; starts the writer thread.
     pub fn open(cfg: DiskCacheConfig, template: &LatentCache) -> std::io::Result<Self> {
         std::fs::create_dir_all(&cfg.dir)?;
+        // Before anything is deleted: another server's in-flight `.tmp` files look
+        // like a crash's leftovers, and two budgets over one directory would race.
+        let lock = lock_dir(&cfg.dir)?;
         let shape = Shape::of(&cfg.tag, template);
         let mut found = Vec::new();
         for e in std::fs::read_dir(&cfg.dir)? {
@@ -176,6 +186,7 @@ impl DiskCache {
                 .spawn(move || writer(rx, &cfg, &shape, &index))?
         };
         Ok(DiskCache {
+            _lock: lock,
             cfg,
             shape,
             index,
@@ -276,6 +287,32 @@ impl DiskCache {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.cfg.dir
+    }
+}
+
+/// Opens `dir/lock` and locks it exclusively, waiting up to [`LOCK_WAIT`].
+fn lock_dir(dir: &Path) -> std::io::Result<File> {
+    let path = dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    let start = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is held by another whale server (one server per prefix cache directory)",
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
     }
 }
 
@@ -408,4 +445,43 @@ fn tokens_of(h: &Value) -> Option<Vec<u32>> {
         .iter()
         .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whale_model::{KvType, ModelConfig};
+
+    #[test]
+    fn one_open_tier_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/whale-tiny-chat/config.json"),
+        )
+        .unwrap();
+        let template = LatentCache::new(&ModelConfig::from_json_str(&text).unwrap(), KvType::F16);
+        let cfg = DiskCacheConfig {
+            dir: dir.path().to_path_buf(),
+            budget_bytes: 1 << 20,
+            tag: "t".into(),
+        };
+        // Another writer's file in flight survives a second open, which is refused.
+        let first = DiskCache::open(cfg.clone(), &template).unwrap();
+        let inflight = dir.path().join("0123.tmp");
+        std::fs::write(&inflight, b"partial").unwrap();
+        let t = Instant::now();
+        let err = DiskCache::open(cfg.clone(), &template)
+            .err()
+            .expect("second open");
+        assert!(
+            t.elapsed() >= LOCK_WAIT,
+            "it waits for a holder shutting down"
+        );
+        assert!(err.to_string().contains("another whale server"), "{err}");
+        assert!(inflight.exists());
+        // Once the first closes, the directory opens again (and the leftover goes).
+        drop(first);
+        let _again = DiskCache::open(cfg, &template).unwrap();
+        assert!(!inflight.exists());
+    }
 }

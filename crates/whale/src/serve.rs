@@ -69,6 +69,7 @@ pub struct ServeArgs {
     /// Also keep prompt prefixes on disk in this directory (DeepSeek's context caching
     /// on disk): finished requests' latent pages are written there in the background
     /// and read back for later prompts that start the same way, across restarts too.
+    /// One server per directory (it holds `DIR/lock`).
     #[arg(long)]
     pub prefix_cache_dir: Option<PathBuf>,
     /// Most disk the prefix cache's files may take, GB (least recently used go first).
