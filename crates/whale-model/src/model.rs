@@ -237,11 +237,9 @@ impl DeepseekModel {
             total += match &l.ffn {
                 Ffn::Dense(m) => m.bytes(),
                 Ffn::Moe(m) => {
-                    let experts: usize = m.experts.iter().map(Mlp::bytes).sum();
-                    let per = experts / m.experts.len().max(1);
                     4 * m.router.weight.len()
                         + m.shared.as_ref().map_or(0, Mlp::bytes)
-                        + per * m.router.top_k
+                        + m.expert_bytes() * m.router.top_k
                 }
             };
         }
@@ -256,8 +254,7 @@ impl DeepseekModel {
         let mut top_k = 0;
         for l in &self.layers {
             if let Ffn::Moe(m) = &l.ffn {
-                let experts: usize = m.experts.iter().map(Mlp::bytes).sum();
-                bytes += experts / m.experts.len().max(1);
+                bytes += m.expert_bytes();
                 top_k = m.router.top_k;
             }
         }

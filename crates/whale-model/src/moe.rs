@@ -213,6 +213,12 @@ impl Moe {
 }
 
 impl Moe {
+    /// Bytes of one routed expert's weights (their mean, should types differ).
+    pub(crate) fn expert_bytes(&self) -> usize {
+        let all: usize = self.experts.iter().map(Mlp::bytes).sum();
+        all / self.experts.len().max(1)
+    }
+
     /// For every routed expert, the rows of `x` (`[n, d]`) routed to it and their weights.
     fn route_rows(&self, x: &[f32], n: usize, d: usize) -> Vec<Vec<(usize, f32)>> {
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
