@@ -2,7 +2,7 @@
 //! makes affordable. A finished request's latent pages are written to a file in the
 //! background (one file per prefix and scope); a later prompt whose prefix is on
 //! disk but no longer in memory reads the pages back instead of prefilling them
-//! again. On a CPU that is the difference between seconds and minutes: a 64-token
+//! again (the engine reads on a thread of its own, so running streams go on). On a CPU that is the difference between seconds and minutes: a 64-token
 //! V2-Lite page is 2 MB in f16, read at disk speed, where prefilling it costs ~2 s
 //! of both cores. Files outlive the server, so a restart keeps its cache.
 //!
@@ -46,6 +46,9 @@ pub struct DiskCacheConfig {
     /// it change whenever the weights do (path, size and modification time of the
     /// files, for instance).
     pub tag: String,
+    /// Tests only: every read waits this long first (a slow disk).
+    #[doc(hidden)]
+    pub read_delay: Duration,
 }
 
 struct Entry {
@@ -238,6 +241,7 @@ impl DiskCache {
     /// Reads a hit's pages into `empty` (a new cache of the running model). A file
     /// that cannot be read is dropped from the index and deleted.
     pub fn load(&self, hit: &DiskHit, mut empty: LatentCache) -> std::io::Result<LatentCache> {
+        std::thread::sleep(self.cfg.read_delay);
         let read = || -> std::io::Result<LatentCache> {
             let (h, mut r) = read_header(&hit.path)?;
             if header_shape(&h).as_ref() != Some(&self.shape) {
@@ -464,6 +468,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             budget_bytes: 1 << 20,
             tag: "t".into(),
+            read_delay: Duration::ZERO,
         };
         // Another writer's file in flight survives a second open, which is refused.
         let first = DiskCache::open(cfg.clone(), &template).unwrap();

@@ -8,9 +8,9 @@
 //! Sequences join and leave between steps. A request whose receiver is dropped
 //! (the client went away) is removed at the next step and its pages freed.
 
-use crate::disk::{DiskCache, DiskCacheConfig};
+use crate::disk::{DiskCache, DiskCacheConfig, DiskHit};
 use crate::generate::{FinishReason, TextOut};
-use crate::pages::{occupancy, Occupancy, PagePool, PrefixCache, PrefixHit};
+use crate::pages::{occupancy, Occupancy, PagePool, PrefixCache};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stats::EngineStats;
 use std::collections::VecDeque;
@@ -186,6 +186,8 @@ pub enum SubmitError {
 struct Job {
     req: Request,
     tx: UnboundedSender<Event>,
+    /// The disk tier failed to read this request's prefix once: admit it without.
+    disk_tried: bool,
 }
 
 /// A handle to a running engine; cheap to clone.
@@ -252,7 +254,12 @@ impl Engine {
         }
         EngineStats::add(&self.stats.waiting, 1);
         let (tx, rx) = unbounded_channel();
-        self.tx.send(Job { req, tx }).map_err(|_| {
+        let job = Job {
+            req,
+            tx,
+            disk_tried: false,
+        };
+        self.tx.send(job).map_err(|_| {
             self.stats
                 .waiting
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -293,6 +300,20 @@ struct Seq<'t> {
     last_token_at: Option<Instant>,
 }
 
+/// An admitted request whose prefix is being read back from the disk tier on a
+/// thread of its own, while the running streams go on stepping.
+struct Loading {
+    job: Job,
+    /// Prompt tokens the read brings (whole pages).
+    tokens: usize,
+    /// Pages reserved for the request (the read's included).
+    pages: usize,
+    /// An empty cache standing for the request in the page count until the read ends.
+    reserved: LatentCache,
+    done: mpsc::Receiver<std::io::Result<LatentCache>>,
+    started: Instant,
+}
+
 struct Core<'m> {
     model: &'m DeepseekModel,
     tok: &'m Tokenizer,
@@ -300,8 +321,9 @@ struct Core<'m> {
     stats: Arc<EngineStats>,
     pool: PagePool,
     prefix: PrefixCache,
-    disk: Option<DiskCache>,
+    disk: Option<Arc<DiskCache>>,
     waiting: VecDeque<Job>,
+    loading: Vec<Loading>,
     running: Vec<Seq<'m>>,
 }
 
@@ -319,6 +341,7 @@ impl<'m> Core<'m> {
                     tracing::error!("prefix disk cache at {}: {e}; memory only", dir.display())
                 })
                 .ok()
+                .map(Arc::new)
         });
         if let Some(d) = &disk {
             let (files, bytes) = d.usage();
@@ -337,13 +360,14 @@ impl<'m> Core<'m> {
             prefix: PrefixCache::default(),
             disk,
             waiting: VecDeque::new(),
+            loading: Vec::new(),
             running: Vec::new(),
         }
     }
 
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.loading.is_empty() {
                 match rx.recv() {
                     Ok(job) => self.waiting.push_back(job),
                     Err(_) => return,
@@ -354,12 +378,15 @@ impl<'m> Core<'m> {
                 self.waiting.push_back(job);
             }
             self.drop_cancelled();
+            self.finish_loads();
             self.admit();
             self.publish();
             if self.running.is_empty() {
-                // Nothing admissible (cannot happen with the size check at submit, but
-                // never spin): wait for the next request.
-                if !self.waiting.is_empty() {
+                // Reads from disk under way, or nothing admissible (cannot happen with
+                // the size check at submit, but never spin): look again shortly.
+                if !self.loading.is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                } else if !self.waiting.is_empty() {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
                 continue;
@@ -400,7 +427,8 @@ impl<'m> Core<'m> {
         // `waiting` is counted up by `submit` and down here as jobs leave the queue, so
         // it never misses a job still in the channel.
         let s = &self.stats;
-        EngineStats::set(&s.running, self.running.len() as u64);
+        // A request whose prefix is being read from disk is admitted: it holds pages.
+        EngineStats::set(&s.running, (self.running.len() + self.loading.len()) as u64);
         let occ = self.occupancy(None);
         EngineStats::set(&s.pages_used, occ.used as u64);
         EngineStats::set(&s.pages_cached, occ.cached as u64);
@@ -410,7 +438,11 @@ impl<'m> Core<'m> {
     /// prefix hit about to be admitted) counted as running.
     fn occupancy(&self, pending: Option<&LatentCache>) -> Occupancy {
         let running = self.running.iter().map(|s| (&s.cache, s.pages));
-        occupancy(running.chain(pending.map(|c| (c, 0))), self.prefix.caches())
+        let loading = self.loading.iter().map(|l| (&l.reserved, l.pages));
+        occupancy(
+            running.chain(loading).chain(pending.map(|c| (c, 0))),
+            self.prefix.caches(),
+        )
     }
 
     fn drop_cancelled(&mut self) {
@@ -431,7 +463,7 @@ impl<'m> Core<'m> {
     }
 
     fn admit(&mut self) {
-        while self.running.len() < self.cfg.max_batch {
+        while self.running.len() + self.loading.len() < self.cfg.max_batch {
             let Some(job) = self.waiting.front() else {
                 return;
             };
@@ -440,7 +472,7 @@ impl<'m> Core<'m> {
                 .pages_for(job.req.prompt.len() + job.req.max_tokens);
             // Look the prefix up before evicting for room: a hit shares the entry's pages,
             // so evicting that entry next loses nothing.
-            let mut hit = if self.cfg.prefix_cache {
+            let hit = if self.cfg.prefix_cache {
                 self.prefix.lookup(
                     &job.req.cache_scope,
                     &job.req.prompt,
@@ -449,9 +481,12 @@ impl<'m> Core<'m> {
             } else {
                 None
             };
-            if self.cfg.prefix_cache {
-                if let Some(h) = self.disk_hit(need, hit.as_ref().map_or(0, |h| h.tokens)) {
-                    hit = Some(h);
+            if self.cfg.prefix_cache && !job.disk_tried {
+                if let Some(found) = self.disk_hit(need, hit.as_ref().map_or(0, |h| h.tokens)) {
+                    let job = self.waiting.pop_front().expect("front exists");
+                    self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                    self.start_load(job, found, need);
+                    continue;
                 }
             }
             // The hit's pages are in memory already: the request needs pages for the
@@ -472,6 +507,14 @@ impl<'m> Core<'m> {
                 Some(h) => (h.cache, h.tokens),
                 None => (self.model.new_cache(), 0),
             };
+            self.start_seq(job, cache, hit, need);
+        }
+    }
+
+    /// Puts an admitted request into the running batch, its first `hit` prompt tokens'
+    /// latents already in `cache`, `need` pages reserved.
+    fn start_seq(&mut self, job: Job, cache: LatentCache, hit: usize, need: usize) {
+        {
             let s = &self.stats;
             EngineStats::add(&s.prompt_tokens, job.req.prompt.len() as u64);
             EngineStats::add(&s.prompt_cache_hit_tokens, hit as u64);
@@ -494,13 +537,86 @@ impl<'m> Core<'m> {
         }
     }
 
-    /// A longer prefix than memory's `mem_tokens` for the waiting front request, read
-    /// back from the disk tier, when the pool can hold it with the rest of the
-    /// request's `need` pages (cached entries giving way): its pages are new memory.
-    /// Read on the engine thread, so running streams pause while it reads: ~2 MB per
-    /// 64-token page of V2-Lite (a 1216-token prefix is a 38 MB file), against about
-    /// two seconds of both cores to prefill each page again.
-    fn disk_hit(&mut self, need: usize, mem_tokens: usize) -> Option<PrefixHit> {
+    /// Starts reading `found` for `job` (admitted, `need` pages reserved) on a thread
+    /// of its own; [`Self::finish_loads`] takes the result.
+    fn start_load(&mut self, job: Job, found: DiskHit, need: usize) {
+        let Some(disk) = self.disk.clone() else {
+            return self.retry_without_disk(job);
+        };
+        let (tx, done) = mpsc::channel();
+        let empty = self.model.new_cache();
+        let tokens = found.tokens;
+        let spawned = std::thread::Builder::new()
+            .name("whale-kv-read".into())
+            .spawn(move || {
+                let _ = tx.send(disk.load(&found, empty));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("prefix disk cache: cannot start a read: {e}");
+            return self.retry_without_disk(job);
+        }
+        self.loading.push(Loading {
+            tokens,
+            pages: need,
+            reserved: self.model.new_cache(),
+            done,
+            started: Instant::now(),
+            job,
+        });
+    }
+
+    /// Moves each finished read's request into the running batch (its prefix read) or
+    /// back to the front of the queue (the read failed: it is admitted again without
+    /// the disk tier). A request whose client left meanwhile is dropped.
+    fn finish_loads(&mut self) {
+        let mut i = 0;
+        while i < self.loading.len() {
+            let got = match self.loading[i].done.try_recv() {
+                Ok(r) => r,
+                Err(mpsc::TryRecvError::Empty) => {
+                    i += 1;
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    Err(std::io::Error::other("the reading thread ended early"))
+                }
+            };
+            let l = self.loading.swap_remove(i);
+            if l.job.tx.is_closed() {
+                EngineStats::add(&self.stats.finished_aborted, 1);
+                continue;
+            }
+            match got {
+                Ok(cache) => {
+                    tracing::debug!(
+                        "prefix disk cache: {} tokens read in {:.3} s",
+                        l.tokens,
+                        l.started.elapsed().as_secs_f64()
+                    );
+                    EngineStats::add(&self.stats.prompt_cache_disk_hit_tokens, l.tokens as u64);
+                    self.start_seq(l.job, cache, l.tokens, l.pages);
+                }
+                Err(e) => {
+                    tracing::warn!("prefix disk cache: reading a prefix: {e}");
+                    self.retry_without_disk(l.job);
+                }
+            }
+        }
+    }
+
+    /// Queues `job` again, first in line, to be admitted without the disk tier.
+    fn retry_without_disk(&mut self, mut job: Job) {
+        job.disk_tried = true;
+        self.waiting.push_front(job);
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A longer prefix than memory's `mem_tokens` for the waiting front request on the
+    /// disk tier, when the pool can hold the request's `need` pages with the rest
+    /// (cached entries giving way): its pages are new memory. The caller reads it on
+    /// another thread ([`Self::start_load`]): ~2 MB per 64-token page of V2-Lite (a
+    /// 1216-token prefix is a 38 MB file), which running streams need not wait for.
+    fn disk_hit(&mut self, need: usize, mem_tokens: usize) -> Option<DiskHit> {
         let job = self.waiting.front()?;
         let found = self
             .disk
@@ -509,32 +625,7 @@ impl<'m> Core<'m> {
             .filter(|d| d.tokens > mem_tokens)?;
         let fits = |st: &Self| st.occupancy(None).used + need <= st.pool.total();
         while !fits(self) && self.prefix.evict_one() {}
-        if !fits(self) {
-            return None;
-        }
-        let t = Instant::now();
-        let disk = self.disk.as_ref()?;
-        match disk.load(&found, self.model.new_cache()) {
-            Ok(cache) => {
-                tracing::debug!(
-                    "prefix disk cache: {} tokens read in {:.3} s",
-                    found.tokens,
-                    t.elapsed().as_secs_f64()
-                );
-                EngineStats::add(
-                    &self.stats.prompt_cache_disk_hit_tokens,
-                    found.tokens as u64,
-                );
-                Some(PrefixHit {
-                    cache,
-                    tokens: found.tokens,
-                })
-            }
-            Err(e) => {
-                tracing::warn!("prefix disk cache: reading a prefix: {e}");
-                None
-            }
-        }
+        fits(self).then_some(found)
     }
 
     fn step(&mut self) {

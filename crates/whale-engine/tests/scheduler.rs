@@ -266,6 +266,7 @@ fn prefixes_on_disk_outlive_the_engine_and_never_change_answers() {
             dir: dir.path().to_path_buf(),
             budget_bytes: 1 << 30,
             tag: tag.into(),
+            read_delay: Duration::ZERO,
         }),
         ..Default::default()
     };
@@ -318,4 +319,70 @@ fn prefixes_on_disk_outlive_the_engine_and_never_change_answers() {
     let (e, _, _) = engine(disk("model-a"));
     let (h4, a4, _, _) = drain(e.submit(request(p, 16, &eos, "alice")).unwrap());
     assert_eq!((h4, a4), (0, a0));
+}
+
+#[test]
+fn running_streams_keep_flowing_while_a_prefix_is_read_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = |delay: Duration| EngineConfig {
+        disk_cache: Some(whale_engine::DiskCacheConfig {
+            dir: dir.path().to_path_buf(),
+            budget_bytes: 1 << 30,
+            tag: "m".into(),
+            read_delay: delay,
+        }),
+        ..Default::default()
+    };
+    let (e, tok, eos) = engine(disk(Duration::ZERO));
+    let p = chat_with_system(&tok, 6, "What is 37 + 48?");
+    let (_, a0, _, _) = drain(e.submit(request(p.clone(), 16, &eos, "alice")).unwrap());
+    let t = Instant::now();
+    while std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|f| f.unwrap().path().extension().is_none_or(|x| x != "wkv"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "nothing written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(e);
+    // A new engine whose disk takes 3 s per read. Stream A is running when request B
+    // (a disk hit) arrives: A must finish while B's prefix is still being read (a read
+    // on the engine thread would hold A's remaining tokens until B's read ends).
+    let read = Duration::from_secs(3);
+    let (e, _, _) = engine(disk(read));
+    let mut a = e
+        .submit(request(chat(&tok, "Hello"), 24, &[], "bob"))
+        .unwrap();
+    loop {
+        if let Event::Token { .. } = a.blocking_recv().expect("A runs") {
+            break;
+        }
+    }
+    let b = e.submit(request(p, 16, &eos, "alice")).unwrap();
+    let b_sent = Instant::now();
+    let b = std::thread::spawn(move || {
+        let mut b = b;
+        let started = loop {
+            if let Event::Started {
+                prompt_cache_hit_tokens,
+            } = b.blocking_recv().expect("B starts")
+            {
+                break (prompt_cache_hit_tokens, Instant::now());
+            }
+        };
+        let (_, text, _, _) = drain(b);
+        (started, text)
+    });
+    let (_, _, reason, n) = drain(a);
+    let a_done = Instant::now();
+    assert_eq!((reason, n), (FinishReason::Length, 24));
+    let ((hit, b_started), b_text) = b.join().unwrap();
+    assert!(hit >= 128, "B read its prefix from disk: {hit}");
+    assert!(b_started >= b_sent + read, "B waited for its read");
+    assert!(a_done < b_started, "A finished during B's read");
+    assert_eq!(b_text, a0, "the answer after a disk read is unchanged");
+    assert_eq!(
+        EngineStats::get(&e.stats().prompt_cache_disk_hit_tokens),
+        hit as u64
+    );
 }

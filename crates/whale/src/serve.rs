@@ -205,6 +205,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                         dir: d.clone(),
                         budget_bytes: (args.prefix_cache_disk_gb * 1e9) as u64,
                         tag: model_tag(&dir, args.model.kv_type.name())?,
+                        read_delay: std::time::Duration::ZERO,
                     })
                 }
                 _ => None,
