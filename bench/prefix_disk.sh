@@ -23,7 +23,7 @@ print(json.dumps({"model": "deepseek-chat", "prompt": prompt, "max_tokens": 2, "
 PY
 )
 for round in cold restarted; do
-  "$WHALE" serve --model "$MODEL" --port "$PORT" --threads 2 --db "$TMP/w.db" \
+  RUST_LOG=${RUST_LOG:-info,whale_engine=debug} "$WHALE" serve --model "$MODEL" --port "$PORT" --threads 2 --db "$TMP/w.db" \
     --prefix-cache-dir "$TMP/prefixes" 2> "$TMP/serve-$round.log" &
   PID=$!
   for _ in $(seq 1 600); do curl -fs "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 && break; sleep 0.5; done
@@ -41,3 +41,4 @@ PY
   kill $PID; wait $PID 2>/dev/null || true
 done
 du -sh "$TMP/prefixes"
+grep -h "tokens read in" "$TMP"/serve-*.log || true
