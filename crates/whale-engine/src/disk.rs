@@ -8,11 +8,17 @@
 //!
 //! A file (`<hash>.wkv`) holds the magic `WHALEKV1`, a little-endian u32 header
 //! length, a JSON header (`tag`: the model's identity, `kv_type`, `layers`,
-//! `latent_dim`, `page_tokens`, `scope`, `tokens`) and the pages as
-//! [`LatentCache::write_pages`] writes them. A file whose tag or shape differs from
-//! the running model's is never read (nor deleted). At most `budget_bytes` of files
-//! are kept, the least recently used deleted first; a file that a longer one of the
-//! same scope extends is deleted as redundant (the previous turn of a conversation).
+//! `latent_dim`, `page_tokens`, `scope`, `tokens`: every token up to the file's end,
+//! `start`, `parent`) and the pages of tokens `start..` as
+//! [`LatentCache::write_pages`] writes them. A prefix that extends one already on
+//! disk (the next turn of a conversation) is written as a file of its new pages
+//! only, naming the file it extends as `parent` (`start` = the parent's tokens); a
+//! hit reads the chain from its root, so a conversation of `n` turns writes each
+//! page once instead of every earlier page again each turn. A file whose tag or
+//! shape differs from the running model's is never read (nor deleted). At most
+//! `budget_bytes` of files are kept, the least recently used deleted first (a hit
+//! uses the files it extends too, so they are never older than it), with the files
+//! that extend it, which cannot be read without it.
 //! Best effort, as DeepSeek's: a write that cannot keep up is dropped, a file that
 //! cannot be read is a miss. One server per directory: the tier holds `DIR/lock`
 //! while open, and a second server finding it held runs without a disk tier.
@@ -53,7 +59,12 @@ pub struct DiskCacheConfig {
 
 struct Entry {
     scope: String,
+    /// Every token up to the file's end (its parents' included).
     tokens: Vec<u32>,
+    /// Tokens whose pages the parents hold (0 for a file of its own).
+    start: usize,
+    /// The file this one extends.
+    parent: Option<PathBuf>,
     path: PathBuf,
     bytes: u64,
     last_used: u64,
@@ -76,9 +87,49 @@ impl Index {
             let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used) else {
                 return;
             };
-            let e = self.entries.swap_remove(i);
-            let _ = std::fs::remove_file(&e.path);
+            let path = self.entries[i].path.clone();
+            self.remove(&path);
         }
+    }
+
+    /// Forgets and deletes the file at `path` and every file extending it.
+    fn remove(&mut self, path: &Path) {
+        let mut gone = vec![path.to_path_buf()];
+        loop {
+            let before = self.entries.len();
+            self.entries.retain(|e| {
+                let dead =
+                    gone.contains(&e.path) || e.parent.as_ref().is_some_and(|p| gone.contains(p));
+                if dead {
+                    let _ = std::fs::remove_file(&e.path);
+                    if !gone.contains(&e.path) {
+                        gone.push(e.path.clone());
+                    }
+                }
+                !dead
+            });
+            if self.entries.len() == before {
+                return;
+            }
+        }
+    }
+
+    /// The chain of files to read for entry `i`, root first: (path, start, end tokens).
+    fn chain(&self, i: usize) -> Option<Vec<(PathBuf, usize, usize)>> {
+        let mut out = Vec::new();
+        let mut e = &self.entries[i];
+        loop {
+            out.push((e.path.clone(), e.start, e.tokens.len()));
+            let Some(p) = &e.parent else {
+                break;
+            };
+            e = self.entries.iter().find(|x| &x.path == p)?;
+            if out.len() > self.entries.len() {
+                return None; // a cycle: never written so, but never loop
+            }
+        }
+        out.reverse();
+        Some(out)
     }
 }
 
@@ -110,7 +161,8 @@ struct Job {
 
 /// A found prefix on disk: read it with [`DiskCache::load`].
 pub struct DiskHit {
-    path: PathBuf,
+    /// The files to read, root first: (path, first token, end token).
+    chain: Vec<(PathBuf, usize, usize)>,
     scope: String,
     /// The prompt's first `tokens` tokens, which the file must start with.
     prefix: Vec<u32>,
@@ -156,12 +208,23 @@ impl DiskCache {
                     let (Some(scope), Some(tokens)) = (h["scope"].as_str(), tokens_of(&h)) else {
                         continue;
                     };
+                    let Some((start, parent)) = chain_link(&h, &cfg.dir, tokens.len()) else {
+                        continue;
+                    };
                     // Gone since the listing (another process): skip it.
                     let Ok(meta) = std::fs::metadata(&path) else {
                         continue;
                     };
                     let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    found.push((used, scope.to_string(), tokens, path, meta.len()));
+                    found.push((
+                        used,
+                        scope.to_string(),
+                        tokens,
+                        start,
+                        parent,
+                        path,
+                        meta.len(),
+                    ));
                 }
                 _ => {}
             }
@@ -169,15 +232,25 @@ impl DiskCache {
         // Least recently used first, as the files' modification times say.
         found.sort_by_key(|f| f.0);
         let mut index = Index::default();
-        for (_, scope, tokens, path, bytes) in found {
+        for (_, scope, tokens, start, parent, path, bytes) in found {
             index.clock += 1;
             index.entries.push(Entry {
                 scope,
                 tokens,
+                start,
+                parent,
                 path,
                 bytes,
                 last_used: index.clock,
             });
+        }
+        // A file whose parent is gone (evicted, damaged) can never be read.
+        let orphans: Vec<PathBuf> = (0..index.entries.len())
+            .filter(|&i| index.chain(i).is_none())
+            .map(|i| index.entries[i].path.clone())
+            .collect();
+        for p in orphans {
+            index.remove(&p);
         }
         index.fit(cfg.budget_bytes);
         let index = Arc::new(Mutex::new(index));
@@ -222,16 +295,23 @@ impl DiskCache {
             PAGE_TOKENS,
             held.map(|(i, e)| (i, &e.tokens[..])),
         )?;
-        ix.clock += 1;
-        let clock = ix.clock;
-        let e = &mut ix.entries[i];
-        e.last_used = clock;
-        // The order survives a restart through the files' times.
-        if let Ok(f) = File::options().write(true).open(&e.path) {
-            let _ = f.set_modified(SystemTime::now());
+        let chain = ix.chain(i)?;
+        let chain: Vec<_> = chain.into_iter().filter(|c| c.1 < tokens).collect();
+        // The hit and the files it extends are used now; those it extends count as
+        // used later (eviction takes the files extending one before it). The order
+        // survives a restart through the files' times.
+        for (path, _, _) in chain.iter().rev() {
+            ix.clock += 1;
+            let clock = ix.clock;
+            if let Some(e) = ix.entries.iter_mut().find(|e| &e.path == path) {
+                e.last_used = clock;
+            }
+            if let Ok(f) = File::options().write(true).open(path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
         }
         Some(DiskHit {
-            path: e.path.clone(),
+            chain,
             scope: scope.to_string(),
             prefix: prompt[..tokens].to_vec(),
             tokens,
@@ -240,30 +320,32 @@ impl DiskCache {
 
     /// Reads a hit's pages into `empty` (a new cache of the running model). A file
     /// that cannot be read is dropped from the index and deleted.
-    pub fn load(&self, hit: &DiskHit, mut empty: LatentCache) -> std::io::Result<LatentCache> {
+    pub fn load(&self, hit: &DiskHit, mut cache: LatentCache) -> std::io::Result<LatentCache> {
         std::thread::sleep(self.cfg.read_delay);
-        let read = || -> std::io::Result<LatentCache> {
-            let (h, mut r) = read_header(&hit.path)?;
-            if header_shape(&h).as_ref() != Some(&self.shape) {
-                return Err(std::io::Error::other("written for another model"));
+        for (path, start, end) in &hit.chain {
+            let end = (*end).min(hit.tokens);
+            let mut read = || -> std::io::Result<()> {
+                let (h, mut r) = read_header(path)?;
+                if header_shape(&h).as_ref() != Some(&self.shape) {
+                    return Err(std::io::Error::other("written for another model"));
+                }
+                // The file must still hold what the index says (another writer, or two
+                // prefixes whose names collide, could have replaced it).
+                let same = h["scope"].as_str() == Some(hit.scope.as_str())
+                    && tokens_of(&h)
+                        .is_some_and(|t| t.len() >= end && t[..end] == hit.prefix[..end])
+                    && chain_link(&h, &self.cfg.dir, end).is_some_and(|(s, _)| s == *start);
+                if !same {
+                    return Err(std::io::Error::other("holds another prefix"));
+                }
+                cache.read_pages(end - start, &mut r)
+            };
+            if let Err(e) = read() {
+                self.lock().remove(path);
+                return Err(e);
             }
-            // The file must still hold what the index says (another writer, or two
-            // prefixes whose names collide, could have replaced it).
-            let same = h["scope"].as_str() == Some(hit.scope.as_str())
-                && tokens_of(&h).is_some_and(|t| t.starts_with(&hit.prefix));
-            if !same {
-                return Err(std::io::Error::other("holds another prefix"));
-            }
-            empty.read_pages(hit.tokens, &mut r)?;
-            Ok(empty)
-        };
-        let got = read();
-        if got.is_err() {
-            let mut ix = self.lock();
-            ix.entries.retain(|e| e.path != hit.path);
-            let _ = std::fs::remove_file(&hit.path);
         }
-        got
+        Ok(cache)
     }
 
     /// Queues a finished sequence's whole pages (`cache`, whose tokens are `tokens`)
@@ -334,7 +416,7 @@ fn writer(rx: Receiver<Job>, cfg: &DiskCacheConfig, shape: &Shape, index: &Mutex
     for job in rx {
         let keep = job.cache.len().min(job.tokens.len()) / PAGE_TOKENS * PAGE_TOKENS;
         let tokens = &job.tokens[..keep];
-        {
+        let parent = {
             let ix = index.lock().unwrap_or_else(|p| p.into_inner());
             // Already on disk: a file of this scope that starts with these tokens.
             if ix.entries.iter().any(|e| {
@@ -342,14 +424,24 @@ fn writer(rx: Receiver<Job>, cfg: &DiskCacheConfig, shape: &Shape, index: &Mutex
             }) {
                 continue;
             }
-        }
+            // The longest file of this scope that these tokens extend: write the rest.
+            ix.entries
+                .iter()
+                .filter(|e| e.scope == job.scope && tokens.starts_with(&e.tokens))
+                .max_by_key(|e| e.tokens.len())
+                .map(|e| (e.path.clone(), e.tokens.len()))
+        };
+        let start = parent.as_ref().map_or(0, |p| p.1);
         let name = format!("{:016x}", fnv(job.scope.as_bytes(), tokens));
         let path = cfg.dir.join(format!("{name}.wkv"));
         let tmp = cfg.dir.join(format!("{name}.tmp"));
+        let parent_name = parent
+            .as_ref()
+            .and_then(|p| p.0.file_name()?.to_str().map(str::to_string));
         let header = json!({
             "tag": shape.tag, "kv_type": shape.kv_type, "layers": shape.layers,
             "latent_dim": shape.latent_dim, "page_tokens": PAGE_TOKENS,
-            "scope": job.scope, "tokens": tokens,
+            "scope": job.scope, "tokens": tokens, "start": start, "parent": parent_name,
         });
         let written = (|| -> std::io::Result<u64> {
             let mut w = BufWriter::new(File::create(&tmp)?);
@@ -357,7 +449,8 @@ fn writer(rx: Receiver<Job>, cfg: &DiskCacheConfig, shape: &Shape, index: &Mutex
             w.write_all(MAGIC)?;
             w.write_all(&(h.len() as u32).to_le_bytes())?;
             w.write_all(&h)?;
-            job.cache.write_pages(keep / PAGE_TOKENS, &mut w)?;
+            job.cache
+                .write_pages(start / PAGE_TOKENS..keep / PAGE_TOKENS, &mut w)?;
             w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             Ok(std::fs::metadata(&path)?.len())
@@ -371,23 +464,21 @@ fn writer(rx: Receiver<Job>, cfg: &DiskCacheConfig, shape: &Shape, index: &Mutex
             }
         };
         let mut ix = index.lock().unwrap_or_else(|p| p.into_inner());
-        // Files this one extends are redundant.
-        ix.entries.retain(|e| {
-            let redundant = e.scope == job.scope
-                && e.tokens.len() <= keep
-                && tokens[..e.tokens.len()] == e.tokens[..]
-                && e.path != path;
-            if redundant {
-                let _ = std::fs::remove_file(&e.path);
+        // The parent went (evicted or damaged) while this was written: unreadable.
+        if let Some((p, _)) = &parent {
+            if !ix.entries.iter().any(|e| &e.path == p) {
+                let _ = std::fs::remove_file(&path);
+                continue;
             }
-            !redundant
-        });
+        }
         ix.entries.retain(|e| e.path != path);
         ix.clock += 1;
         let clock = ix.clock;
         ix.entries.push(Entry {
             scope: job.scope,
             tokens: tokens.to_vec(),
+            start,
+            parent: parent.map(|p| p.0),
             path,
             bytes,
             last_used: clock,
@@ -441,6 +532,30 @@ fn header_shape(h: &Value) -> Option<Shape> {
         layers: h["layers"].as_u64()? as usize,
         latent_dim: h["latent_dim"].as_u64()? as usize,
     })
+}
+
+/// A header's `start` and `parent` (a file in `dir`): where its pages begin and the
+/// file holding those before. Files without them (the first format) hold all their
+/// pages. `None` if they disagree (a parent with nothing before it, or a start past
+/// the file's `len` tokens or between pages).
+fn chain_link(h: &Value, dir: &Path, len: usize) -> Option<(usize, Option<PathBuf>)> {
+    let start = match &h["start"] {
+        Value::Null => 0,
+        v => v.as_u64()? as usize,
+    };
+    let parent = match &h["parent"] {
+        Value::Null => None,
+        v => {
+            let name = v.as_str()?;
+            // A bare file name in the same directory, nothing else.
+            if Path::new(name).file_name()?.to_str()? != name {
+                return None;
+            }
+            Some(dir.join(name))
+        }
+    };
+    let ok = start.is_multiple_of(PAGE_TOKENS) && start <= len && (start > 0) == parent.is_some();
+    ok.then_some((start, parent))
 }
 
 fn tokens_of(h: &Value) -> Option<Vec<u32>> {

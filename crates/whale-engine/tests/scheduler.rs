@@ -386,3 +386,95 @@ fn running_streams_keep_flowing_while_a_prefix_is_read_from_disk() {
         hit as u64
     );
 }
+
+#[test]
+fn a_conversation_on_disk_writes_each_page_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = |budget: u64| EngineConfig {
+        disk_cache: Some(whale_engine::DiskCacheConfig {
+            dir: dir.path().to_path_buf(),
+            budget_bytes: budget,
+            tag: "m".into(),
+            read_delay: Duration::ZERO,
+        }),
+        ..Default::default()
+    };
+    // (path, header length, tokens, start, bytes) of each file.
+    let files = || -> Vec<(PathBuf, u64, usize, u64, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wkv"))
+            .map(|p| {
+                let b = std::fs::read(&p).unwrap();
+                let hl = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+                let h: serde_json::Value = serde_json::from_slice(&b[12..12 + hl]).unwrap();
+                let n = h["tokens"].as_array().unwrap().len();
+                let start = h["start"].as_u64().unwrap();
+                (p, 12 + hl as u64, n, start, b.len() as u64)
+            })
+            .collect();
+        v.sort_by_key(|f| f.2);
+        v
+    };
+    let wait_files = |n: usize| {
+        let t = Instant::now();
+        while files().len() < n {
+            assert!(t.elapsed() < Duration::from_secs(20), "not written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (e, tok, eos) = engine(disk(1 << 30));
+    // Turn one (one token: nothing generated is fed, the prompt's pages are stored),
+    // then turn two, whose prompt starts with all of turn one's.
+    let p1 = chat_with_system(&tok, 6, "What is 37 + 48?");
+    drain(e.submit(request(p1.clone(), 1, &eos, "alice")).unwrap());
+    wait_files(1);
+    let p2: Vec<u32> = p1.iter().chain(&p1).copied().collect();
+    drain(e.submit(request(p2.clone(), 1, &eos, "alice")).unwrap());
+    wait_files(2);
+    drop(e);
+    let f = files();
+    let (root, child) = (&f[0], &f[1]);
+    let page = (root.4 - root.1) / (root.2 as u64 / 64);
+    assert_eq!(root.3, 0);
+    assert_eq!(
+        child.3 as usize, root.2,
+        "turn two starts where turn one ends"
+    );
+    assert_eq!(
+        child.4 - child.1,
+        (child.2 - root.2) as u64 / 64 * page,
+        "turn two's file holds its new pages only"
+    );
+    // After a restart turn two's prefix is read through both files: same answer as
+    // an engine that prefills it all.
+    let (e, _, _) = engine(disk(1 << 30));
+    let (hit, text, _, _) = drain(e.submit(request(p2.clone(), 12, &eos, "alice")).unwrap());
+    assert!(hit > root.2 && hit % 64 == 0, "{hit}");
+    drop(e);
+    let (e, _, _) = engine(EngineConfig::default());
+    let (h0, want, _, _) = drain(e.submit(request(p2.clone(), 12, &eos, "alice")).unwrap());
+    assert_eq!((h0, text), (0, want));
+    drop(e);
+    // A budget that cannot hold both evicts the least recently used: turn two's file,
+    // as the hit used the file it extends after it.
+    let (e, _, _) = engine(disk(root.4 + child.4 - 1));
+    // (The engine opens the tier on its thread: a request's answer means it has.)
+    drain(e.submit(request(chat(&tok, "Hi"), 1, &eos, "bob")).unwrap());
+    assert_eq!(files(), vec![root.clone()]);
+    drop(e);
+    // Written again (extending the root), then the root is lost: the file that
+    // extended it cannot be read alone and goes at the next open.
+    let (e, _, _) = engine(disk(1 << 30));
+    let (hit, _, _, _) = drain(e.submit(request(p2.clone(), 1, &eos, "alice")).unwrap());
+    assert_eq!(hit, root.2);
+    wait_files(2);
+    drop(e);
+    std::fs::remove_file(&root.0).unwrap();
+    let (e, _, _) = engine(disk(1 << 30));
+    drain(e.submit(request(chat(&tok, "Hi"), 1, &eos, "bob")).unwrap());
+    assert!(files().is_empty(), "{:?}", files());
+    let (hit, _, _, _) = drain(e.submit(request(p2, 1, &eos, "alice")).unwrap());
+    assert_eq!(hit, 0);
+}

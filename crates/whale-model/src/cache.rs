@@ -178,12 +178,17 @@ impl LatentCache {
         }
     }
 
-    /// Writes the first `pages` pages' values, little-endian, page after page (each
-    /// `[layer][PAGE_TOKENS][latent_dim]` of the cache's type): the prefix cache's disk
-    /// tier. [`Self::read_pages`] reads them back.
-    pub fn write_pages(&self, pages: usize, w: &mut impl std::io::Write) -> std::io::Result<()> {
+    /// Writes the values of the pages in `pages` (indices, clamped to the pages held),
+    /// little-endian, page after page (each `[layer][PAGE_TOKENS][latent_dim]` of the
+    /// cache's type): the prefix cache's disk tier. [`Self::read_pages`] reads them back.
+    pub fn write_pages(
+        &self,
+        pages: std::ops::Range<usize>,
+        w: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
         let mut buf = Vec::new();
-        for p in &self.pages[..pages.min(self.pages.len())] {
+        let end = pages.end.min(self.pages.len());
+        for p in &self.pages[pages.start.min(end)..end] {
             buf.clear();
             match &**p {
                 Page::F16(v) => v
@@ -199,15 +204,20 @@ impl LatentCache {
     }
 
     /// Reads `n_tokens` tokens' worth of whole pages written by [`Self::write_pages`]
-    /// into this cache, which must be empty and shaped as the writer was (same layers,
-    /// latent size and type: the caller checks); `n_tokens` is a multiple of
-    /// [`PAGE_TOKENS`].
+    /// and appends them to this cache, which must hold whole pages only (empty, or read
+    /// so far) and be shaped as the writer was (same layers, latent size and type: the
+    /// caller checks); `n_tokens` is a multiple of [`PAGE_TOKENS`]. On an error the
+    /// cache is as it was.
     pub fn read_pages(
         &mut self,
         n_tokens: usize,
         r: &mut impl std::io::Read,
     ) -> std::io::Result<()> {
-        assert!(self.is_empty() && n_tokens.is_multiple_of(PAGE_TOKENS));
+        assert!(
+            self.n_tokens == self.pages.len() * PAGE_TOKENS
+                && self.pending.iter().all(|&p| p == 0)
+                && n_tokens.is_multiple_of(PAGE_TOKENS)
+        );
         let vals = self.n_layers * PAGE_TOKENS * self.latent_dim;
         let mut buf = vec![0u8; vals * self.kv_type.bytes()];
         let mut pages = Vec::with_capacity(n_tokens / PAGE_TOKENS);
@@ -226,8 +236,8 @@ impl LatentCache {
                 ),
             }));
         }
-        self.pages = pages;
-        self.n_tokens = n_tokens;
+        self.pages.extend(pages);
+        self.n_tokens += n_tokens;
         Ok(())
     }
 
@@ -329,11 +339,30 @@ mod tests {
             }
             c.commit(n);
             let mut bytes = Vec::new();
-            c.write_pages(2, &mut bytes).unwrap();
+            c.write_pages(0..2, &mut bytes).unwrap();
             assert_eq!(bytes.len(), 2 * c.bytes_per_page());
             let mut back = LatentCache::new(&cfg, kv);
             back.read_pages(128, &mut &bytes[..]).unwrap();
             assert_eq!(back.len(), 128);
+            // Written and read a page at a time (the disk tier's chained files): the
+            // same cache.
+            let (mut first, mut second) = (Vec::new(), Vec::new());
+            c.write_pages(0..1, &mut first).unwrap();
+            c.write_pages(1..2, &mut second).unwrap();
+            assert_eq!(second.len(), c.bytes_per_page());
+            let mut past = Vec::new();
+            c.write_pages(3..9, &mut past).unwrap();
+            assert!(past.is_empty(), "clamped to the pages held");
+            let mut chained = LatentCache::new(&cfg, kv);
+            chained.read_pages(64, &mut &first[..]).unwrap();
+            chained.read_pages(64, &mut &second[..]).unwrap();
+            assert_eq!(chained.len(), 128);
+            assert!(chained.read_pages(64, &mut &second[1..]).is_err());
+            assert_eq!(chained.len(), 128, "a failed read leaves the cache as it was");
+            for l in 0..cfg.num_hidden_layers {
+                let (a, b) = (back.gather(l, 128), chained.gather(l, 128));
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
             for l in 0..cfg.num_hidden_layers {
                 let (a, b) = (c.gather(l, 128), back.gather(l, 128));
                 assert!(
