@@ -34,7 +34,8 @@ pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{
     axpy_row, matmul, matmul_many, matmul_t_vec, matmul_with, matvec_many, MatMul, MatVec,
 };
-pub use ops::{dot, rmsnorm, rmsnorm_inplace, silu, softmax_inplace};
+pub use ops::{dot, rmsnorm, rmsnorm_inplace, softmax_inplace};
+pub use simd_f32::swiglu;
 
 /// Runs `f` on a worker thread of rayon's global pool (directly when already on
 /// one). A parallel kernel called from outside the pool injects its job and parks

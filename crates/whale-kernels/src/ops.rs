@@ -37,12 +37,6 @@ pub fn softmax_inplace(x: &mut [f32]) {
     }
 }
 
-/// SiLU: `z · σ(z)`.
-#[inline]
-pub fn silu(z: f32) -> f32 {
-    z / (1.0 + (-z).exp())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,9 +68,5 @@ mod tests {
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(x[2], 0.0);
         assert!(x[3] > x[1] && x[1] > x[0]);
-        assert!(
-            (silu(0.0)).abs() < 1e-7
-                && (silu(10.0) - 10.0 * (1.0 / (1.0 + (-10f32).exp()))).abs() < 1e-5
-        );
     }
 }

@@ -133,9 +133,7 @@ impl Mlp {
         let mut u = vec![0.0f32; n * i];
         self.gate.forward(x, n, &mut g);
         self.up.forward(x, n, &mut u);
-        for (gv, uv) in g.iter_mut().zip(&u) {
-            *gv = whale_kernels::silu(*gv) * uv;
-        }
+        whale_kernels::swiglu(&mut g, &u);
         self.down.forward(&g, n, y);
     }
 }
