@@ -241,7 +241,7 @@ pub struct MatMul<'a> {
 /// expert sees the one to four tokens routed to it, reads each expert once and
 /// forks once. Integer path: up to four activation rows per weight row read, as
 /// [`matmul_with`]'s prefill kernel. `exact` as in [`matmul_with`].
-pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
+pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
     let isa = qdot::isa();
     let int =
         |j: &MatMul| !exact && qdot::supports(j.w.dtype()) && j.w.cols().is_multiple_of(qdot::QK8);
@@ -315,10 +315,24 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
             })
         })
         .collect();
-    // Outputs transposed, [out, n] per job, so a task owns a contiguous block of rows.
+    // A repacked weight's integer products write each group's outputs straight into
+    // `y` (eight contiguous values per input row; tasks own disjoint rows of the
+    // weight). The others write `[out, n]` transposed, so a task owns a contiguous
+    // block, and are transposed back at the end.
+    let direct: Vec<Option<OutPtr>> = jobs
+        .iter_mut()
+        .zip(&acts)
+        .map(|(j, act)| {
+            (act.is_some() && j.w.dtype().interleave() > 1).then_some(OutPtr(j.y.as_mut_ptr()))
+        })
+        .collect();
     let mut yts: Vec<Vec<f32>> = jobs
         .iter()
-        .map(|j| vec![0.0f32; j.n * j.w.rows()])
+        .zip(&direct)
+        .map(|(j, d)| match d {
+            Some(_) => Vec::new(),
+            None => vec![0.0f32; j.n * j.w.rows()],
+        })
         .collect();
     struct Task<'a> {
         act: Option<&'a [&'a Q8Row]>,
@@ -327,12 +341,32 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
         n: usize,
         w: MatRef<'a>,
         r0: usize,
+        /// Weight rows of the task.
+        len: usize,
         yt: &'a mut [f32],
+        y: Option<OutPtr>,
     }
     let mut tasks = Vec::new();
-    for ((j, act), yt) in jobs.iter().zip(&acts).zip(yts.iter_mut()) {
+    for (((j, act), yt), y) in jobs.iter().zip(&acts).zip(yts.iter_mut()).zip(&direct) {
         // A repacked weight's tasks hold whole groups (MANY_BLOCK is a multiple of 8).
         debug_assert!(MANY_BLOCK.is_multiple_of(j.w.dtype().interleave()));
+        let out = j.w.rows();
+        if y.is_some() {
+            for r0 in (0..out).step_by(MANY_BLOCK) {
+                tasks.push(Task {
+                    act: act.as_deref(),
+                    x: j.x,
+                    rows: j.rows,
+                    n: j.n,
+                    w: j.w,
+                    r0,
+                    len: MANY_BLOCK.min(out - r0),
+                    yt: &mut [],
+                    y: *y,
+                });
+            }
+            continue;
+        }
         for (bi, chunk) in yt.chunks_mut(MANY_BLOCK * j.n).enumerate() {
             tasks.push(Task {
                 act: act.as_deref(),
@@ -341,35 +375,41 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
                 n: j.n,
                 w: j.w,
                 r0: bi * MANY_BLOCK,
+                len: chunk.len() / j.n,
                 yt: chunk,
+                y: None,
             });
         }
     }
     tasks.into_par_iter().for_each(|t| {
         let rb = t.w.row_bytes();
         let bytes = t.w.bytes();
-        let rows = t.yt.len() / t.n;
-        match t.act {
-            Some(a) if t.w.dtype().interleave() > 1 => {
-                let refs = a;
+        let rows = t.len;
+        match (t.act, t.y) {
+            (Some(refs), Some(y)) => {
                 let g = t.w.dtype().interleave();
+                let out = t.w.rows();
                 let mut res = [0.0f32; 32];
-                for (gi, out) in t.yt.chunks_mut(g * t.n).enumerate() {
-                    let r = t.r0 + gi * g;
+                for r in (t.r0..t.r0 + rows).step_by(g) {
                     let wg = &bytes[r * rb..(r + g) * rb];
                     for (q0, quad) in refs.chunks(4).enumerate() {
                         let k = quad.len();
                         qdot::dot_group(isa, t.w.dtype(), wg, quad, &mut res[..g * k]);
-                        for (l, row) in out.chunks_mut(t.n).enumerate() {
-                            for u in 0..k {
-                                row[q0 * 4 + u] = res[u * g + l];
-                            }
+                        for u in 0..k {
+                            let at = (q0 * 4 + u) * out + r;
+                            // SAFETY: `at + g <= n · out = y.len()` (input row
+                            // `q0·4 + u < n`, `r + g <= out`: groups are whole), and only
+                            // the task owning weight rows `r..r + g` writes those columns,
+                            // so no two tasks touch one element; `y` is borrowed mutably
+                            // by `jobs` for this whole call and read by no task.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(res[u * g..].as_ptr(), y.at(at), g)
+                            };
                         }
                     }
                 }
             }
-            Some(a) => {
-                let refs = a;
+            (Some(refs), None) => {
                 // More than one quad of rows: convert the row's block scales once.
                 let mut dw = vec![0.0f32; if t.n > 4 { t.w.cols() / qdot::QK8 } else { 0 }];
                 for k in 0..rows {
@@ -390,7 +430,7 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
                     }
                 }
             }
-            None => {
+            (None, _) => {
                 let inp = t.w.cols();
                 let mut row = vec![0.0f32; inp];
                 for k in 0..rows {
@@ -403,7 +443,10 @@ pub fn matmul_many(jobs: Vec<MatMul<'_>>, exact: bool) {
             }
         }
     });
-    for (j, yt) in jobs.into_iter().zip(yts) {
+    for ((j, yt), d) in jobs.into_iter().zip(yts).zip(&direct) {
+        if d.is_some() {
+            continue;
+        }
         let out = j.w.rows();
         for r in 0..out {
             for i in 0..j.n {

@@ -358,7 +358,11 @@ mod tests {
             chained.read_pages(64, &mut &second[..]).unwrap();
             assert_eq!(chained.len(), 128);
             assert!(chained.read_pages(64, &mut &second[1..]).is_err());
-            assert_eq!(chained.len(), 128, "a failed read leaves the cache as it was");
+            assert_eq!(
+                chained.len(),
+                128,
+                "a failed read leaves the cache as it was"
+            );
             for l in 0..cfg.num_hidden_layers {
                 let (a, b) = (back.gather(l, 128), chained.gather(l, 128));
                 assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
