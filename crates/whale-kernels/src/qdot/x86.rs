@@ -22,13 +22,57 @@ pub fn has_avx512vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// [`super::quantize_body`] compiled with AVX2 (vector rounding instead of `roundf` calls).
+/// [`super::quantize_body`] in AVX2, bit for bit: the compiler kept the portable
+/// body's maximum (`f32::max`, a serial chain of shuffles) and its `as i8` casts (a
+/// byte insert each) scalar, ~3% of a batched decode step and ~4.5% of a prefill.
+/// Rounding is `f32::round`'s (half away from zero): truncate, then add ±1 where the
+/// dropped fraction is at least a half.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C ([`has_avx2`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize_row_avx2(x: &[f32], out: super::Q8Out<'_>) {
-    super::quantize_body(x, out)
+pub unsafe fn quantize_row_avx2(x: &[f32], (qs, ds, ss, sums): super::Q8Out<'_>) {
+    let nb = x.len() / QK8;
+    assert!(qs.len() >= nb * QK8 && ds.len() >= nb && ss.len() >= nb && sums.len() >= nb);
+    let sign = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    // `packs` interleaves the 128-bit lanes; this puts the 32 bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..nb {
+        let p = x.as_ptr().add(b * QK8);
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(p.add(8 * k)));
+        let a: [__m256; 4] = std::array::from_fn(|k| _mm256_andnot_ps(sign, v[k]));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let dv = amax / 127.0;
+        let id = _mm256_set1_ps(if dv > 0.0 { 1.0 / dv } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|k| {
+            let y = _mm256_mul_ps(v[k], id);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+            let step = _mm256_or_ps(_mm256_and_ps(y, sign), one);
+            let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), step);
+            let r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, up), lo), hi);
+            _mm256_cvtps_epi32(r)
+        });
+        let w = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let w = _mm256_permutevar8x32_epi32(w, order);
+        _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK8) as *mut __m256i, w);
+        let s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256::<1>(s4));
+        let s2 = _mm_add_epi32(s2, _mm_unpackhi_epi64(s2, s2));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+        ds[b] = dv;
+        ss[b] = dv * sum as f32;
+        sums[b] = 8 * sum;
+    }
 }
 
 /// Dispatches to the kernel for `isa`, `dtype` and the number of rows.
