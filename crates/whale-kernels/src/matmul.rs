@@ -158,7 +158,7 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
                     // `gi < groups = out / g`), and only the task owning group `gi`
                     // writes columns `gi·g..gi·g + g`, so no two tasks touch the same
                     // element while `y` is borrowed mutably for this whole call.
-                    unsafe { std::ptr::copy_nonoverlapping(res[t * g..].as_ptr(), dst.at(at), g) };
+                    unsafe { dst.put(at, &res[t * g..(t + 1) * g]) };
                 }
             }
         }
@@ -182,9 +182,20 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// The element `i` (the caller keeps `i` in bounds and owned).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
+    /// Writes `v` at elements `i..i + v.len()`, eight at a time as one copy (a group's
+    /// outputs: `copy_nonoverlapping` of a run-time length was a `memmove` call each,
+    /// 2% of a batched decode step).
+    ///
+    /// # Safety
+    /// The elements are in bounds of the buffer and no other thread touches them.
+    unsafe fn put(self, i: usize, v: &[f32]) {
+        let dst = self.0.add(i);
+        match <&[f32; 8]>::try_from(v) {
+            // SAFETY: as the caller promises, for eight elements.
+            Ok(v8) => unsafe { (dst as *mut [f32; 8]).write_unaligned(*v8) },
+            // SAFETY: as the caller promises.
+            Err(_) => unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) },
+        }
     }
 }
 
@@ -403,7 +414,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
                             // so no two tasks touch one element; `y` is borrowed mutably
                             // by `jobs` for this whole call and read by no task.
                             unsafe {
-                                std::ptr::copy_nonoverlapping(res[u * g..].as_ptr(), y.at(at), g)
+                                y.put(at, &res[u * g..(u + 1) * g])
                             };
                         }
                     }
