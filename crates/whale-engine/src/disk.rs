@@ -244,10 +244,15 @@ impl DiskCache {
                 last_used: index.clock,
             });
         }
-        // A file whose parent is gone (evicted, damaged) can never be read.
-        let orphans: Vec<PathBuf> = (0..index.entries.len())
-            .filter(|&i| index.chain(i).is_none())
-            .map(|i| index.entries[i].path.clone())
+        // A file whose parent is gone (evicted, damaged) can never be read; removing it
+        // removes the files extending it too.
+        let held: std::collections::HashSet<&PathBuf> =
+            index.entries.iter().map(|e| &e.path).collect();
+        let orphans: Vec<PathBuf> = index
+            .entries
+            .iter()
+            .filter(|e| e.parent.as_ref().is_some_and(|p| !held.contains(p)))
+            .map(|e| e.path.clone())
             .collect();
         for p in orphans {
             index.remove(&p);
