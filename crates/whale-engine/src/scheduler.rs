@@ -514,27 +514,25 @@ impl<'m> Core<'m> {
     /// Puts an admitted request into the running batch, its first `hit` prompt tokens'
     /// latents already in `cache`, `need` pages reserved.
     fn start_seq(&mut self, job: Job, cache: LatentCache, hit: usize, need: usize) {
-        {
-            let s = &self.stats;
-            EngineStats::add(&s.prompt_tokens, job.req.prompt.len() as u64);
-            EngineStats::add(&s.prompt_cache_hit_tokens, hit as u64);
-            let _ = job.tx.send(Event::Started {
-                prompt_cache_hit_tokens: hit,
-            });
-            let seq = Seq {
-                feed: job.req.prompt[hit..].to_vec(),
-                fed: job.req.prompt[..hit].to_vec(),
-                output: Vec::new(),
-                sampler: Sampler::new(job.req.sampling.clone()),
-                text: TextOut::new(self.tok, job.req.skip_special, &job.req.stop),
-                pages: need,
-                hit,
-                last_token_at: None,
-                cache,
-                job,
-            };
-            self.running.push(seq);
-        }
+        let s = &self.stats;
+        EngineStats::add(&s.prompt_tokens, job.req.prompt.len() as u64);
+        EngineStats::add(&s.prompt_cache_hit_tokens, hit as u64);
+        let _ = job.tx.send(Event::Started {
+            prompt_cache_hit_tokens: hit,
+        });
+        let seq = Seq {
+            feed: job.req.prompt[hit..].to_vec(),
+            fed: job.req.prompt[..hit].to_vec(),
+            output: Vec::new(),
+            sampler: Sampler::new(job.req.sampling.clone()),
+            text: TextOut::new(self.tok, job.req.skip_special, &job.req.stop),
+            pages: need,
+            hit,
+            last_token_at: None,
+            cache,
+            job,
+        };
+        self.running.push(seq);
     }
 
     /// Starts reading `found` for `job` (admitted, `need` pages reserved) on a thread
