@@ -413,9 +413,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
                             // the task owning weight rows `r..r + g` writes those columns,
                             // so no two tasks touch one element; `y` is borrowed mutably
                             // by `jobs` for this whole call and read by no task.
-                            unsafe {
-                                y.put(at, &res[u * g..(u + 1) * g])
-                            };
+                            unsafe { y.put(at, &res[u * g..(u + 1) * g]) };
                         }
                     }
                 }

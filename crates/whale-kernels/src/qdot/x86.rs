@@ -66,7 +66,10 @@ pub unsafe fn quantize_row_avx2(x: &[f32], (qs, ds, ss, sums): super::Q8Out<'_>)
         let w = _mm256_permutevar8x32_epi32(w, order);
         _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK8) as *mut __m256i, w);
         let s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        let s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256::<1>(s4));
+        let s2 = _mm_add_epi32(
+            _mm256_castsi256_si128(s4),
+            _mm256_extracti128_si256::<1>(s4),
+        );
         let s2 = _mm_add_epi32(s2, _mm_unpackhi_epi64(s2, s2));
         let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
         ds[b] = dv;
