@@ -258,18 +258,23 @@ fn prefix_hits_take_pages_only_for_what_follows_them() {
     assert_eq!(EngineStats::get(&e.stats().pages_cached), 1);
 }
 
+/// Default settings with the prefix cache's disk tier in `dir`.
+fn with_disk(dir: &std::path::Path, tag: &str, budget: u64, read_delay: Duration) -> EngineConfig {
+    EngineConfig {
+        disk_cache: Some(whale_engine::DiskCacheConfig {
+            dir: dir.to_path_buf(),
+            budget_bytes: budget,
+            tag: tag.into(),
+            read_delay,
+        }),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn prefixes_on_disk_outlive_the_engine_and_never_change_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = |tag: &str| EngineConfig {
-        disk_cache: Some(whale_engine::DiskCacheConfig {
-            dir: dir.path().to_path_buf(),
-            budget_bytes: 1 << 30,
-            tag: tag.into(),
-            read_delay: Duration::ZERO,
-        }),
-        ..Default::default()
-    };
+    let disk = |tag: &str| with_disk(dir.path(), tag, 1 << 30, Duration::ZERO);
     let files = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(dir.path())
             .unwrap()
@@ -324,15 +329,7 @@ fn prefixes_on_disk_outlive_the_engine_and_never_change_answers() {
 #[test]
 fn running_streams_keep_flowing_while_a_prefix_is_read_from_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = |delay: Duration| EngineConfig {
-        disk_cache: Some(whale_engine::DiskCacheConfig {
-            dir: dir.path().to_path_buf(),
-            budget_bytes: 1 << 30,
-            tag: "m".into(),
-            read_delay: delay,
-        }),
-        ..Default::default()
-    };
+    let disk = |delay: Duration| with_disk(dir.path(), "m", 1 << 30, delay);
     let (e, tok, eos) = engine(disk(Duration::ZERO));
     let p = chat_with_system(&tok, 6, "What is 37 + 48?");
     let (_, a0, _, _) = drain(e.submit(request(p.clone(), 16, &eos, "alice")).unwrap());
@@ -390,15 +387,7 @@ fn running_streams_keep_flowing_while_a_prefix_is_read_from_disk() {
 #[test]
 fn a_conversation_on_disk_writes_each_page_once() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = |budget: u64| EngineConfig {
-        disk_cache: Some(whale_engine::DiskCacheConfig {
-            dir: dir.path().to_path_buf(),
-            budget_bytes: budget,
-            tag: "m".into(),
-            read_delay: Duration::ZERO,
-        }),
-        ..Default::default()
-    };
+    let disk = |budget: u64| with_disk(dir.path(), "m", budget, Duration::ZERO);
     // (path, header length, tokens, start, bytes) of each file.
     let files = || -> Vec<(PathBuf, u64, usize, u64, u64)> {
         let mut v: Vec<_> = std::fs::read_dir(dir.path())

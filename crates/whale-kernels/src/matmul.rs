@@ -359,36 +359,29 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
     }
     let mut tasks = Vec::new();
     for (((j, act), yt), y) in jobs.iter().zip(&acts).zip(yts.iter_mut()).zip(&direct) {
+        if j.n == 0 {
+            continue;
+        }
         // A repacked weight's tasks hold whole groups (MANY_BLOCK is a multiple of 8).
         debug_assert!(MANY_BLOCK.is_multiple_of(j.w.dtype().interleave()));
         let out = j.w.rows();
-        if y.is_some() {
-            for r0 in (0..out).step_by(MANY_BLOCK) {
-                tasks.push(Task {
-                    act: act.as_deref(),
-                    x: j.x,
-                    rows: j.rows,
-                    n: j.n,
-                    w: j.w,
-                    r0,
-                    len: MANY_BLOCK.min(out - r0),
-                    yt: &mut [],
-                    y: *y,
-                });
-            }
-            continue;
-        }
-        for (bi, chunk) in yt.chunks_mut(MANY_BLOCK * j.n).enumerate() {
+        // One transposed chunk per block of rows (none when writing straight into y).
+        let mut chunks = yt.chunks_mut(MANY_BLOCK * j.n);
+        for r0 in (0..out).step_by(MANY_BLOCK) {
+            let yt = match y {
+                Some(_) => &mut [][..],
+                None => chunks.next().expect("a chunk per block of rows"),
+            };
             tasks.push(Task {
                 act: act.as_deref(),
                 x: j.x,
                 rows: j.rows,
                 n: j.n,
                 w: j.w,
-                r0: bi * MANY_BLOCK,
-                len: chunk.len() / j.n,
-                yt: chunk,
-                y: None,
+                r0,
+                len: MANY_BLOCK.min(out - r0),
+                yt,
+                y: *y,
             });
         }
     }
