@@ -1,10 +1,11 @@
 //! The prefix cache's disk tier: DeepSeek's "context caching on disk", which MLA
 //! makes affordable. A finished request's latent pages are written to a file in the
-//! background (one file per prefix and scope); a later prompt whose prefix is on
-//! disk but no longer in memory reads the pages back instead of prefilling them
-//! again (the engine reads on a thread of its own, so running streams go on). On a CPU that is the difference between seconds and minutes: a 64-token
-//! V2-Lite page is 2 MB in f16, read at disk speed, where prefilling it costs ~2 s
-//! of both cores. Files outlive the server, so a restart keeps its cache.
+//! background; a later prompt whose prefix is on disk but no longer in memory reads
+//! the pages back instead of prefilling them again (the engine reads on a thread of
+//! its own, so running streams go on). On a CPU that is the difference between
+//! seconds and minutes: a 64-token V2-Lite page is 2 MB in f16, read at disk speed,
+//! where prefilling it costs ~2 s of both cores. Files outlive the server, so a
+//! restart keeps its cache.
 //!
 //! A file (`<hash>.wkv`) holds the magic `WHALEKV1`, a little-endian u32 header
 //! length, a JSON header (`tag`: the model's identity, `kv_type`, `layers`,
