@@ -133,7 +133,7 @@ pub struct PrefixHit {
 }
 
 impl PrefixCache {
-    /// The cached prefixes' caches (for [`occupancy`]).
+    /// The cached prefixes' caches (for `occupancy`, the engine's page count).
     pub fn caches(&self) -> impl Iterator<Item = &LatentCache> {
         self.entries.iter().map(|e| &e.cache)
     }

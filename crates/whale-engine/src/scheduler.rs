@@ -54,7 +54,7 @@ pub struct EngineConfig {
     /// Within the window, the gathering stops once no request has come for this long
     /// (so a lone request waits only this).
     pub gather_gap: Duration,
-    /// The prefix cache's disk tier ([`crate::disk`]): finished requests' pages are
+    /// The prefix cache's disk tier ([`DiskCache`]): finished requests' pages are
     /// also written there, and read back for prompts whose prefix memory no longer
     /// holds. `None` keeps prefixes in memory only.
     pub disk_cache: Option<DiskCacheConfig>,

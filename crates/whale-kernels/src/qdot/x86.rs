@@ -22,7 +22,7 @@ pub fn has_avx512vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// [`super::quantize_body`] in AVX2, bit for bit: the compiler kept the portable
+/// The portable `quantize_body` in AVX2, bit for bit: the compiler kept the portable
 /// body's maximum (`f32::max`, a serial chain of shuffles) and its `as i8` casts (a
 /// byte insert each) scalar, ~3% of a batched decode step and ~4.5% of a prefill.
 /// Rounding is `f32::round`'s (half away from zero): truncate, then add ±1 where the
