@@ -247,6 +247,11 @@ pub struct MatMul<'a> {
     pub y: &'a mut [f32],
 }
 
+/// Row `k` of a product's inputs: `rows[k]`, or `k` when it takes all of `x`.
+fn pick(rows: Option<&[usize]>, k: usize) -> usize {
+    rows.map_or(k, |r| r[k])
+}
+
 /// Independent small-batch products (a few rows each) as one parallel pass over all
 /// their weight row blocks: a batched decode step's MoE layer, where each routed
 /// expert sees the one to four tokens routed to it, reads each expert once and
@@ -306,7 +311,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
             }
         };
         let src = &mut sources[si];
-        for i in j.rows.map_or_else(|| (0..j.n).collect(), <[usize]>::to_vec) {
+        for i in (0..j.n).map(|k| pick(j.rows, k)) {
             if src.rows[i].is_none() {
                 src.rows[i] = Some(Q8Row::from_f32(&src.x[i * cols..(i + 1) * cols]));
             }
@@ -319,10 +324,9 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
         .map(|(j, si)| {
             si.map(|si| {
                 let qs = &sources[si].rows;
-                match j.rows {
-                    Some(r) => r.iter().map(|&i| qs[i].as_ref().unwrap()).collect(),
-                    None => (0..j.n).map(|i| qs[i].as_ref().unwrap()).collect(),
-                }
+                (0..j.n)
+                    .map(|k| qs[pick(j.rows, k)].as_ref().unwrap())
+                    .collect()
             })
         })
         .collect();
@@ -438,7 +442,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
                 for k in 0..rows {
                     t.w.row_into(t.r0 + k, &mut row);
                     for (i, yv) in t.yt[k * t.n..(k + 1) * t.n].iter_mut().enumerate() {
-                        let xi = t.rows.map_or(i, |r| r[i]);
+                        let xi = pick(t.rows, i);
                         *yv = dot(&t.x[xi * inp..(xi + 1) * inp], &row);
                     }
                 }
