@@ -1,10 +1,18 @@
 //! Integer dot products of quantised weight rows with activations quantised to
 //! 8-bit blocks, as llama.cpp's `vec_dot_q4_0_q8_0` computes them.
 //!
-//! An activation row `x` becomes [`Q8Row`]: per block of 32 values a scale
-//! `d = max|x| / 127`, the rounded `q = x / d` as `i8`, and `s = d · Σ q` (for the
-//! weight formats with an offset). A weight block then contributes
-//! `d_w · d_x · Σ w_j q_j` in exact integer arithmetic.
+//! An activation row `x` becomes [`Q8Row`]: per block of 32 values a scale `d`, the
+//! rounded `q = x / d` as `i8`, and `s = d · Σ q` (for the weight formats with an
+//! offset). A weight block then contributes `d_w · d_x · Σ w_j q_j` in exact integer
+//! arithmetic.
+//!
+//! Every block's `d` is a whole multiple `m` of one unit per row,
+//! `u = max|x| / (127 · 32767)`: `m = ⌈max_block|x| / (127 u)⌉`, the smallest step
+//! that keeps the block's values within ±127 (llama.cpp's Q8_0 step is
+//! `max_block|x| / 127`; this one is at most `1/m` coarser, under 1% for any block
+//! within a factor of 330 of the row's largest). The repacked Q4_0 kernel then
+//! folds the activation's scale into the integer widening (`vpmaddwd` by `m` instead
+//! of by one) and multiplies by `u` once per output, not `d_w · d_x` per block.
 //!
 //! Each kernel has a portable scalar twin ([`scalar`]) and x86 paths ([`x86`]:
 //! AVX-512 VNNI on 256-bit lanes, and AVX2), chosen once at run time from the
@@ -29,10 +37,20 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     /// `d · Σ q` per block.
     pub s: Vec<f32>,
-    /// `8 · Σ q` per block: the repacked Q4_0 kernel subtracts it in integers (its
-    /// nibbles carry an offset of 8), one broadcast load per row and block.
+    /// `8 · m · Σ q` per block: the repacked Q4_0 kernel subtracts it in integers
+    /// (its nibbles carry an offset of 8), one broadcast load per row and block.
     pub sum8: Vec<i32>,
+    /// Per block the multiple `m` of [`Q8Row::unit`] that is `d`, in both 16-bit
+    /// halves (one broadcast load gives `vpmaddwd` its factor).
+    pub m: Vec<i32>,
+    /// The row's unit `u`: `d = m · u` for every block.
+    pub unit: f32,
 }
+
+/// The largest multiple of a row's unit: the row's largest block has it. With
+/// nibbles (≤ 15) times values (≤ 127 in magnitude), a block's sum per row is at
+/// most `32 · 15 · 127`, and times `m` it stays inside `i32` (2.0e9).
+pub const M_MAX: i32 = 32767;
 
 impl Q8Row {
     /// Quantises `x` (length a multiple of 32).
@@ -50,40 +68,62 @@ impl Q8Row {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         self.sum8.resize(nb, 0);
+        self.m.resize(nb, 0);
         let out = (
             &mut self.qs[..],
             &mut self.d[..],
             &mut self.s[..],
             &mut self.sum8[..],
+            &mut self.m[..],
         );
         #[cfg(target_arch = "x86_64")]
         if isa() != Isa::Scalar {
             // SAFETY: `isa()` reports AVX2 only after detecting AVX2, FMA and F16C.
-            unsafe { x86::quantize_row_avx2(x, out) };
+            self.unit = unsafe { x86::quantize_row_avx2(x, out) };
             return;
         }
-        quantize_body(x, out);
+        self.unit = quantize_body(x, out);
     }
 }
 
-/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `8 · Σ q`.
-pub(crate) type Q8Out<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32], &'a mut [i32]);
+/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `8 · m · Σ q`, `m`.
+pub(crate) type Q8Out<'a> = (
+    &'a mut [i8],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [i32],
+    &'a mut [i32],
+);
 
-/// Per block: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σ q`, `8 · Σ q`. Written once and
-/// compiled twice (here, and with AVX2 in `x86`), so both paths round identically.
+/// The row's unit from its largest magnitude.
 #[inline(always)]
-pub(crate) fn quantize_body(x: &[f32], (qs, ds, ss, sums): Q8Out<'_>) {
-    for (((xs, q), (d, s)), total) in x
+pub(crate) fn row_unit(amax: f32) -> f32 {
+    amax / (127.0 * M_MAX as f32)
+}
+
+/// A block's step from its largest magnitude: `(m, d = m · u)` with the least `m`
+/// that keeps `max|x| / d` within 127 (up to rounding, which `round` then absorbs).
+#[inline(always)]
+pub(crate) fn block_step(amax: f32, unit: f32, inv_unit: f32) -> (i32, f32) {
+    let m = ((amax / 127.0) * inv_unit).ceil().min(M_MAX as f32) as i32;
+    (m, unit * m as f32)
+}
+
+/// The per-block work of a row whose unit is known: `q = round(x / d)`, and the
+/// block's `d`, `d · Σ q`, `8 · m · Σ q` and `m` (both halves). `ds` holds each
+/// block's largest magnitude on entry. Written once and compiled twice (here, and
+/// with AVX2 in `x86`), so both paths round identically.
+#[inline(always)]
+pub(crate) fn quantize_blocks(x: &[f32], unit: f32, (qs, ds, ss, sums, ms): Q8Out<'_>) {
+    let inv = if unit > 0.0 { 1.0 / unit } else { 0.0 };
+    for ((((xs, q), (d, s)), total), mm) in x
         .chunks_exact(QK8)
         .zip(qs.chunks_exact_mut(QK8))
         .zip(ds.iter_mut().zip(ss.iter_mut()))
         .zip(sums.iter_mut())
+        .zip(ms.iter_mut())
     {
-        let mut amax = 0.0f32;
-        for v in xs {
-            amax = amax.max(v.abs());
-        }
-        let dv = amax / 127.0;
+        let (m, dv) = block_step(*d, unit, inv);
         let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
         let mut sum = 0i32;
         for (qv, &v) in q.iter_mut().zip(xs) {
@@ -92,8 +132,27 @@ pub(crate) fn quantize_body(x: &[f32], (qs, ds, ss, sums): Q8Out<'_>) {
         }
         *d = dv;
         *s = dv * sum as f32;
-        *total = 8 * sum;
+        *total = 8 * m * sum;
+        *mm = m | (m << 16);
     }
+}
+
+/// Quantises a row: each block's largest magnitude, the row's unit, then
+/// [`quantize_blocks`]. Returns the unit.
+#[inline(always)]
+pub(crate) fn quantize_body(x: &[f32], out: Q8Out<'_>) -> f32 {
+    let mut rmax = 0.0f32;
+    for (xs, d) in x.chunks_exact(QK8).zip(out.1.iter_mut()) {
+        let mut amax = 0.0f32;
+        for v in xs {
+            amax = amax.max(v.abs());
+        }
+        *d = amax;
+        rmax = rmax.max(amax);
+    }
+    let unit = row_unit(rmax);
+    quantize_blocks(x, unit, out);
+    unit
 }
 
 /// Which implementation runs.
@@ -256,6 +315,16 @@ mod tests {
                     }
                     let mut dw = vec![0.0; cols / 32];
                     row_scales(dtype, &wq, &mut dw);
+                    // Paths add in other orders, and Q4_0's `Σ n q - 8 Σ q` cancels: the
+                    // rounding scales with `Σ |d_w| · 23 |x|`, not with the result.
+                    let mag = |t: usize| -> f32 {
+                        let m: f32 = xs[t]
+                            .iter()
+                            .enumerate()
+                            .map(|(j, v)| dw[j / 32].abs() * v.abs())
+                            .sum();
+                        32.0 * f32::EPSILON * m
+                    };
                     for (isa, pre) in isas()
                         .into_iter()
                         .flat_map(|i| [(i, None), (i, Some(&dw[..]))])
@@ -263,7 +332,7 @@ mod tests {
                         let mut got = vec![0.0; n];
                         dot_rows(isa, dtype, &wq, pre, &a, &mut got);
                         for t in 0..n {
-                            let tol = 1e-5 * want[t].abs().max(1.0);
+                            let tol = 1e-5 * want[t].abs() + mag(t);
                             assert!(
                                 (got[t] - want[t]).abs() <= tol,
                                 "{isa:?} {dtype:?} cols {cols} n {n}: {} vs {}",
@@ -338,19 +407,35 @@ mod tests {
                     };
                 }
             }
-            let x: Vec<f32> = (0..cols)
-                .map(|j| if j % 5 == 0 { 1.0 } else { -1.0 })
-                .collect();
-            let a = Q8Row::from_f32(&x);
-            let rb = wq.len() / 8;
-            let (to, packed) = crate::repack::repack(dtype, &wq, 8, cols).unwrap();
-            for isa in isas() {
-                let mut got = [0.0; 8];
-                dot_group(isa, to, &packed, &[&a], &mut got);
-                for l in 0..8 {
-                    let mut want = [0.0];
-                    scalar::dot_rows(dtype, &wq[l * rb..(l + 1) * rb], &[&a], &mut want);
-                    assert_eq!(got[l], want[0], "{isa:?} {dtype:?} row {l}");
+            // Mixed signs, and every value at +127 (with every Q4_0 nibble at 15 in
+            // the second run: the largest 16-bit sums, times the largest multiple).
+            for (run, x) in [
+                (0..cols)
+                    .map(|j| if j % 5 == 0 { 1.0 } else { -1.0 })
+                    .collect::<Vec<f32>>(),
+                vec![1.0; cols],
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if run == 1 && dtype == DType::Q4_0 {
+                    for b in wq.chunks_mut(bs) {
+                        b[2..].fill(0xff);
+                    }
+                }
+                let a = Q8Row::from_f32(&x);
+                assert!(a.m.iter().all(|&m| m & 0xFFFF == M_MAX));
+                let rb = wq.len() / 8;
+                let (to, packed) = crate::repack::repack(dtype, &wq, 8, cols).unwrap();
+                for isa in isas() {
+                    let mut got = [0.0; 8];
+                    dot_group(isa, to, &packed, &[&a], &mut got);
+                    for l in 0..8 {
+                        let mut want = [0.0];
+                        scalar::dot_rows(dtype, &wq[l * rb..(l + 1) * rb], &[&a], &mut want);
+                        let tol = 1e-6 * want[0].abs();
+                        assert!((got[l] - want[0]).abs() <= tol, "{isa:?} {dtype:?} row {l}");
+                    }
                 }
             }
         }
@@ -368,29 +453,53 @@ mod tests {
             };
         }
         x[96..128].fill(0.0);
+        // A block far below the row's largest (small multiples) and a tiny one.
+        x[128..160].iter_mut().for_each(|v| *v *= 1e-3);
+        x[160..192].iter_mut().for_each(|v| *v *= 1e-9);
         let nb = x.len() / QK8;
-        let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
-        let mut n1 = vec![0i32; nb];
-        quantize_body(&x, (&mut q1, &mut d1, &mut s1, &mut n1));
+        let fresh = || {
+            (
+                vec![0i8; x.len()],
+                vec![0.0; nb],
+                vec![0.0; nb],
+                vec![0i32; nb],
+                vec![0i32; nb],
+            )
+        };
+        let (mut q1, mut d1, mut s1, mut n1, mut m1) = fresh();
+        let u1 = quantize_body(&x, (&mut q1, &mut d1, &mut s1, &mut n1, &mut m1));
         let r = Q8Row::from_f32(&x);
         assert_eq!((r.qs, r.d, r.s), (q1.clone(), d1.clone(), s1.clone()));
-        assert_eq!(r.sum8, n1);
-        for (b, &n) in n1.iter().enumerate() {
-            assert_eq!(
-                n,
-                8 * q1[b * QK8..(b + 1) * QK8]
-                    .iter()
-                    .map(|&v| v as i32)
-                    .sum::<i32>()
-            );
+        assert_eq!((r.sum8, r.m, r.unit), (n1.clone(), m1.clone(), u1));
+        let rmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_eq!(u1, rmax / (127.0 * M_MAX as f32));
+        for b in 0..nb {
+            let (xs, q) = (&x[b * QK8..(b + 1) * QK8], &q1[b * QK8..(b + 1) * QK8]);
+            let m = m1[b] & 0xFFFF;
+            assert_eq!(m1[b] >> 16, m);
+            assert!((0..=M_MAX).contains(&m));
+            assert_eq!(d1[b], u1 * m as f32);
+            assert_eq!(n1[b], 8 * m * q.iter().map(|&v| v as i32).sum::<i32>());
+            // The step is the least multiple of the unit that keeps every value
+            // within ±127: never finer than max/127, at most one unit coarser.
+            let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            assert!(d1[b] >= amax / 127.0 * (1.0 - 1e-6), "block {b}");
+            assert!(d1[b] <= amax / 127.0 + u1 * 1.0001, "block {b}");
+            assert!(q.iter().all(|&v| v > -128), "block {b}");
+            for (&v, &c) in xs.iter().zip(q) {
+                assert!((v - c as f32 * d1[b]).abs() <= d1[b] * 0.5001, "block {b}");
+            }
         }
+        assert_eq!(m1[..3], [M_MAX | (M_MAX << 16); 3]);
+        assert_eq!(m1[3], 0);
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx2() {
-            let (mut q2, mut d2, mut s2) = (vec![0i8; x.len()], vec![0.0; nb], vec![0.0; nb]);
-            let mut n2 = vec![0i32; nb];
+            let (mut q2, mut d2, mut s2, mut n2, mut m2) = fresh();
             // SAFETY: AVX2, FMA and F16C were detected just above.
-            unsafe { x86::quantize_row_avx2(&x, (&mut q2, &mut d2, &mut s2, &mut n2)) };
-            assert_eq!((q2, d2, s2, n2), (q1, d1, s1, n1));
+            let u2 = unsafe {
+                x86::quantize_row_avx2(&x, (&mut q2, &mut d2, &mut s2, &mut n2, &mut m2))
+            };
+            assert_eq!((q2, d2, s2, n2, m2, u2), (q1, d1, s1, n1, m1, u1));
         }
     }
 

@@ -51,7 +51,8 @@ fn q8_0(w: &[u8], x: &Q8Row) -> f32 {
 
 /// The twin of the repacked-group kernels: `out[8 t + l] = w_l · a[t]` for the eight
 /// rows of one Q4_0R8 or Q8_0R8 group ([`crate::repack`] layout). Per block and row the
-/// integer dot (Q4_0: of the unsigned nibbles, minus `8 Σ q`) times `d_w · d_x`.
+/// integer dot; Q8_0: times `d_w · d_x`; Q4_0: of the unsigned nibbles, times the
+/// block's multiple `m`, minus `8 m Σ q`, times `d_w`, and the sum times the unit.
 pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     let (bs, lanes) = match dtype {
         DType::Q4_0R8 => (8 * 18, 4),
@@ -76,11 +77,16 @@ pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
                     }
                 }
                 if dtype == DType::Q4_0R8 {
-                    sum -= x.sum8[b];
+                    let m = x.m[b] & 0xFFFF;
+                    *accl += (m * sum - x.sum8[b]) as f32 * f16_at(blk, 2 * l);
+                } else {
+                    *accl += sum as f32 * (f16_at(blk, 2 * l) * x.d[b]);
                 }
-                *accl += sum as f32 * (f16_at(blk, 2 * l) * x.d[b]);
             }
         }
-        o.copy_from_slice(&acc);
+        let unit = if dtype == DType::Q4_0R8 { x.unit } else { 1.0 };
+        for (ov, v) in o.iter_mut().zip(acc) {
+            *ov = v * unit;
+        }
     }
 }
