@@ -60,15 +60,17 @@ pub struct Occupancy {
 }
 
 /// The pages in use by `running` sequences (each cache with the pages reserved for
-/// it: its prompt and `max_tokens`, shared pages included) and by `cached` prefixes:
-/// every distinct page held once, plus each running sequence's reservation beyond
-/// the pages it holds.
+/// it: its prompt and `max_tokens`, shared pages included), by reservations that
+/// hold no pages yet (`unheld`: a request whose prefix is still being read), and by
+/// `cached` prefixes: every distinct page held once, plus each reservation beyond the
+/// pages it holds.
 pub fn occupancy<'a>(
     running: impl IntoIterator<Item = (&'a LatentCache, usize)>,
+    unheld: usize,
     cached: impl IntoIterator<Item = &'a LatentCache>,
 ) -> Occupancy {
     let mut held = HashSet::new();
-    let mut reserved = 0;
+    let mut reserved = unheld;
     for (c, r) in running {
         held.extend(c.page_ids());
         reserved += r.saturating_sub(c.pages());
@@ -242,5 +244,18 @@ mod tests {
         assert_eq!(p.pages_for(64), 1);
         assert_eq!(p.pages_for(65), 2);
         assert_eq!(p.total(), 4);
+    }
+
+    #[test]
+    fn reservations_without_pages_count_as_used() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg_path = dir.join("../../tests/fixtures/models/v2-lite/config.json");
+        let cfg = whale_model::ModelConfig::from_file(&cfg_path).unwrap();
+        let c = LatentCache::new(&cfg, whale_model::KvType::F32);
+        // A running sequence holding nothing yet with 3 pages reserved, and 5 pages
+        // reserved for a request whose prefix is still being read.
+        let occ = occupancy([(&c, 3)], 5, [&c]);
+        assert_eq!((occ.used, occ.cached), (8, 0));
+        assert_eq!(occupancy([(&c, 3)], 0, []).used, 3);
     }
 }

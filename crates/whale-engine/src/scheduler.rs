@@ -306,10 +306,9 @@ struct Loading {
     job: Job,
     /// Prompt tokens the read brings (whole pages).
     tokens: usize,
-    /// Pages reserved for the request (the read's included).
+    /// Pages reserved for the request (the read's included), none held until the
+    /// read ends.
     pages: usize,
-    /// An empty cache standing for the request in the page count until the read ends.
-    reserved: LatentCache,
     done: mpsc::Receiver<std::io::Result<LatentCache>>,
     started: Instant,
 }
@@ -438,9 +437,9 @@ impl<'m> Core<'m> {
     /// prefix hit about to be admitted) counted as running.
     fn occupancy(&self, pending: Option<&LatentCache>) -> Occupancy {
         let running = self.running.iter().map(|s| (&s.cache, s.pages));
-        let loading = self.loading.iter().map(|l| (&l.reserved, l.pages));
         occupancy(
-            running.chain(loading).chain(pending.map(|c| (c, 0))),
+            running.chain(pending.map(|c| (c, 0))),
+            self.loading.iter().map(|l| l.pages).sum(),
             self.prefix.caches(),
         )
     }
@@ -556,7 +555,6 @@ impl<'m> Core<'m> {
         self.loading.push(Loading {
             tokens,
             pages: need,
-            reserved: self.model.new_cache(),
             done,
             started: Instant::now(),
             job,
