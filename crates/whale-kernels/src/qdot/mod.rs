@@ -355,9 +355,24 @@ mod tests {
                 let mut wq = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
                 quantize_row(dtype, &w, &mut wq);
                 let (to, packed) = crate::repack::repack(dtype, &wq, rows, cols).unwrap();
+                // Rows 2 and 3 have blocks ten to a thousand times smaller than their
+                // largest: multiples `m` from ~33 to 32767 within one row.
                 let xs: Vec<Q8Row> = (0..4)
-                    .map(|t| Q8Row::from_f32(&lcg(cols, 40 + t)))
+                    .map(|t| {
+                        let mut x = lcg(cols, 40 + t);
+                        if t >= 2 {
+                            for (b, blk) in x.chunks_mut(QK8).enumerate() {
+                                let f = [1.0, 0.1, 0.01, 0.001][(b + t as usize) % 4];
+                                blk.iter_mut().for_each(|v| *v *= f);
+                            }
+                        }
+                        Q8Row::from_f32(&x)
+                    })
                     .collect();
+                if cols >= 4 * QK8 {
+                    let m: Vec<i32> = xs[3].m.iter().map(|m| m & 0xFFFF).collect();
+                    assert!(m.iter().any(|&v| v < 100) && m.contains(&M_MAX), "{m:?}");
+                }
                 let rb = wq.len() / rows;
                 for n in 1..=4 {
                     let a: Vec<&Q8Row> = xs[..n].iter().collect();
