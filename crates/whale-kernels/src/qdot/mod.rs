@@ -60,6 +60,12 @@ impl Q8Row {
         r
     }
 
+    /// Block `b`'s multiple `m` of [`Q8Row::unit`] (unpacked from [`Q8Row::m`]).
+    #[inline]
+    pub fn multiple(&self, b: usize) -> i32 {
+        self.m[b] & 0xFFFF
+    }
+
     /// Re-quantises into this row's buffers.
     pub fn set(&mut self, x: &[f32]) {
         assert!(x.len().is_multiple_of(QK8), "Q8Row: {} values", x.len());
@@ -109,6 +115,14 @@ pub(crate) fn block_step(amax: f32, unit: f32, inv_unit: f32) -> (i32, f32) {
     (m, unit * m as f32)
 }
 
+/// A block's fields beside its values, from its step `d`, multiple `m` and `Σ q`:
+/// `d · Σ q`, `8 · m · Σ q`, and `m` in both 16-bit halves (the layout of
+/// [`Q8Row::m`]). Both quantisers end each block here.
+#[inline(always)]
+pub(crate) fn block_fields(d: f32, m: i32, sum: i32) -> (f32, i32, i32) {
+    (d * sum as f32, 8 * m * sum, m | (m << 16))
+}
+
 /// The per-block work of a row whose unit is known: `q = round(x / d)`, and the
 /// block's `d`, `d · Σ q`, `8 · m · Σ q` and `m` (both halves). `ds` holds each
 /// block's largest magnitude on entry. Written once and compiled twice (here, and
@@ -131,9 +145,7 @@ pub(crate) fn quantize_blocks(x: &[f32], unit: f32, (qs, ds, ss, sums, ms): Q8Ou
             sum += *qv as i32;
         }
         *d = dv;
-        *s = dv * sum as f32;
-        *total = 8 * m * sum;
-        *mm = m | (m << 16);
+        (*s, *total, *mm) = block_fields(dv, m, sum);
     }
 }
 
@@ -370,7 +382,7 @@ mod tests {
                     })
                     .collect();
                 if cols >= 4 * QK8 {
-                    let m: Vec<i32> = xs[3].m.iter().map(|m| m & 0xFFFF).collect();
+                    let m: Vec<i32> = (0..xs[3].m.len()).map(|b| xs[3].multiple(b)).collect();
                     assert!(m.iter().any(|&v| v < 100) && m.contains(&M_MAX), "{m:?}");
                 }
                 let rb = wq.len() / rows;
@@ -439,7 +451,7 @@ mod tests {
                     }
                 }
                 let a = Q8Row::from_f32(&x);
-                assert!(a.m.iter().all(|&m| m & 0xFFFF == M_MAX));
+                assert!((0..a.m.len()).all(|b| a.multiple(b) == M_MAX));
                 let rb = wq.len() / 8;
                 let (to, packed) = crate::repack::repack(dtype, &wq, 8, cols).unwrap();
                 for isa in isas() {

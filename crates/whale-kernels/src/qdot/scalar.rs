@@ -77,8 +77,7 @@ pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
                     }
                 }
                 if dtype == DType::Q4_0R8 {
-                    let m = x.m[b] & 0xFFFF;
-                    *accl += (m * sum - x.sum8[b]) as f32 * f16_at(blk, 2 * l);
+                    *accl += (x.multiple(b) * sum - x.sum8[b]) as f32 * f16_at(blk, 2 * l);
                 } else {
                     *accl += sum as f32 * (f16_at(blk, 2 * l) * x.d[b]);
                 }

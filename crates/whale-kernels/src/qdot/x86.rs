@@ -84,9 +84,7 @@ pub unsafe fn quantize_row_avx2(x: &[f32], (qs, ds, ss, sums, ms): super::Q8Out<
         let s2 = _mm_add_epi32(s2, _mm_unpackhi_epi64(s2, s2));
         let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
         ds[b] = dv;
-        ss[b] = dv * sum as f32;
-        sums[b] = 8 * mb * sum;
-        ms[b] = mb | (mb << 16);
+        (ss[b], sums[b], ms[b]) = super::block_fields(dv, mb, sum);
     }
     unit
 }
