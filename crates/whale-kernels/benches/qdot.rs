@@ -1,16 +1,35 @@
-//! One weight row against 1..4 activation rows, single thread, cache-resident: the
-//! kernels' own speed. Run: `cargo bench -p whale-kernels --bench qdot`.
+//! The integer kernels' own speed, single thread, cache-resident: one file-layout
+//! weight row, and one repacked group of eight rows, against 1 and 4 activation rows,
+//! on every ISA the CPU runs. The variants alternate in short rounds and the best
+//! and median rounds are reported: on a shared VM a neighbour on the same physical
+//! core can halve a round's speed at random, so runs of one variant after another
+//! compare the neighbour, not the kernels. Run: `cargo bench -p whale-kernels --bench qdot`
+//! (`ROUNDS=n`, default 40; `COLS=n`, default 2048).
 
 use std::time::Instant;
-use whale_kernels::qdot::{self, dot_rows, Isa, Q8Row};
+use whale_kernels::qdot::{self, dot_group, dot_rows, Isa, Q8Row};
 use whale_kernels::quantize::quantize_row;
-use whale_kernels::DType;
+use whale_kernels::{repack, DType};
 
-fn main() {
-    let cols: usize = std::env::var("COLS")
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
+        .unwrap_or(default)
+}
+
+/// One benchmarked product: a label and a closure running `macs` multiply-adds.
+struct Case<'a> {
+    label: String,
+    macs: f64,
+    run: Box<dyn FnMut() + 'a>,
+    secs: Vec<f64>,
+}
+
+fn main() {
+    let cols = env("COLS", 2048);
+    let rounds = env("ROUNDS", 40);
+    // 64 rows of 2048 Q4_0 values: 74 KB, resident in L2 as a prefill task's rows are.
     let rows = 64;
     let w: Vec<f32> = (0..cols * rows)
         .map(|i| ((i % 977) as f32 * 0.013).sin())
@@ -25,38 +44,94 @@ fn main() {
         })
         .collect();
     let mut isas = vec![Isa::Scalar];
-    if qdot::isa() != Isa::Scalar {
-        isas.push(qdot::isa());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if qdot::x86::has_avx2() {
+            isas.push(Isa::Avx2);
+        }
+        if qdot::x86::has_avx512vnni() {
+            isas.push(Isa::Avx512Vnni);
+        }
     }
-    println!(
-        "{:<6} {:<11} {:>3} {:>12} {:>14}",
-        "dtype", "isa", "n", "ns/row", "cycles/block@3.5GHz"
-    );
+    let mut files = Vec::new();
     for dt in [DType::Q4_0, DType::Q8_0] {
         let rb = dt.bytes_for(cols).unwrap();
         let mut wq = vec![0u8; rb * rows];
         for (r, o) in wq.chunks_mut(rb).enumerate() {
             quantize_row(dt, &w[r * cols..(r + 1) * cols], o);
         }
+        let (rt, packed) = repack::repack(dt, &wq, rows, cols).expect("repackable");
+        files.push((dt, rb, wq, rt, packed));
+    }
+    let mut cases: Vec<Case> = Vec::new();
+    for (dt, rb, wq, rt, packed) in &files {
         for &isa in &isas {
             for n in [1usize, 4] {
                 let a: Vec<&Q8Row> = x[..n].iter().collect();
-                let mut out = [0.0f32; 4];
-                let iters = 20000;
-                let t = Instant::now();
-                for i in 0..iters {
-                    let r = i % rows;
-                    dot_rows(isa, dt, &wq[r * rb..(r + 1) * rb], None, &a, &mut out[..n]);
-                    std::hint::black_box(&out);
-                }
-                let ns = t.elapsed().as_secs_f64() * 1e9 / iters as f64;
-                println!(
-                    "{:<6} {:<11} {n:>3} {ns:>12.1} {:>14.1}",
-                    dt.name(),
-                    format!("{isa:?}"),
-                    ns * 3.5 / (cols / 32) as f64
-                );
+                let macs = (rows * cols * n) as f64;
+                let (a1, a2) = (a.clone(), a);
+                let mut out = [0.0f32; 32];
+                cases.push(Case {
+                    label: format!("{:<8} {:<11} {n}", dt.name(), format!("{isa:?}")),
+                    macs,
+                    run: Box::new(move || {
+                        for r in 0..rows {
+                            dot_rows(
+                                isa,
+                                *dt,
+                                &wq[r * rb..(r + 1) * rb],
+                                None,
+                                &a1,
+                                &mut out[..n],
+                            );
+                            std::hint::black_box(&out);
+                        }
+                    }),
+                    secs: Vec::new(),
+                });
+                let gb = packed.len() / (rows / 8);
+                let mut out = [0.0f32; 32];
+                cases.push(Case {
+                    label: format!("{:<8} {:<11} {n}", rt.name(), format!("{isa:?}")),
+                    macs,
+                    run: Box::new(move || {
+                        for g in packed.chunks_exact(gb) {
+                            dot_group(isa, *rt, g, &a2, &mut out[..8 * n]);
+                            std::hint::black_box(&out);
+                        }
+                    }),
+                    secs: Vec::new(),
+                });
             }
         }
+    }
+    // Each round: every case for ~2 ms (repetitions sized from a first timing).
+    let reps: Vec<usize> = cases
+        .iter_mut()
+        .map(|c| {
+            let t = Instant::now();
+            (c.run)();
+            (2e-3 / t.elapsed().as_secs_f64().max(1e-7)).ceil() as usize
+        })
+        .collect();
+    for _ in 0..rounds {
+        for (c, &k) in cases.iter_mut().zip(&reps) {
+            let t = Instant::now();
+            for _ in 0..k {
+                (c.run)();
+            }
+            c.secs.push(t.elapsed().as_secs_f64() / k as f64);
+        }
+    }
+    println!("{rounds} alternated rounds, one thread, {rows} rows × {cols}");
+    println!(
+        "{:<24} {:>12} {:>12}",
+        "dtype isa rows", "best GMAC/s", "median"
+    );
+    for c in &mut cases {
+        c.secs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let best = c.macs / c.secs[0] / 1e9;
+        let median = c.macs / c.secs[c.secs.len() / 2] / 1e9;
+        println!("{:<24} {best:>12.2} {median:>12.2}", c.label);
     }
 }

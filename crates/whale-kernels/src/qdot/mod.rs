@@ -13,6 +13,9 @@
 //! within a factor of 330 of the row's largest). The repacked Q4_0 kernel then
 //! folds the activation's scale into the integer widening (`vpmaddwd` by `m` instead
 //! of by one) and multiplies by `u` once per output, not `d_w · d_x` per block.
+//! With VNNI (`vpdpbusd` sums four byte products into 32 bits at once) there is no
+//! 16-bit stage to fold into: those kernels start each block's sums at `-8 Σ q`
+//! ([`Q8Row::neg8`]) and multiply the exact sum by `d_w · d_x`.
 //!
 //! Each kernel has a portable scalar twin ([`scalar`]) and x86 paths ([`x86`]:
 //! AVX-512 VNNI on 256-bit lanes, and AVX2), chosen once at run time from the
@@ -43,6 +46,10 @@ pub struct Q8Row {
     /// Per block the multiple `m` of [`Q8Row::unit`] that is `d`, in both 16-bit
     /// halves (one broadcast load gives `vpmaddwd` its factor).
     pub m: Vec<i32>,
+    /// `-8 · Σ q` per block: the VNNI repacked kernels start each block's 32-bit sums
+    /// from it (Q4_0's offset of 8; times 16, Q8_0's offset of 128 after `w ^ 0x80`),
+    /// so the offset costs no instruction.
+    pub neg8: Vec<i32>,
     /// The row's unit `u`: `d = m · u` for every block.
     pub unit: f32,
 }
@@ -75,12 +82,14 @@ impl Q8Row {
         self.s.resize(nb, 0.0);
         self.sum8.resize(nb, 0);
         self.m.resize(nb, 0);
+        self.neg8.resize(nb, 0);
         let out = (
             &mut self.qs[..],
             &mut self.d[..],
             &mut self.s[..],
             &mut self.sum8[..],
             &mut self.m[..],
+            &mut self.neg8[..],
         );
         #[cfg(target_arch = "x86_64")]
         if isa() != Isa::Scalar {
@@ -92,11 +101,13 @@ impl Q8Row {
     }
 }
 
-/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `8 · m · Σ q`, `m`.
+/// The outputs of [`quantize_body`]: values, scales, `d · Σ q`, `8 · m · Σ q`, `m`,
+/// `-8 · Σ q`.
 pub(crate) type Q8Out<'a> = (
     &'a mut [i8],
     &'a mut [f32],
     &'a mut [f32],
+    &'a mut [i32],
     &'a mut [i32],
     &'a mut [i32],
 );
@@ -116,11 +127,11 @@ pub(crate) fn block_step(amax: f32, unit: f32, inv_unit: f32) -> (i32, f32) {
 }
 
 /// A block's fields beside its values, from its step `d`, multiple `m` and `Σ q`:
-/// `d · Σ q`, `8 · m · Σ q`, and `m` in both 16-bit halves (the layout of
-/// [`Q8Row::m`]). Both quantisers end each block here.
+/// `d · Σ q`, `8 · m · Σ q`, `m` in both 16-bit halves (the layout of
+/// [`Q8Row::m`]), and `-8 · Σ q`. Both quantisers end each block here.
 #[inline(always)]
-pub(crate) fn block_fields(d: f32, m: i32, sum: i32) -> (f32, i32, i32) {
-    (d * sum as f32, 8 * m * sum, m | (m << 16))
+pub(crate) fn block_fields(d: f32, m: i32, sum: i32) -> (f32, i32, i32, i32) {
+    (d * sum as f32, 8 * m * sum, m | (m << 16), -8 * sum)
 }
 
 /// The per-block work of a row whose unit is known: `q = round(x / d)`, and the
@@ -128,13 +139,13 @@ pub(crate) fn block_fields(d: f32, m: i32, sum: i32) -> (f32, i32, i32) {
 /// block's largest magnitude on entry. Written once and compiled twice (here, and
 /// with AVX2 in `x86`), so both paths round identically.
 #[inline(always)]
-pub(crate) fn quantize_blocks(x: &[f32], unit: f32, (qs, ds, ss, sums, ms): Q8Out<'_>) {
+pub(crate) fn quantize_blocks(x: &[f32], unit: f32, (qs, ds, ss, sums, ms, ns): Q8Out<'_>) {
     let inv = if unit > 0.0 { 1.0 / unit } else { 0.0 };
-    for ((((xs, q), (d, s)), total), mm) in x
+    for ((((xs, q), (d, s)), (total, neg)), mm) in x
         .chunks_exact(QK8)
         .zip(qs.chunks_exact_mut(QK8))
         .zip(ds.iter_mut().zip(ss.iter_mut()))
-        .zip(sums.iter_mut())
+        .zip(sums.iter_mut().zip(ns.iter_mut()))
         .zip(ms.iter_mut())
     {
         let (m, dv) = block_step(*d, unit, inv);
@@ -145,7 +156,7 @@ pub(crate) fn quantize_blocks(x: &[f32], unit: f32, (qs, ds, ss, sums, ms): Q8Ou
             sum += *qv as i32;
         }
         *d = dv;
-        (*s, *total, *mm) = block_fields(dv, m, sum);
+        (*s, *total, *mm, *neg) = block_fields(dv, m, sum);
     }
 }
 
@@ -185,9 +196,11 @@ pub fn isa() -> Isa {
         if std::env::var_os("WHALE_SCALAR").is_some() {
             return Isa::Scalar;
         }
+        // `WHALE_ISA=avx2` keeps a VNNI CPU on the AVX2 kernels (side-by-side runs).
+        let avx2_only = std::env::var("WHALE_ISA").is_ok_and(|v| v == "avx2");
         #[cfg(target_arch = "x86_64")]
         {
-            if x86::has_avx512vnni() {
+            if x86::has_avx512vnni() && !avx2_only {
                 return Isa::Avx512Vnni;
             }
             if x86::has_avx2() {
@@ -267,7 +280,7 @@ pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]
     match isa {
         Isa::Scalar => scalar::dot_group(dtype, w, a, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_group(dtype, w, a, out),
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_group(isa, dtype, w, a, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => scalar::dot_group(dtype, w, a, out),
     }
@@ -491,13 +504,15 @@ mod tests {
                 vec![0.0; nb],
                 vec![0i32; nb],
                 vec![0i32; nb],
+                vec![0i32; nb],
             )
         };
-        let (mut q1, mut d1, mut s1, mut n1, mut m1) = fresh();
-        let u1 = quantize_body(&x, (&mut q1, &mut d1, &mut s1, &mut n1, &mut m1));
+        let (mut q1, mut d1, mut s1, mut n1, mut m1, mut g1) = fresh();
+        let u1 = quantize_body(&x, (&mut q1, &mut d1, &mut s1, &mut n1, &mut m1, &mut g1));
         let r = Q8Row::from_f32(&x);
         assert_eq!((r.qs, r.d, r.s), (q1.clone(), d1.clone(), s1.clone()));
         assert_eq!((r.sum8, r.m, r.unit), (n1.clone(), m1.clone(), u1));
+        assert_eq!(r.neg8, g1);
         let rmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         assert_eq!(u1, rmax / (127.0 * M_MAX as f32));
         for b in 0..nb {
@@ -506,7 +521,9 @@ mod tests {
             assert_eq!(m1[b] >> 16, m);
             assert!((0..=M_MAX).contains(&m));
             assert_eq!(d1[b], u1 * m as f32);
-            assert_eq!(n1[b], 8 * m * q.iter().map(|&v| v as i32).sum::<i32>());
+            let sum = q.iter().map(|&v| v as i32).sum::<i32>();
+            assert_eq!(n1[b], 8 * m * sum);
+            assert_eq!(g1[b], -8 * sum);
             // The step is the least multiple of the unit that keeps every value
             // within ±127: never finer than max/127, at most one unit coarser.
             let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
@@ -521,12 +538,13 @@ mod tests {
         assert_eq!(m1[3], 0);
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx2() {
-            let (mut q2, mut d2, mut s2, mut n2, mut m2) = fresh();
+            let (mut q2, mut d2, mut s2, mut n2, mut m2, mut g2) = fresh();
             // SAFETY: AVX2, FMA and F16C were detected just above.
             let u2 = unsafe {
-                x86::quantize_row_avx2(&x, (&mut q2, &mut d2, &mut s2, &mut n2, &mut m2))
+                x86::quantize_row_avx2(&x, (&mut q2, &mut d2, &mut s2, &mut n2, &mut m2, &mut g2))
             };
             assert_eq!((q2, d2, s2, n2, m2, u2), (q1, d1, s1, n1, m1, u1));
+            assert_eq!(g2, g1);
         }
     }
 
