@@ -3,10 +3,11 @@
 //! paged cache hands them over (f32 and f16 pages); then expanded-MLA prefill of 512 rows at depth, 16
 //! heads of 192-value keys and 128-value values, as the tiled causal kernel computes
 //! it beside the scores → softmax → weighted-sum composition it replaced.
-//! Run: `cargo bench -p whale-kernels --bench attn`.
+//! Run: `cargo bench -p whale-kernels --bench attn` (`TILED_ONLY=1`: the tiled prefill
+//! kernel alone, best of seven runs; `WHALE_ISA=avx2` for its AVX2 tiles).
 
 mod common;
-use common::median_secs;
+use common::{best_secs, median_secs};
 
 use rayon::prelude::*;
 use whale_kernels::{
@@ -16,11 +17,13 @@ use whale_kernels::{
 fn main() {
     let (heads, l, c) = (16usize, 576usize, 512usize);
     println!("threads: {}", rayon::current_num_threads());
+    // `TILED_ONLY=1`: only the tiled prefill kernel (quick alternated runs).
+    let tiled_only = std::env::var_os("TILED_ONLY").is_some();
     println!(
         "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "rows", "scores ms", "values ms", "GMAC/s", "paged ms", "GMAC/s", "f16 ms", "GMAC/s"
     );
-    for n in [1024usize, 4096] {
+    for n in [1024usize, 4096].into_iter().filter(|_| !tiled_only) {
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
         let rows: Vec<f32> = (0..n * l).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut s = vec![0.0f32; heads * n];
@@ -54,7 +57,7 @@ fn main() {
     println!();
     println!(
         "{:>6} {:>6} {:>14} {:>10} {:>14} {:>10}",
-        "rows", "depth", "composed ms", "GMAC/s", "tiled ms", "GMAC/s"
+        "rows", "depth", "composed ms", "GMAC/s", "tiled best ms", "GMAC/s"
     );
     let (heads, d, dv) = (16usize, 192usize, 128usize);
     for (t, past) in [(512usize, 0usize), (512, 4096)] {
@@ -65,22 +68,26 @@ fn main() {
         let scale = 1.0 / (d as f32).sqrt();
         // Causal: row i sees past + i + 1 keys.
         let macs = heads as f64 * (t * past + t * (t + 1) / 2) as f64 * (d + dv) as f64;
-        let composed = median_secs(
-            || {
-                (0..heads).for_each(|_| {
-                    let mut s = vec![0.0f32; t * n];
-                    mqa_scores(&q, t, &k, d, n, scale, &mut s);
-                    for (i, row) in s.chunks_mut(n).enumerate() {
-                        softmax_inplace(&mut row[..past + i + 1]);
-                        row[past + i + 1..].fill(0.0);
-                    }
-                    let mut o = vec![0.0f32; t * dv];
-                    mqa_values(&s, t, &v, dv, n, &mut o);
-                })
-            },
-            3,
-        );
-        let tiled = median_secs(
+        let composed = if tiled_only {
+            f64::NAN
+        } else {
+            median_secs(
+                || {
+                    (0..heads).for_each(|_| {
+                        let mut s = vec![0.0f32; t * n];
+                        mqa_scores(&q, t, &k, d, n, scale, &mut s);
+                        for (i, row) in s.chunks_mut(n).enumerate() {
+                            softmax_inplace(&mut row[..past + i + 1]);
+                            row[past + i + 1..].fill(0.0);
+                        }
+                        let mut o = vec![0.0f32; t * dv];
+                        mqa_values(&s, t, &v, dv, n, &mut o);
+                    })
+                },
+                3,
+            )
+        };
+        let tiled = best_secs(
             || {
                 (0..heads).into_par_iter().for_each(|_| {
                     let mut o = vec![0.0f32; t * dv];
@@ -94,7 +101,7 @@ fn main() {
                     );
                 })
             },
-            3,
+            7,
         );
         println!(
             "{t:>6} {past:>6} {:>14.1} {:>10.2} {:>14.1} {:>10.2}",

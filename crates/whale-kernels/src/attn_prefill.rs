@@ -1,14 +1,16 @@
 //! Causal softmax attention of one head over a chunk of new rows: MLA prefill in the
 //! expanded form, where every head has its own keys and values.
 //!
-//! The AVX2 kernel is tiled as flash attention is: a chunk of [`QC`] query rows passes
+//! The x86 kernel is tiled as flash attention is: a chunk of [`QC`] query rows passes
 //! over the keys in blocks of [`KB`] (the block's keys and values stay in L2 while the
-//! chunk's micro-tiles use them), scores come from a 6-row × 16-key register tile over
-//! keys packed transposed (two vector loads and six broadcasts feed twelve FMAs), the
-//! softmax is kept online (running maximum and sum per row, earlier output rescaled),
-//! and the weighted values come from a 6-row × 16-column tile the same shape. Blocks
-//! wholly in a micro-tile's future are skipped. The portable twin is the direct loop
-//! (scores, softmax, weighted sum per row); the tests compare the two.
+//! chunk's micro-tiles use them), scores come from a register tile of [`MR`] query rows
+//! (packed transposed once per chunk) over keys packed transposed, the softmax is kept
+//! online (running maximum and sum per row, earlier output rescaled), and the weighted
+//! values come from a register tile of the same rows. AVX2 tiles are 6 rows × 16 keys
+//! or columns (two vector loads and six broadcasts feed twelve FMAs); AVX-512 tiles
+//! 6 rows × up to 64 (four loads and six broadcasts feed 24 FMAs). Blocks wholly in a
+//! micro-tile's future are skipped. The portable twin is the direct loop (scores,
+//! softmax, weighted sum per row); the tests compare every path with it.
 
 use crate::simd_f32;
 use std::cell::RefCell;
@@ -90,11 +92,19 @@ pub fn causal_attention(
     }
     #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && dv.is_multiple_of(16) {
+        let wide = crate::qdot::isa() == crate::qdot::Isa::Avx512Vnni;
         KT.with_borrow_mut(|kt| {
             pack_keys(k_parts, n, d, kt);
-            // SAFETY: AVX2 and FMA were detected; `kt` holds `n` keys packed by
-            // `pack_keys` and the asserts above bound `q`, `v` and `out`.
-            unsafe { x86::causal(q, t, kt, v, d, past, scale, out) }
+            // SAFETY: AVX2 and FMA were detected (and AVX-512 F where `isa` is the
+            // VNNI one); `kt` holds `n` keys packed by `pack_keys` and the asserts
+            // above bound `q`, `v` and `out`.
+            unsafe {
+                if wide {
+                    x86::causal512(q, t, kt, v, d, past, scale, out)
+                } else {
+                    x86::causal(q, t, kt, v, d, past, scale, out)
+                }
+            }
         });
         return;
     }
@@ -194,8 +204,246 @@ pub(crate) mod x86 {
         }
     }
 
+    /// A micro-tile of the tiled kernel: the scores of [`MR`] query rows against a
+    /// block's keys, and those rows' weighted values.
+    pub(crate) trait Tile {
+        /// `out[i·KB + c] = scale · a_i · key c` for the `MR` query rows packed
+        /// transposed in `a` (`a[j·MR + i]` is value `j` of row `i`: one pointer and
+        /// fixed offsets feed the broadcasts) against `panels` panels of 16 keys
+        /// from `kt` (as [`super::pack_keys`] lays them out, `d × 16` each).
+        ///
+        /// # Safety
+        /// The CPU has the tile's features; `a` holds `d · MR` values, `kt` the
+        /// panels, `out` `MR` rows of [`KB`], and `panels · 16 <= KB`.
+        unsafe fn scores(
+            a: *const f32,
+            kt: *const f32,
+            panels: usize,
+            d: usize,
+            scale: f32,
+            out: *mut f32,
+        );
+        /// For the first `mr` rows of `o` (`dv` values each):
+        /// `o[i] = alpha[i] · o[i] + Σ_u s[i][u] · v[u]` over `kn` value rows at
+        /// `v + u · vstride` (`s` rows [`KB`] apart).
+        ///
+        /// # Safety
+        /// The CPU has the tile's features; the pointers hold what the sizes say,
+        /// `s` and `alpha` `MR` rows, `dv` is a multiple of 16.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn values(
+            o: *mut f32,
+            dv: usize,
+            mr: usize,
+            alpha: &[f32],
+            s: *const f32,
+            v: *const f32,
+            vstride: usize,
+            kn: usize,
+        );
+    }
+
+    /// AVX2: six rows, two 8-float vectors per 16 keys or columns (twelve
+    /// accumulators), one panel of keys at a time.
+    pub(crate) struct Avx2;
+
+    impl Tile for Avx2 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn scores(
+            a: *const f32,
+            kt: *const f32,
+            panels: usize,
+            d: usize,
+            scale: f32,
+            out: *mut f32,
+        ) {
+            let sc = _mm256_set1_ps(scale);
+            for p in 0..panels {
+                let panel = kt.add(p * d * 16);
+                let mut a0 = [_mm256_setzero_ps(); MR];
+                let mut a1 = [_mm256_setzero_ps(); MR];
+                for j in 0..d {
+                    let k0 = _mm256_loadu_ps(panel.add(j * 16));
+                    let k1 = _mm256_loadu_ps(panel.add(j * 16 + 8));
+                    for i in 0..MR {
+                        let x = _mm256_broadcast_ss(&*a.add(j * MR + i));
+                        a0[i] = _mm256_fmadd_ps(x, k0, a0[i]);
+                        a1[i] = _mm256_fmadd_ps(x, k1, a1[i]);
+                    }
+                }
+                for i in 0..MR {
+                    let op = out.add(i * KB + p * 16);
+                    _mm256_storeu_ps(op, _mm256_mul_ps(a0[i], sc));
+                    _mm256_storeu_ps(op.add(8), _mm256_mul_ps(a1[i], sc));
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn values(
+            o: *mut f32,
+            dv: usize,
+            mr: usize,
+            alpha: &[f32],
+            s: *const f32,
+            v: *const f32,
+            vstride: usize,
+            kn: usize,
+        ) {
+            for j in (0..dv).step_by(16) {
+                let mut a0 = [_mm256_setzero_ps(); MR];
+                let mut a1 = [_mm256_setzero_ps(); MR];
+                for i in 0..mr {
+                    let al = _mm256_set1_ps(alpha[i]);
+                    a0[i] = _mm256_mul_ps(_mm256_loadu_ps(o.add(i * dv + j)), al);
+                    a1[i] = _mm256_mul_ps(_mm256_loadu_ps(o.add(i * dv + j + 8)), al);
+                }
+                for u in 0..kn {
+                    let vp = v.add(u * vstride + j);
+                    let v0 = _mm256_loadu_ps(vp);
+                    let v1 = _mm256_loadu_ps(vp.add(8));
+                    for i in 0..MR {
+                        let p = _mm256_broadcast_ss(&*s.add(i * KB + u));
+                        a0[i] = _mm256_fmadd_ps(p, v0, a0[i]);
+                        a1[i] = _mm256_fmadd_ps(p, v1, a1[i]);
+                    }
+                }
+                for i in 0..mr {
+                    _mm256_storeu_ps(o.add(i * dv + j), a0[i]);
+                    _mm256_storeu_ps(o.add(i * dv + j + 8), a1[i]);
+                }
+            }
+        }
+    }
+
+    /// AVX-512: six rows × up to 64 keys or columns, four 16-float vectors per row
+    /// (24 accumulators of the 32 registers): per step four loads and six broadcasts
+    /// feed 24 FMAs. Twelve rows × 16 (one load and twelve broadcasts per twelve
+    /// FMAs) measured the same within this VM's noise (`TILED_ONLY=1 cargo bench
+    /// --bench attn`, one thread, 512 rows at depth 4096: 29–42 GMAC/s either way,
+    /// against ~81 that a loop of independent 512-bit FMAs reaches on one core); in
+    /// `perf` both wait on the key and value loads, which come from L2.
+    pub(crate) struct Avx512;
+
+    /// `NP` panels of 16 keys at once (see [`Avx512`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn scores512<const NP: usize>(
+        a: *const f32,
+        kt: *const f32,
+        d: usize,
+        scale: f32,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+        for j in 0..d {
+            let k: [__m512; NP] =
+                std::array::from_fn(|p| _mm512_loadu_ps(kt.add((p * d + j) * 16)));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(j * MR + i));
+                for (y, kp) in row.iter_mut().zip(&k) {
+                    *y = _mm512_fmadd_ps(x, *kp, *y);
+                }
+            }
+        }
+        let sc = _mm512_set1_ps(scale);
+        for (i, row) in acc.iter().enumerate() {
+            for (p, y) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add(i * KB + p * 16), _mm512_mul_ps(*y, sc));
+            }
+        }
+    }
+
+    /// `NC` vectors of 16 columns from `j` (see [`Avx512`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn values512<const NC: usize>(
+        o: *mut f32,
+        dv: usize,
+        mr: usize,
+        alpha: &[f32],
+        s: *const f32,
+        v: *const f32,
+        vstride: usize,
+        kn: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NC]; MR];
+        for (i, row) in acc.iter_mut().enumerate().take(mr) {
+            let al = _mm512_set1_ps(alpha[i]);
+            for (c, y) in row.iter_mut().enumerate() {
+                *y = _mm512_mul_ps(_mm512_loadu_ps(o.add(i * dv + c * 16)), al);
+            }
+        }
+        for u in 0..kn {
+            let vp = v.add(u * vstride);
+            let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(vp.add(c * 16)));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let p = _mm512_set1_ps(*s.add(i * KB + u));
+                for (y, x) in row.iter_mut().zip(&vv) {
+                    *y = _mm512_fmadd_ps(p, *x, *y);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(mr) {
+            for (c, y) in row.iter().enumerate() {
+                _mm512_storeu_ps(o.add(i * dv + c * 16), *y);
+            }
+        }
+    }
+
+    impl Tile for Avx512 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn scores(
+            a: *const f32,
+            kt: *const f32,
+            panels: usize,
+            d: usize,
+            scale: f32,
+            out: *mut f32,
+        ) {
+            match panels {
+                4 => scores512::<4>(a, kt, d, scale, out),
+                3 => scores512::<3>(a, kt, d, scale, out),
+                2 => scores512::<2>(a, kt, d, scale, out),
+                _ => scores512::<1>(a, kt, d, scale, out),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn values(
+            o: *mut f32,
+            dv: usize,
+            mr: usize,
+            alpha: &[f32],
+            s: *const f32,
+            v: *const f32,
+            vstride: usize,
+            kn: usize,
+        ) {
+            let mut j = 0;
+            while j < dv {
+                let (o, v) = (o.add(j), v.add(j));
+                match (dv - j) / 16 {
+                    1 => values512::<1>(o, dv, mr, alpha, s, v, vstride, kn),
+                    2 => values512::<2>(o, dv, mr, alpha, s, v, vstride, kn),
+                    3 => values512::<3>(o, dv, mr, alpha, s, v, vstride, kn),
+                    _ => values512::<4>(o, dv, mr, alpha, s, v, vstride, kn),
+                }
+                j += 64;
+            }
+        }
+    }
+
     /// See [`super::causal_attention`]; `kt` is the keys as [`super::pack_keys`] lays
-    /// them out, `v.len` a multiple of 16.
+    /// them out, `v.len` a multiple of 16. The AVX2 tiles.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the buffers hold what the sizes say.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn causal(
@@ -208,45 +456,90 @@ pub(crate) mod x86 {
         scale: f32,
         out: &mut [f32],
     ) {
+        causal_body::<Avx2>(q, t, kt, v, d, past, scale, out)
+    }
+
+    /// [`causal`] with the AVX-512 tiles.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2 and FMA; the buffers hold what the sizes say.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn causal512(
+        q: &[f32],
+        t: usize,
+        kt: &[f32],
+        v: Rows<'_>,
+        d: usize,
+        past: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        causal_body::<Avx512>(q, t, kt, v, d, past, scale, out)
+    }
+
+    /// The chunked, blocked loop both tile shapes share (inlined into each
+    /// feature-enabled entry point, so the tiles inline into it).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn causal_body<T: Tile>(
+        q: &[f32],
+        t: usize,
+        kt: &[f32],
+        v: Rows<'_>,
+        d: usize,
+        past: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let r = MR;
         let dv = v.len;
         let mut m = [f32::NEG_INFINITY; QC];
         let mut l = [0.0f32; QC];
         let mut o = vec![0.0f32; QC * dv];
         let mut s = [[0.0f32; KB]; MR];
         let mut alpha = [0.0f32; MR];
-        let vscale = _mm256_set1_ps(scale);
+        // The chunk's query rows, a tile of `r` at a time, packed transposed (rows
+        // past the chunk's end repeat its last row; their scores are dropped).
+        let mut qpk = vec![0.0f32; QC * d];
         for q0 in (0..t).step_by(QC) {
             let q1 = (q0 + QC).min(t);
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             o.fill(0.0);
+            for (ti, r0) in (q0..q1).step_by(r).enumerate() {
+                let mr = (r0 + r).min(q1) - r0;
+                let tile = &mut qpk[ti * r * d..(ti + 1) * r * d];
+                for i in 0..r {
+                    let row = &q[(r0 + i.min(mr - 1)) * d..][..d];
+                    for (j, &x) in row.iter().enumerate() {
+                        tile[j * r + i] = x;
+                    }
+                }
+            }
             // Keys the chunk's last row sees.
             let kend = past + q1;
             for kb in (0..kend).step_by(KB) {
-                for r0 in (q0..q1).step_by(MR) {
-                    let r1 = (r0 + MR).min(q1);
+                for r0 in (q0..q1).step_by(r) {
+                    let r1 = (r0 + r).min(q1);
                     let mr = r1 - r0;
-                    // Row r sees keys < past + r + 1; the tile's last row sees most.
+                    // Row i sees keys < past + i + 1; the tile's last row sees most.
                     if kb >= past + r1 {
                         continue;
                     }
                     let kn = (kb + KB).min(past + r1) - kb;
                     // Scores s[i][..kn]: rows past mr repeat the last row (dropped below).
-                    let qp: [*const f32; MR] =
-                        std::array::from_fn(|i| q.as_ptr().add((r0 + i.min(mr - 1)) * d));
-                    for ct in 0..kn.div_ceil(16) {
-                        let kp = kt.as_ptr().add((kb / 16 + ct) * d * 16);
-                        tile_6x16(
-                            qp,
-                            kp,
-                            d,
-                            vscale,
-                            (s.as_mut_ptr() as *mut f32).add(ct * 16),
-                            KB,
-                        );
-                    }
+                    let qp = qpk.as_ptr().add((r0 - q0) * d);
+                    T::scores(
+                        qp,
+                        kt.as_ptr().add(kb * d),
+                        kn.div_ceil(16),
+                        d,
+                        scale,
+                        s.as_mut_ptr() as *mut f32,
+                    );
                     // Online softmax: probabilities into s, zero where a row cannot see.
-                    for i in 0..MR {
+                    for i in 0..r {
                         let vis = if i < mr {
                             (past + r0 + i + 1).saturating_sub(kb).min(kn)
                         } else {
@@ -260,7 +553,7 @@ pub(crate) mod x86 {
                         }
                         let row = &mut s[i][..kn];
                         let mi = r0 - q0 + i;
-                        let bm = row[..vis].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let bm = simd_f32::max(&row[..vis]);
                         let mnew = m[mi].max(bm);
                         alpha[i] = simd_f32::exp(m[mi] - mnew);
                         let sum = simd_f32::exp_sum(&mut row[..vis], mnew);
@@ -270,29 +563,17 @@ pub(crate) mod x86 {
                     }
                     // o[rows] = o[rows] · alpha + s · v[kb..kb + kn]
                     let op = o.as_mut_ptr().add((r0 - q0) * dv);
-                    for j in (0..dv).step_by(16) {
-                        let mut a0 = [_mm256_setzero_ps(); MR];
-                        let mut a1 = [_mm256_setzero_ps(); MR];
-                        for i in 0..mr {
-                            let al = _mm256_set1_ps(alpha[i]);
-                            a0[i] = _mm256_mul_ps(_mm256_loadu_ps(op.add(i * dv + j)), al);
-                            a1[i] = _mm256_mul_ps(_mm256_loadu_ps(op.add(i * dv + j + 8)), al);
-                        }
-                        for u in 0..kn {
-                            let vp = v.data.as_ptr().add((kb + u) * v.stride + v.offset + j);
-                            let v0 = _mm256_loadu_ps(vp);
-                            let v1 = _mm256_loadu_ps(vp.add(8));
-                            for i in 0..MR {
-                                let p = _mm256_broadcast_ss(s.get_unchecked(i).get_unchecked(u));
-                                a0[i] = _mm256_fmadd_ps(p, v0, a0[i]);
-                                a1[i] = _mm256_fmadd_ps(p, v1, a1[i]);
-                            }
-                        }
-                        for i in 0..mr {
-                            _mm256_storeu_ps(op.add(i * dv + j), a0[i]);
-                            _mm256_storeu_ps(op.add(i * dv + j + 8), a1[i]);
-                        }
-                    }
+                    let vp = v.data.as_ptr().add(kb * v.stride + v.offset);
+                    T::values(
+                        op,
+                        dv,
+                        mr,
+                        &alpha,
+                        s.as_ptr() as *const f32,
+                        vp,
+                        v.stride,
+                        kn,
+                    );
                 }
             }
             for i in q0..q1 {
@@ -370,13 +651,34 @@ mod tests {
                 scale,
                 &mut want,
             );
-            let mut got = vec![0.0f32; t * dv];
-            causal_attention(&q, &parts, Rows::dense(&v, dv), past, scale, &mut got);
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                    "t={t} past={past} d={d} dv={dv} [{i}]: {a} vs {b}"
-                );
+            let mut runs = vec![("dispatched", vec![0.0f32; t * dv])];
+            causal_attention(&q, &parts, Rows::dense(&v, dv), past, scale, &mut runs[0].1);
+            // Each tile shape the CPU runs, whichever the dispatch picks.
+            #[cfg(target_arch = "x86_64")]
+            {
+                let mut kt = Vec::new();
+                pack_keys(&parts, n, d, &mut kt);
+                let vr = Rows::dense(&v, dv);
+                if crate::qdot::x86::has_avx2() {
+                    let mut o = vec![0.0f32; t * dv];
+                    // SAFETY: AVX2 and FMA were detected; `kt` packs `n` keys.
+                    unsafe { x86::causal(&q, t, &kt, vr, d, past, scale, &mut o) };
+                    runs.push(("avx2", o));
+                }
+                if crate::qdot::x86::has_avx512vnni() {
+                    let mut o = vec![0.0f32; t * dv];
+                    // SAFETY: AVX-512 F, AVX2 and FMA were detected; as above.
+                    unsafe { x86::causal512(&q, t, &kt, vr, d, past, scale, &mut o) };
+                    runs.push(("avx512", o));
+                }
+            }
+            for (name, got) in &runs {
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "{name} t={t} past={past} d={d} dv={dv} [{i}]: {a} vs {b}"
+                    );
+                }
             }
         }
     }

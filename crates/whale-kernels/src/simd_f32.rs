@@ -31,6 +31,25 @@ fn axpy_body(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// The largest value (`-inf` for none; NaNs are passed over), eight running maxima:
+/// `fold(f32::max)` compiled to a serial chain of scalar `maxss`.
+#[inline(always)]
+fn max_body(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let ch = x.chunks_exact(8);
+    let rem = ch.remainder();
+    for c in ch {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(rem) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
 #[inline(always)]
 fn add_body(x: &[f32], y: &mut [f32]) {
     for (yv, xv) in y.iter_mut().zip(x) {
@@ -113,6 +132,10 @@ mod avx2 {
     pub unsafe fn add(x: &[f32], y: &mut [f32]) {
         super::add_body(x, y)
     }
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn max(x: &[f32]) -> f32 {
+        super::max_body(x)
+    }
 }
 
 #[inline]
@@ -161,6 +184,17 @@ pub fn add(x: &[f32], y: &mut [f32]) {
         return unsafe { avx2::add(x, y) };
     }
     add_body(x, y)
+}
+
+/// The largest of `x` (`-inf` when empty; NaNs are passed over).
+#[inline]
+pub fn max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: as in `dot`.
+        return unsafe { avx2::max(x) };
+    }
+    max_body(x)
 }
 
 /// `e^x` (the scalar form of [`exp_sum`]'s arithmetic).
@@ -214,6 +248,22 @@ mod tests {
             add_body(&a, &mut y1);
             add(&a, &mut y2);
             assert_eq!(y1, y2);
+            let fold = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_body(&a), fold);
+            assert_eq!(max(&a), fold);
+            // A NaN is passed over, as `f32::max` does.
+            let mut nan = a.clone();
+            if let Some(x) = nan.get_mut(n / 2) {
+                *x = f32::NAN;
+                let want = nan.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(max(&nan), want);
+                assert_eq!(max_body(&nan), want);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::qdot::x86::has_avx2() {
+                // SAFETY: AVX2 was detected just above.
+                assert_eq!(unsafe { avx2::max(&a) }, fold);
+            }
             let mut e1: Vec<f32> = a.iter().map(|v| v * 30.0).collect();
             let mut e2 = e1.clone();
             let s1 = exp_sum_body(&mut e1, 0.5);

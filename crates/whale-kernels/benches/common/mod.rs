@@ -15,3 +15,17 @@ pub fn median_secs(mut f: impl FnMut(), reps: usize) -> f64 {
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
     t[reps / 2]
 }
+
+/// Least wall time of `reps` runs of `f`, after one warm-up run: on a shared VM a
+/// neighbour on the same physical core slows runs at random, never speeds them up.
+#[allow(dead_code)]
+pub fn best_secs(mut f: impl FnMut(), reps: usize) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
