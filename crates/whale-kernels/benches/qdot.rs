@@ -7,7 +7,7 @@
 //! (`ROUNDS=n`, default 40; `COLS=n`, default 2048).
 
 use std::time::Instant;
-use whale_kernels::qdot::{self, dot_group, dot_rows, Isa, Q8Row};
+use whale_kernels::qdot::{self, dot_group, dot_group_pair, dot_rows, Isa, Q8Row};
 use whale_kernels::quantize::quantize_row;
 use whale_kernels::{repack, DType};
 
@@ -90,6 +90,7 @@ fn main() {
                     secs: Vec::new(),
                 });
                 let gb = packed.len() / (rows / 8);
+                let a3 = a2.clone();
                 let mut out = [0.0f32; 32];
                 cases.push(Case {
                     label: format!("{:<8} {:<11} {n}", rt.name(), format!("{isa:?}")),
@@ -102,6 +103,26 @@ fn main() {
                     }),
                     secs: Vec::new(),
                 });
+                // Two groups per call (`dot_group_pair`), where the ISA has a kernel for it.
+                if qdot::pairs_groups(isa) {
+                    let mut out = [0.0f32; 64];
+                    cases.push(Case {
+                        label: format!(
+                            "{:<8} {:<11} {n}",
+                            format!("{}x2", rt.name()),
+                            format!("{isa:?}")
+                        ),
+                        macs,
+                        run: Box::new(move || {
+                            for g in packed.chunks_exact(2 * gb) {
+                                let (w0, w1) = g.split_at(gb);
+                                dot_group_pair(isa, *rt, w0, w1, &a3, &mut out[..16 * n]);
+                                std::hint::black_box(&out);
+                            }
+                        }),
+                        secs: Vec::new(),
+                    });
+                }
             }
         }
     }

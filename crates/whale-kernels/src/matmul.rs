@@ -137,8 +137,11 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
     let g = w.dtype().interleave();
     let gb = g * w.row_bytes();
     let groups = out / g;
-    let per = (groups / (rayon::current_num_threads() * 8)).clamp(1, GROUPS_PER_TASK);
     let isa = qdot::isa();
+    let pairs = qdot::pairs_groups(isa);
+    let per = (groups / (rayon::current_num_threads() * 8)).clamp(1, GROUPS_PER_TASK);
+    // Whole pairs per task where the kernels take two groups at once.
+    let per = if pairs { per.next_multiple_of(2) } else { per };
     let (dtype, bytes) = (w.dtype(), w.bytes());
     let refs: Vec<&Q8Row> = acts.iter().collect();
     assert_eq!(y.len(), n * out);
@@ -146,20 +149,31 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
     let task = |ti: usize| {
         let g0 = ti * per;
         let g1 = (g0 + per).min(groups);
-        let mut res = [0.0f32; 32];
+        let mut res = [0.0f32; 64];
         for (q0, quad) in refs.chunks(4).enumerate() {
             let k = quad.len();
-            for gi in g0..g1 {
-                let wg = &bytes[gi * gb..(gi + 1) * gb];
-                qdot::dot_group(isa, dtype, wg, quad, &mut res[..g * k]);
+            let mut gi = g0;
+            while gi < g1 {
+                // Two groups at once (`h` of them, adjacent: their outputs are too).
+                let h = if pairs && gi + 1 < g1 { 2 } else { 1 };
+                let wg = &bytes[gi * gb..(gi + h) * gb];
+                if h == 2 {
+                    let (w0, w1) = wg.split_at(gb);
+                    qdot::dot_group_pair(isa, dtype, w0, w1, quad, &mut res[..2 * g * k]);
+                } else {
+                    qdot::dot_group(isa, dtype, wg, quad, &mut res[..g * k]);
+                }
+                let hg = h * g;
                 for t in 0..k {
                     let at = (q0 * 4 + t) * out + gi * g;
-                    // SAFETY: `at + g <= n · out = y.len()` (row `q0·4 + t < n`, group
-                    // `gi < groups = out / g`), and only the task owning group `gi`
-                    // writes columns `gi·g..gi·g + g`, so no two tasks touch the same
-                    // element while `y` is borrowed mutably for this whole call.
-                    unsafe { dst.put(at, &res[t * g..(t + 1) * g]) };
+                    // SAFETY: `at + h·g <= n · out = y.len()` (row `q0·4 + t < n`,
+                    // groups `gi + h <= groups = out / g`), and only the task owning
+                    // those groups writes columns `gi·g..(gi + h)·g`, so no two tasks
+                    // touch the same element while `y` is borrowed mutably for this
+                    // whole call.
+                    unsafe { dst.put(at, &res[t * hg..(t + 1) * hg]) };
                 }
+                gi += h;
             }
         }
     };
@@ -182,19 +196,23 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// Writes `v` at elements `i..i + v.len()`, eight at a time as one copy (a group's
-    /// outputs: `copy_nonoverlapping` of a run-time length was a `memmove` call each,
-    /// 2% of a batched decode step).
+    /// Writes `v` at elements `i..i + v.len()`, eight or sixteen as one copy (a group's
+    /// or a pair's outputs: `copy_nonoverlapping` of a run-time length was a `memmove`
+    /// call each, 2% of a batched decode step).
     ///
     /// # Safety
     /// The elements are in bounds of the buffer and no other thread touches them.
     unsafe fn put(self, i: usize, v: &[f32]) {
         let dst = self.0.add(i);
-        match <&[f32; 8]>::try_from(v) {
+        if let Ok(v8) = <&[f32; 8]>::try_from(v) {
             // SAFETY: as the caller promises, for eight elements.
-            Ok(v8) => unsafe { (dst as *mut [f32; 8]).write_unaligned(*v8) },
+            unsafe { (dst as *mut [f32; 8]).write_unaligned(*v8) }
+        } else if let Ok(v16) = <&[f32; 16]>::try_from(v) {
+            // SAFETY: as the caller promises, for sixteen elements.
+            unsafe { (dst as *mut [f32; 16]).write_unaligned(*v16) }
+        } else {
             // SAFETY: as the caller promises.
-            Err(_) => unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) },
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len()) }
         }
     }
 }
@@ -389,6 +407,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
             });
         }
     }
+    let pairs = qdot::pairs_groups(isa);
     tasks.into_par_iter().for_each(|t| {
         let rb = t.w.row_bytes();
         let bytes = t.w.bytes();
@@ -397,22 +416,39 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
             (Some(refs), Some(y)) => {
                 let g = t.w.dtype().interleave();
                 let out = t.w.rows();
-                let mut res = [0.0f32; 32];
-                for r in (t.r0..t.r0 + rows).step_by(g) {
-                    let wg = &bytes[r * rb..(r + g) * rb];
+                let gb = g * rb;
+                let mut res = [0.0f32; 64];
+                let mut r = t.r0;
+                while r < t.r0 + rows {
+                    // Two groups at once where the task has them (see `matmul_groups`).
+                    let h = if pairs && r + 2 * g <= t.r0 + rows {
+                        2
+                    } else {
+                        1
+                    };
+                    let wg = &bytes[r * rb..r * rb + h * gb];
+                    let hg = h * g;
                     for (q0, quad) in refs.chunks(4).enumerate() {
                         let k = quad.len();
-                        qdot::dot_group(isa, t.w.dtype(), wg, quad, &mut res[..g * k]);
+                        if h == 2 {
+                            let (w0, w1) = wg.split_at(gb);
+                            let dt = t.w.dtype();
+                            qdot::dot_group_pair(isa, dt, w0, w1, quad, &mut res[..hg * k]);
+                        } else {
+                            qdot::dot_group(isa, t.w.dtype(), wg, quad, &mut res[..g * k]);
+                        }
                         for u in 0..k {
                             let at = (q0 * 4 + u) * out + r;
-                            // SAFETY: `at + g <= n · out = y.len()` (input row
-                            // `q0·4 + u < n`, `r + g <= out`: groups are whole), and only
-                            // the task owning weight rows `r..r + g` writes those columns,
-                            // so no two tasks touch one element; `y` is borrowed mutably
-                            // by `jobs` for this whole call and read by no task.
-                            unsafe { y.put(at, &res[u * g..(u + 1) * g]) };
+                            // SAFETY: `at + h·g <= n · out = y.len()` (input row
+                            // `q0·4 + u < n`, `r + h·g <= out`: groups are whole), and
+                            // only the task owning weight rows `r..r + h·g` writes those
+                            // columns, so no two tasks touch one element; `y` is
+                            // borrowed mutably by `jobs` for this whole call and read by
+                            // no task.
+                            unsafe { y.put(at, &res[u * hg..(u + 1) * hg]) };
                         }
                     }
+                    r += hg;
                 }
             }
             (Some(refs), None) => {

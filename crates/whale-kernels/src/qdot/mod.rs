@@ -272,6 +272,30 @@ pub fn dot_rows(
     }
 }
 
+/// Whether [`dot_group_pair`] has a kernel of its own for `isa` (otherwise it runs
+/// [`dot_group`] twice, and callers gain nothing by pairing groups).
+pub fn pairs_groups(isa: Isa) -> bool {
+    isa == Isa::Avx512Vnni
+}
+
+/// [`dot_group`] for two groups `w0` and `w1` of the same weight (same length) at once:
+/// `out[16 t + l]` is row `l` of `w0` for `l < 8`, row `l - 8` of `w1` above.
+pub fn dot_group_pair(isa: Isa, dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    debug_assert!(a.len() <= 4 && out.len() == 16 * a.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        return x86::dot_group_pair(dtype, w0, w1, a, out);
+    }
+    let n = a.len();
+    let (mut r0, mut r1) = ([0.0f32; 32], [0.0f32; 32]);
+    dot_group(isa, dtype, w0, a, &mut r0[..8 * n]);
+    dot_group(isa, dtype, w1, a, &mut r1[..8 * n]);
+    for (t, o) in out.chunks_exact_mut(16).enumerate() {
+        o[..8].copy_from_slice(&r0[8 * t..8 * t + 8]);
+        o[8..].copy_from_slice(&r1[8 * t..8 * t + 8]);
+    }
+}
+
 /// `out[8 t + l] = w_l · a[t]` for the eight rows `l` of one repacked group `w`
 /// (all its blocks, [`crate::repack`] layout) and up to four activation rows.
 /// `isa` must be one the CPU runs (as [`isa`] returns).
@@ -412,15 +436,35 @@ mod tests {
                             assert!((want[8 * t + l] - per_row[t]).abs() <= tol, "{dtype:?}");
                         }
                     }
+                    // A second group: the same rows in reverse order, so its outputs
+                    // differ from the first's.
+                    let gb = packed.len();
+                    let mut rev = Vec::with_capacity(gb);
+                    for l in (0..rows).rev() {
+                        rev.extend_from_slice(&wq[l * rb..(l + 1) * rb]);
+                    }
+                    let (_, packed2) = crate::repack::repack(dtype, &rev, rows, cols).unwrap();
+                    let mut want2 = vec![0.0; 8 * n];
+                    scalar::dot_group(to, &packed2, &a, &mut want2);
                     for isa in isas() {
                         let mut got = vec![0.0; 8 * n];
                         dot_group(isa, to, &packed, &a, &mut got);
-                        for (g, w) in got.iter().zip(&want) {
-                            let tol = 1e-5 * w.abs().max(1.0);
-                            assert!(
-                                (g - w).abs() <= tol,
-                                "{isa:?} {to:?} {cols} {n}: {g} vs {w}"
-                            );
+                        let mut pair = vec![0.0; 16 * n];
+                        dot_group_pair(isa, to, &packed, &packed2, &a, &mut pair);
+                        for t in 0..n {
+                            for l in 0..8 {
+                                for (g, w) in [
+                                    (got[8 * t + l], want[8 * t + l]),
+                                    (pair[16 * t + l], want[8 * t + l]),
+                                    (pair[16 * t + 8 + l], want2[8 * t + l]),
+                                ] {
+                                    let tol = 1e-5 * w.abs().max(1.0);
+                                    assert!(
+                                        (g - w).abs() <= tol,
+                                        "{isa:?} {to:?} {cols} {n} row {t} lane {l}: {g} vs {w}"
+                                    );
+                                }
+                            }
                         }
                     }
                 }
@@ -470,6 +514,12 @@ mod tests {
                 for isa in isas() {
                     let mut got = [0.0; 8];
                     dot_group(isa, to, &packed, &[&a], &mut got);
+                    let mut pair = [0.0; 16];
+                    dot_group_pair(isa, to, &packed, &packed, &[&a], &mut pair);
+                    assert_eq!(pair[..8], pair[8..], "{isa:?} {dtype:?}");
+                    for (p, g) in pair[..8].iter().zip(&got) {
+                        assert!((p - g).abs() <= 1e-6 * g.abs(), "{isa:?} {dtype:?}");
+                    }
                     for l in 0..8 {
                         let mut want = [0.0];
                         scalar::dot_rows(dtype, &wq[l * rb..(l + 1) * rb], &[&a], &mut want);

@@ -355,6 +355,164 @@ pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]
     }
 }
 
+/// Two repacked groups of the same weight at once (`out[16 t + l]`: group `w0`'s
+/// rows `l < 8`, then `w1`'s), on 512-bit vectors: lanes 0–7 hold `w0`'s rows and
+/// lanes 8–15 `w1`'s, and both meet the same four activation values broadcast to all
+/// sixteen lanes. `vpdpbusd` on 512 bits does twice the work of the 256-bit one at
+/// nearly the same rate on this Xeon (a loop of independent ones: 4.5 G/s against
+/// 5.1 G/s per core), which the one-group kernels leave unused.
+pub fn dot_group_pair(dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    let gbs = match dtype {
+        DType::Q4_0R8 => 8 * 18,
+        DType::Q8_0R8 => 8 * 34,
+        _ => panic!("dot_group_pair: {} is not a repacked type", dtype.name()),
+    };
+    let nb = w0.len() / gbs;
+    assert!(w0.len() == nb * gbs && w1.len() == w0.len());
+    assert!(out.len() == 16 * a.len() && a.len() <= 4);
+    for x in a {
+        assert!(x.qs.len() >= nb * QK8 && x.d.len() >= nb && x.neg8.len() >= nb);
+    }
+    macro_rules! go {
+        ($f:ident) => {
+            match a.len() {
+                // SAFETY: reached only with `Isa::Avx512Vnni`, detected at run time
+                // (AVX2, FMA, F16C, AVX-512 F/BW/VL/VNNI), and the asserts above keep
+                // every load inside `w0`, `w1` and the activation rows.
+                1 => unsafe { $f::<1>(w0, w1, nb, a, out) },
+                2 => unsafe { $f::<2>(w0, w1, nb, a, out) },
+                3 => unsafe { $f::<3>(w0, w1, nb, a, out) },
+                4 => unsafe { $f::<4>(w0, w1, nb, a, out) },
+                _ => {}
+            }
+        };
+    }
+    if dtype == DType::Q4_0R8 {
+        go!(q4_0_r8x2_vnni)
+    } else {
+        go!(q8_0_r8x2_vnni)
+    }
+}
+
+/// One chunk of 32 bytes from each of two groups' blocks, as one 512-bit vector.
+#[inline(always)]
+unsafe fn load_pair(b0: *const u8, b1: *const u8) -> __m512i {
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_loadu_si256(b0 as *const __m256i)),
+        _mm256_loadu_si256(b1 as *const __m256i),
+    )
+}
+
+/// The two blocks' sixteen row scales as f32.
+#[inline(always)]
+unsafe fn scales_pair(b0: *const u8, b1: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+        _mm256_castsi128_si256(_mm_loadu_si128(b0 as *const __m128i)),
+        _mm_loadu_si128(b1 as *const __m128i),
+    ))
+}
+
+/// Four activation values (bytes `at..at + 4` of row `q`) in all sixteen lanes.
+#[inline(always)]
+unsafe fn bcast4x16(q: *const i8, at: usize) -> __m512i {
+    _mm512_set1_epi32((q.add(at) as *const i32).read_unaligned())
+}
+
+/// [`q4_0_r8_vnni`] over two groups in 512-bit lanes (see [`dot_group_pair`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_0_r8x2_vnni<const N: usize>(
+    w0: &[u8],
+    w1: &[u8],
+    nb: usize,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); N];
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
+    let ng: [*const i32; N] = std::array::from_fn(|t| a[t].neg8.as_ptr());
+    let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+    for b in 0..nb {
+        let (b0, b1) = (p0.add(b * 144), p1.add(b * 144));
+        for p in [b0, b1] {
+            let ahead = p.wrapping_add(GROUP_PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+        }
+        let mut s: [__m512i; N] = std::array::from_fn(|t| _mm512_set1_epi32(*ng[t].add(b)));
+        let mut s2 = [_mm512_setzero_si512(); N];
+        for k in 0..4 {
+            let v = load_pair(b0.add(16 + 32 * k), b1.add(16 + 32 * k));
+            let lo = _mm512_and_si512(v, m4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+            for t in 0..N {
+                let q = qs[t].add(b * QK8);
+                s[t] = _mm512_dpbusd_epi32(s[t], lo, bcast4x16(q, 4 * k));
+                s2[t] = _mm512_dpbusd_epi32(s2[t], hi, bcast4x16(q, 16 + 4 * k));
+            }
+        }
+        let dw = scales_pair(b0, b1);
+        for t in 0..N {
+            let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
+            let i = _mm512_add_epi32(s[t], s2[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[t]);
+        }
+    }
+    for (o, v) in out.chunks_exact_mut(16).zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), v);
+    }
+}
+
+/// [`q8_0_r8_vnni`] over two groups in 512-bit lanes (see [`dot_group_pair`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_r8x2_vnni<const N: usize>(
+    w0: &[u8],
+    w1: &[u8],
+    nb: usize,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [_mm512_setzero_ps(); N];
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
+    let ng: [*const i32; N] = std::array::from_fn(|t| a[t].neg8.as_ptr());
+    let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+    for b in 0..nb {
+        let (b0, b1) = (p0.add(b * 272), p1.add(b * 272));
+        for p in [b0, b1] {
+            let ahead = p.wrapping_add(GROUP_PREFETCH) as *const i8;
+            for l in 0..5 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+            }
+        }
+        let mut s: [__m512i; N] = std::array::from_fn(|t| _mm512_set1_epi32(*ng[t].add(b) << 4));
+        let mut s2 = [_mm512_setzero_si512(); N];
+        for k in 0..8 {
+            let u = _mm512_xor_si512(load_pair(b0.add(16 + 32 * k), b1.add(16 + 32 * k)), flip);
+            for t in 0..N {
+                let x = bcast4x16(qs[t].add(b * QK8), 4 * k);
+                if k % 2 == 0 {
+                    s[t] = _mm512_dpbusd_epi32(s[t], u, x);
+                } else {
+                    s2[t] = _mm512_dpbusd_epi32(s2[t], u, x);
+                }
+            }
+        }
+        let dw = scales_pair(b0, b1);
+        for t in 0..N {
+            let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
+            let i = _mm512_add_epi32(s[t], s2[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[t]);
+        }
+    }
+    for (o, v) in out.chunks_exact_mut(16).zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), v);
+    }
+}
+
 /// Bytes ahead of the current block whose cache lines a product requests early.
 /// Decode-sized products stream their weights from memory: one row (decode), and
 /// the two or three rows each routed expert sees in a batched step, which sits
