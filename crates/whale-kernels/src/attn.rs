@@ -10,6 +10,13 @@ use rayon::prelude::*;
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 128;
 
+/// Whether the x86 kernels run their AVX-512 shapes (where the VNNI ISA, which
+/// implies AVX-512 F/BW/VL, was detected).
+#[inline]
+fn wide() -> bool {
+    crate::qdot::isa() == crate::qdot::Isa::Avx512Vnni
+}
+
 /// `scores[h][u] = scale · q[h] · rows[u][..L]` for `H` query vectors `q` (`[H, L]`)
 /// and `n` cache rows of `stride` values; `scores` is `[H, n]`.
 pub fn mqa_scores(
@@ -59,10 +66,16 @@ fn scores_with(
         let u0 = ci * ROWS_PER_TASK;
         #[cfg(target_arch = "x86_64")]
         if let Some(qt) = qt {
-            // SAFETY: `qt` exists only where AVX2 and FMA were detected; it holds `H`
-            // queries of `L` values packed by `pack_keys`; the assert above bounds
-            // every cache row.
-            unsafe { x86::scores_tiles(qt, heads, l, rows, stride, u0, out, scale, head_major) };
+            // SAFETY: `qt` exists only where AVX2 and FMA were detected (and AVX-512 F
+            // where `wide`); it holds `H` queries of `L` values packed by `pack_keys`;
+            // the assert above bounds every cache row.
+            unsafe {
+                if wide() {
+                    x86::scores_tiles512(qt, heads, l, rows, stride, u0, out, scale, head_major)
+                } else {
+                    x86::scores_tiles(qt, heads, l, rows, stride, u0, out, scale, head_major)
+                }
+            };
             return;
         }
         let _ = qt;
@@ -142,9 +155,15 @@ fn values_add(
     assert!(c <= stride && rows.len() >= u1 * stride && probs.len() == heads * n && u1 <= n);
     #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && c.is_multiple_of(8) {
-        // SAFETY: AVX2 and FMA were detected; the assert above bounds every row and
-        // probability read.
-        unsafe { x86::values_rows(probs, heads, n, rows, stride, u0, u1, acc) };
+        // SAFETY: AVX2 and FMA were detected (and AVX-512 F where `wide`); the assert
+        // above bounds every row and probability read.
+        unsafe {
+            if wide() && c.is_multiple_of(16) {
+                x86::values_rows512(probs, heads, n, rows, stride, u0, u1, acc)
+            } else {
+                x86::values_rows(probs, heads, n, rows, stride, u0, u1, acc)
+            }
+        };
         return;
     }
     for u in u0..u1 {
@@ -197,7 +216,7 @@ impl Running {
         scores_with(q, qt, heads, rows, stride, n, scale, &mut self.s);
         for h in 0..heads {
             let row = &mut self.s[h * n..(h + 1) * n];
-            let m = row.iter().copied().fold(self.max[h], f32::max);
+            let m = crate::simd_f32::max(row).max(self.max[h]);
             if m == f32::NEG_INFINITY {
                 // Nothing finite yet: these rows weigh nothing.
                 row.fill(0.0);
@@ -443,6 +462,165 @@ mod x86 {
         }
     }
 
+    /// [`scores_tiles`] on 512-bit vectors: eight rows broadcast against a panel of 16
+    /// packed queries (one vector) per register tile, eight accumulators.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn scores_tiles512(
+        qt: &[f32],
+        heads: usize,
+        l: usize,
+        rows: &[f32],
+        stride: usize,
+        u0: usize,
+        out: &mut [f32],
+        scale: f32,
+        head_major: bool,
+    ) {
+        const R: usize = 8;
+        let n = out.len() / heads;
+        let vs = _mm512_set1_ps(scale);
+        let mut tmp = [0.0f32; R * 16];
+        debug_assert!(qt.len() >= heads.div_ceil(16) * l * 16);
+        for k in (0..n).step_by(R) {
+            let kr = (n - k).min(R);
+            let rp: [*const f32; R] =
+                std::array::from_fn(|i| rows.as_ptr().add((u0 + k + i.min(kr - 1)) * stride));
+            // The next tile's rows, towards L2 while this one computes.
+            for i in 0..(n - k).saturating_sub(R).min(R) {
+                let np = rows.as_ptr().add((u0 + k + R + i) * stride);
+                for off in (0..l).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T1>(np.add(off) as *const i8);
+                }
+            }
+            for hp in 0..heads.div_ceil(16) {
+                let qp = qt.as_ptr().add(hp * l * 16);
+                // Even and odd values in separate accumulators: eight chains of
+                // FMAs left the loop waiting on their latency.
+                let mut acc = [_mm512_setzero_ps(); R];
+                let mut acc2 = [_mm512_setzero_ps(); R];
+                let mut j = 0;
+                while j + 2 <= l {
+                    let q0 = _mm512_loadu_ps(qp.add(j * 16));
+                    let q1 = _mm512_loadu_ps(qp.add(j * 16 + 16));
+                    for i in 0..R {
+                        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rp[i].add(j)), q0, acc[i]);
+                        acc2[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rp[i].add(j + 1)), q1, acc2[i]);
+                    }
+                    j += 2;
+                }
+                if j < l {
+                    let q0 = _mm512_loadu_ps(qp.add(j * 16));
+                    for i in 0..R {
+                        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rp[i].add(j)), q0, acc[i]);
+                    }
+                }
+                for (i, (a, b)) in acc.iter().zip(&acc2).enumerate() {
+                    let v = _mm512_mul_ps(_mm512_add_ps(*a, *b), vs);
+                    _mm512_storeu_ps(tmp.as_mut_ptr().add(i * 16), v);
+                }
+                let hn = (heads - hp * 16).min(16);
+                for i in 0..kr {
+                    if head_major {
+                        for t in 0..hn {
+                            out[(hp * 16 + t) * n + k + i] = tmp[i * 16 + t];
+                        }
+                    } else {
+                        out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
+                            .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`values_rows`] on 512-bit vectors (`C` a multiple of 16): 32 columns of eight
+    /// heads in sixteen registers across the rows (two loads and eight broadcasts
+    /// feed sixteen FMAs), a 16-column tail as eight heads by one.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn values_rows512(
+        probs: &[f32],
+        heads: usize,
+        n: usize,
+        rows: &[f32],
+        stride: usize,
+        u0: usize,
+        u1: usize,
+        acc: &mut [f32],
+    ) {
+        let c = acc.len() / heads;
+        debug_assert!(c.is_multiple_of(16));
+        for h0 in (0..heads).step_by(8) {
+            let args = (probs, n, rows, stride, u0, u1, h0, c, acc.as_mut_ptr());
+            match heads - h0 {
+                1 => values_heads512::<1>(args),
+                2 => values_heads512::<2>(args),
+                3 => values_heads512::<3>(args),
+                4 => values_heads512::<4>(args),
+                5 => values_heads512::<5>(args),
+                6 => values_heads512::<6>(args),
+                7 => values_heads512::<7>(args),
+                _ => values_heads512::<8>(args),
+            }
+        }
+    }
+
+    /// `HN` heads from `h0` of [`values_rows512`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::type_complexity)]
+    unsafe fn values_heads512<const HN: usize>(
+        (probs, n, rows, stride, u0, u1, h0, c, ap): (
+            &[f32],
+            usize,
+            &[f32],
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            *mut f32,
+        ),
+    ) {
+        let rp = rows.as_ptr();
+        let pp: [*const f32; HN] = std::array::from_fn(|t| probs.as_ptr().add((h0 + t) * n));
+        let mut j = 0;
+        while j + 32 <= c {
+            let mut v0: [__m512; HN] =
+                std::array::from_fn(|t| _mm512_loadu_ps(ap.add((h0 + t) * c + j)));
+            let mut v1: [__m512; HN] =
+                std::array::from_fn(|t| _mm512_loadu_ps(ap.add((h0 + t) * c + j + 16)));
+            for u in u0..u1 {
+                let x0 = _mm512_loadu_ps(rp.add(u * stride + j));
+                let x1 = _mm512_loadu_ps(rp.add(u * stride + j + 16));
+                for t in 0..HN {
+                    let p = _mm512_set1_ps(*pp[t].add(u));
+                    v0[t] = _mm512_fmadd_ps(p, x0, v0[t]);
+                    v1[t] = _mm512_fmadd_ps(p, x1, v1[t]);
+                }
+            }
+            for t in 0..HN {
+                _mm512_storeu_ps(ap.add((h0 + t) * c + j), v0[t]);
+                _mm512_storeu_ps(ap.add((h0 + t) * c + j + 16), v1[t]);
+            }
+            j += 32;
+        }
+        if j < c {
+            let mut v: [__m512; HN] =
+                std::array::from_fn(|t| _mm512_loadu_ps(ap.add((h0 + t) * c + j)));
+            for u in u0..u1 {
+                let x = _mm512_loadu_ps(rp.add(u * stride + j));
+                for t in 0..HN {
+                    v[t] = _mm512_fmadd_ps(_mm512_set1_ps(*pp[t].add(u)), x, v[t]);
+                }
+            }
+            for (t, vt) in v.iter().enumerate() {
+                _mm512_storeu_ps(ap.add((h0 + t) * c + j), *vt);
+            }
+        }
+    }
+
     /// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]`: sixteen columns (one cache
     /// line of each row) of four heads held in eight registers across the rows, so six
     /// loads feed eight FMAs; an eight-column tail as four heads by one.
@@ -577,7 +755,7 @@ mod tests {
     }
 
     fn shared_cache_attention_case(heads: usize) {
-        let (l, stride, n) = (40, 44, 301);
+        let (l, stride, n) = (40, 52, 301);
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
         let rows: Vec<f32> = (0..n * stride).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut s = vec![0.0; heads * n];
@@ -591,14 +769,59 @@ mod tests {
                 assert!((s[h * n + u] - want).abs() < 1e-4);
             }
         }
-        // 32 columns: whole 16-column tiles; 40: one 8-column tail.
-        for c in [32, 40] {
-            let mut o = vec![0.0; heads * c];
-            mqa_values(&s, heads, &rows, stride, n, &mut o);
-            for h in 0..heads {
-                for j in 0..c {
-                    let want: f32 = (0..n).map(|u| s[h * n + u] * rows[u * stride + j]).sum();
-                    assert!((o[h * c + j] - want).abs() < 1e-3 * want.abs().max(1.0));
+        // Each x86 shape the CPU runs, whichever the dispatch picks.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut qt = Vec::new();
+            crate::attn_prefill::pack_keys(&[crate::Rows::dense(&q, l)], heads, l, &mut qt);
+            let mut shapes = Vec::new();
+            if crate::qdot::x86::has_avx2() {
+                let mut o = vec![0.0; heads * n];
+                // SAFETY: AVX2 and FMA were detected; `qt` packs the queries.
+                unsafe { x86::scores_tiles(&qt, heads, l, &rows, stride, 0, &mut o, 0.5, true) };
+                shapes.push(("avx2", o));
+            }
+            if crate::qdot::x86::has_avx512vnni() {
+                let mut o = vec![0.0; heads * n];
+                // SAFETY: AVX-512 F, AVX2 and FMA were detected; as above.
+                unsafe { x86::scores_tiles512(&qt, heads, l, &rows, stride, 0, &mut o, 0.5, true) };
+                shapes.push(("avx512", o));
+            }
+            for (name, o) in shapes {
+                for (a, b) in o.iter().zip(&s) {
+                    assert!((a - b).abs() < 1e-4, "{name} scores: {a} vs {b}");
+                }
+            }
+        }
+        // 32 columns: whole 16-column tiles (AVX-512: one 32-column tile); 48: a
+        // 16-column tail; 40: an 8-column tail (AVX2 only).
+        for c in [32, 40, 48] {
+            let mut outs = vec![("dispatched", vec![0.0; heads * c])];
+            mqa_values(&s, heads, &rows, stride, n, &mut outs[0].1);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::qdot::x86::has_avx2() {
+                    let mut o = vec![0.0; heads * c];
+                    // SAFETY: AVX2 and FMA were detected; the sizes agree.
+                    unsafe { x86::values_rows(&s, heads, n, &rows, stride, 0, n, &mut o) };
+                    outs.push(("avx2", o));
+                }
+                if crate::qdot::x86::has_avx512vnni() && c % 16 == 0 {
+                    let mut o = vec![0.0; heads * c];
+                    // SAFETY: AVX-512 F, AVX2 and FMA were detected; the sizes agree.
+                    unsafe { x86::values_rows512(&s, heads, n, &rows, stride, 0, n, &mut o) };
+                    outs.push(("avx512", o));
+                }
+            }
+            for (name, o) in &outs {
+                for h in 0..heads {
+                    for j in 0..c {
+                        let want: f32 = (0..n).map(|u| s[h * n + u] * rows[u * stride + j]).sum();
+                        assert!(
+                            (o[h * c + j] - want).abs() < 1e-3 * want.abs().max(1.0),
+                            "{name} values c={c}"
+                        );
+                    }
                 }
             }
         }
