@@ -32,7 +32,8 @@ pub use attn::{mqa_blocks, mqa_scores, mqa_values, Block};
 pub use attn_prefill::{causal_attention, Rows};
 pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{
-    axpy_row, matmul, matmul_many, matmul_t_vec, matmul_with, matvec_many, MatMul, MatVec,
+    axpy_row, matmul, matmul_many, matmul_quantized, matmul_t_vec, matmul_with, matvec_many,
+    quantize_rows, MatMul, MatVec,
 };
 pub use ops::{dot, rmsnorm, rmsnorm_inplace, softmax_inplace};
 pub use simd_f32::swiglu;

@@ -57,12 +57,57 @@ pub fn matmul_with(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32], exact: boo
 /// Quantised weights: activations to 8-bit blocks once, then integer dot products
 /// (four activation rows per weight block load), split over blocks of weight rows.
 fn matmul_q8(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
-    let (out, inp) = (w.rows(), w.cols());
-    let acts: Vec<Q8Row> = if n * inp >= PAR_MIN_WORK {
-        x.par_chunks(inp).map(Q8Row::from_f32).collect()
+    let acts = quantize_rows(x, w.cols());
+    debug_assert_eq!(acts.len(), n);
+    matmul_q8_rows(&acts, w, y)
+}
+
+/// The rows of `x` (`[_, cols]`, `cols` a multiple of 32) quantised to 8-bit blocks,
+/// for several integer products over the same input ([`matmul_quantized`]): MLA's
+/// expanded form multiplies one layer's latents by two weights per group of heads.
+pub fn quantize_rows(x: &[f32], cols: usize) -> Vec<Q8Row> {
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols),
+        "quantize_rows: ragged rows"
+    );
+    if x.len() >= PAR_MIN_WORK {
+        x.par_chunks(cols).map(Q8Row::from_f32).collect()
     } else {
-        x.chunks(inp).map(Q8Row::from_f32).collect()
-    };
+        x.chunks(cols).map(Q8Row::from_f32).collect()
+    }
+}
+
+/// `y = x · Wᵀ` through the integer kernels for rows `x` already quantised by
+/// [`quantize_rows`] (`y` is `[acts.len(), out]`): the same products as
+/// [`matmul_with`] computes when not `exact`. Returns `false`, leaving `y` as it
+/// was, when the weight has no integer kernel.
+///
+/// # Panics
+/// If the lengths disagree with the dimensions.
+pub fn matmul_quantized(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) -> bool {
+    let inp = w.cols();
+    if !qdot::supports(w.dtype()) || !inp.is_multiple_of(qdot::QK8) {
+        return false;
+    }
+    assert_eq!(
+        y.len(),
+        acts.len() * w.rows(),
+        "matmul_quantized: y has the wrong length"
+    );
+    assert!(
+        acts.iter().all(|a| a.qs.len() == inp),
+        "matmul_quantized: rows of the wrong length"
+    );
+    if !acts.is_empty() && w.rows() > 0 {
+        matmul_q8_rows(acts, w, y);
+    }
+    true
+}
+
+/// [`matmul_q8`] after the quantisation.
+fn matmul_q8_rows(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
+    let (out, inp) = (w.rows(), w.cols());
+    let n = acts.len();
     if w.dtype().interleave() > 1 {
         matmul_groups(&acts, w, y);
         return;

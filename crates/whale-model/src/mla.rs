@@ -18,7 +18,12 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{Packable, Tensor};
 use rayon::prelude::*;
-use whale_kernels::{causal_attention, matmul_t_vec, matmul_with, rmsnorm_inplace, Block, Rows};
+use std::cell::OnceCell;
+use whale_kernels::qdot::Q8Row;
+use whale_kernels::{
+    causal_attention, matmul_quantized, matmul_t_vec, matmul_with, quantize_rows, rmsnorm_inplace,
+    Block, Rows,
+};
 
 /// Which MLA formulation to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -98,7 +103,7 @@ impl KvUp {
     fn expand(
         &self,
         exact: bool,
-        lat: &[f32],
+        (lat, lat_q8): (&[f32], &OnceCell<Vec<Q8Row>>),
         n: usize,
         (h0, hn): (usize, usize),
         p: usize,
@@ -118,10 +123,19 @@ impl KvUp {
                 w_uk: Some(w_uk),
                 ..
             } if !exact => {
-                // The group's heads at once, in the integer kernels.
+                // The group's heads at once, in the integer kernels, over latents
+                // quantised once for both weights and every group (per product and
+                // group before: eight passes over 4.6k rows per layer at depth 4096).
                 let (k, vv) = buf.split_at_mut(n * hn * p);
-                matmul_with(lat, n, w_uk.get().mat().row_range(h0 * p, hn * p), k, false);
-                matmul_with(lat, n, v_b.get().rows(h0 * v, hn * v, c).mat(), vv, false);
+                let acts = lat_q8.get_or_init(|| quantize_rows(lat, c));
+                let wk = w_uk.get().mat().row_range(h0 * p, hn * p);
+                if !matmul_quantized(acts, wk, k) {
+                    matmul_with(lat, n, wk, k, false);
+                }
+                let wv = v_b.get().rows(h0 * v, hn * v, c);
+                if !matmul_quantized(acts, wv.mat(), vv) {
+                    matmul_with(lat, n, wv.mat(), vv, false);
+                }
                 split
             }
             KvUp::Split { k_b_t, v_b, .. } => {
@@ -490,18 +504,20 @@ impl Mla {
         // Heads in groups whose decompressed keys and values stay under
         // `expanded_bytes` (by default all 16 heads of V2-Lite up to ~1.2k rows; 4 at a time at
         // 4.6k): the buffer is N·H·(P+V) floats for all heads, 94 MB at depth 4096 and
-        // 2.7 GB at 128k, where a group bounds it, for a re-quantisation of the
-        // latents per extra group (estimated ~1% of a chunk's time; the measured
-        // pp512 at depth 4096 did not move beyond noise).
+        // 2.7 GB at 128k, where a group bounds it; the latents are quantised once for
+        // all groups (8-bit rows: ~0.8 bytes per latent value, 100 MB at 128k).
         let per_head = n * (p + v) * std::mem::size_of::<f32>();
         let fit =
             (self.expanded_bytes / per_head.max(1)).clamp(rayon::current_num_threads().min(nh), nh);
         let groups = nh.div_ceil(fit.max(1));
         let size = nh.div_ceil(groups);
         let mut outs = Vec::with_capacity(nh);
+        let lat_q8 = OnceCell::new();
         for h0 in (0..nh).step_by(size) {
             let hn = size.min(nh - h0);
-            let x = self.kv_up.expand(self.exact, &lat, n, (h0, hn), p, v, c);
+            let x = self
+                .kv_up
+                .expand(self.exact, (&lat, &lat_q8), n, (h0, hn), p, v, c);
             outs.par_extend((0..hn).into_par_iter().map(|j| {
                 let hi = h0 + j;
                 let mut qs = vec![0.0f32; t * qk]; // [T, P+R] of this head
