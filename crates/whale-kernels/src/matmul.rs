@@ -109,7 +109,7 @@ fn matmul_q8_rows(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     let n = acts.len();
     if w.dtype().interleave() > 1 {
-        matmul_groups(&acts, w, y);
+        matmul_groups(acts, w, y);
         return;
     }
     let isa = qdot::isa();
