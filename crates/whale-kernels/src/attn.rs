@@ -405,6 +405,41 @@ mod x86 {
         }
     }
 
+    /// Requests towards L2 the first `l` values of `count` rows from row `first`.
+    #[inline(always)]
+    unsafe fn prefetch_rows(rows: &[f32], stride: usize, first: usize, count: usize, l: usize) {
+        for i in 0..count {
+            let np = rows.as_ptr().add((first + i) * stride);
+            for off in (0..l).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T1>(np.add(off) as *const i8);
+            }
+        }
+    }
+
+    /// A tile's scores (`tmp`: `kr` rows from row `k`, 16 heads of panel `hp` each)
+    /// into `out`, `[H, n]` when `head_major`, else `[n, H]`.
+    #[inline(always)]
+    fn scatter_scores(
+        tmp: &[f32],
+        (k, kr): (usize, usize),
+        hp: usize,
+        (heads, n): (usize, usize),
+        head_major: bool,
+        out: &mut [f32],
+    ) {
+        let hn = (heads - hp * 16).min(16);
+        for i in 0..kr {
+            if head_major {
+                for t in 0..hn {
+                    out[(hp * 16 + t) * n + k + i] = tmp[i * 16 + t];
+                }
+            } else {
+                out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
+                    .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
+            }
+        }
+    }
+
     /// Scores of cache rows `u0..u0 + out.len() / heads` (`out` is `[rows, H]`, or
     /// `[H, rows]` when `head_major`): six rows broadcast against a panel of 16 packed
     /// queries per register tile (see [`tile_6x16`]); a row remainder repeats the
@@ -432,12 +467,13 @@ mod x86 {
                 std::array::from_fn(|i| rows.as_ptr().add((u0 + k + i.min(kr - 1)) * stride));
             // The next tile's rows, towards L2 while this one computes: the row
             // broadcasts otherwise wait on memory (six 2.3 KB streams per tile).
-            for i in 0..(n - k).saturating_sub(MR).min(MR) {
-                let np = rows.as_ptr().add((u0 + k + MR + i) * stride);
-                for off in (0..l).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T1>(np.add(off) as *const i8);
-                }
-            }
+            prefetch_rows(
+                rows,
+                stride,
+                u0 + k + MR,
+                (n - k).saturating_sub(MR).min(MR),
+                l,
+            );
             for hp in 0..heads.div_ceil(16) {
                 tile_6x16(
                     rp,
@@ -447,17 +483,7 @@ mod x86 {
                     tmp.as_mut_ptr(),
                     16,
                 );
-                let hn = (heads - hp * 16).min(16);
-                for i in 0..kr {
-                    if head_major {
-                        for t in 0..hn {
-                            out[(hp * 16 + t) * n + k + i] = tmp[i * 16 + t];
-                        }
-                    } else {
-                        out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
-                            .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
-                    }
-                }
+                scatter_scores(&tmp, (k, kr), hp, (heads, n), head_major, out);
             }
         }
     }
@@ -487,12 +513,13 @@ mod x86 {
             let rp: [*const f32; R] =
                 std::array::from_fn(|i| rows.as_ptr().add((u0 + k + i.min(kr - 1)) * stride));
             // The next tile's rows, towards L2 while this one computes.
-            for i in 0..(n - k).saturating_sub(R).min(R) {
-                let np = rows.as_ptr().add((u0 + k + R + i) * stride);
-                for off in (0..l).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T1>(np.add(off) as *const i8);
-                }
-            }
+            prefetch_rows(
+                rows,
+                stride,
+                u0 + k + R,
+                (n - k).saturating_sub(R).min(R),
+                l,
+            );
             for hp in 0..heads.div_ceil(16) {
                 let qp = qt.as_ptr().add(hp * l * 16);
                 // Even and odd values in separate accumulators: eight chains of
@@ -519,17 +546,7 @@ mod x86 {
                     let v = _mm512_mul_ps(_mm512_add_ps(*a, *b), vs);
                     _mm512_storeu_ps(tmp.as_mut_ptr().add(i * 16), v);
                 }
-                let hn = (heads - hp * 16).min(16);
-                for i in 0..kr {
-                    if head_major {
-                        for t in 0..hn {
-                            out[(hp * 16 + t) * n + k + i] = tmp[i * 16 + t];
-                        }
-                    } else {
-                        out[(k + i) * heads + hp * 16..(k + i) * heads + hp * 16 + hn]
-                            .copy_from_slice(&tmp[i * 16..i * 16 + hn]);
-                    }
-                }
+                scatter_scores(&tmp, (k, kr), hp, (heads, n), head_major, out);
             }
         }
     }

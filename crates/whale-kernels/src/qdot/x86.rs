@@ -418,6 +418,34 @@ unsafe fn bcast4x16(q: *const i8, at: usize) -> __m512i {
     _mm512_set1_epi32((q.add(at) as *const i32).read_unaligned())
 }
 
+/// The activation rows' values, block steps and `-8 Σ q` fields, as the VNNI
+/// kernels read them.
+#[inline(always)]
+fn vnni_rows<const N: usize>(a: &[&Q8Row]) -> ([*const i8; N], [*const f32; N], [*const i32; N]) {
+    (
+        std::array::from_fn(|t| a[t].qs.as_ptr()),
+        std::array::from_fn(|t| a[t].d.as_ptr()),
+        std::array::from_fn(|t| a[t].neg8.as_ptr()),
+    )
+}
+
+/// Block `b`'s exact sums of a pair of groups (two chains per row) into the rows'
+/// accumulators: `acc += f32(s + s2) · d_w · d_x`.
+#[inline(always)]
+unsafe fn fold_pair_block<const N: usize>(
+    acc: &mut [__m512; N],
+    (s, s2): (&[__m512i; N], &[__m512i; N]),
+    dw: __m512,
+    ds: &[*const f32; N],
+    b: usize,
+) {
+    for t in 0..N {
+        let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
+        let i = _mm512_add_epi32(s[t], s2[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[t]);
+    }
+}
+
 /// [`q4_0_r8_vnni`] over two groups in 512-bit lanes (see [`dot_group_pair`]).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_0_r8x2_vnni<const N: usize>(
@@ -429,9 +457,7 @@ unsafe fn q4_0_r8x2_vnni<const N: usize>(
 ) {
     let m4 = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); N];
-    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
-    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
-    let ng: [*const i32; N] = std::array::from_fn(|t| a[t].neg8.as_ptr());
+    let (qs, ds, ng) = vnni_rows::<N>(a);
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for b in 0..nb {
         let (b0, b1) = (p0.add(b * 144), p1.add(b * 144));
@@ -453,12 +479,7 @@ unsafe fn q4_0_r8x2_vnni<const N: usize>(
                 s2[t] = _mm512_dpbusd_epi32(s2[t], hi, bcast4x16(q, 16 + 4 * k));
             }
         }
-        let dw = scales_pair(b0, b1);
-        for t in 0..N {
-            let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
-            let i = _mm512_add_epi32(s[t], s2[t]);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[t]);
-        }
+        fold_pair_block(&mut acc, (&s, &s2), scales_pair(b0, b1), &ds, b);
     }
     for (o, v) in out.chunks_exact_mut(16).zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), v);
@@ -476,9 +497,7 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
 ) {
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [_mm512_setzero_ps(); N];
-    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
-    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
-    let ng: [*const i32; N] = std::array::from_fn(|t| a[t].neg8.as_ptr());
+    let (qs, ds, ng) = vnni_rows::<N>(a);
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for b in 0..nb {
         let (b0, b1) = (p0.add(b * 272), p1.add(b * 272));
@@ -501,12 +520,7 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
                 }
             }
         }
-        let dw = scales_pair(b0, b1);
-        for t in 0..N {
-            let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
-            let i = _mm512_add_epi32(s[t], s2[t]);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[t]);
-        }
+        fold_pair_block(&mut acc, (&s, &s2), scales_pair(b0, b1), &ds, b);
     }
     for (o, v) in out.chunks_exact_mut(16).zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), v);
@@ -589,9 +603,7 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
 unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); N];
-    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
-    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
-    let ng: [*const i32; N] = std::array::from_fn(|t| a[t].neg8.as_ptr());
+    let (qs, ds, ng) = vnni_rows::<N>(a);
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 144);
@@ -632,9 +644,7 @@ unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
 unsafe fn q8_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
     let flip = _mm256_set1_epi8(-128);
     let mut acc = [_mm256_setzero_ps(); N];
-    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
-    let ds: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
-    let ng: [*const i32; N] = std::array::from_fn(|t| a[t].neg8.as_ptr());
+    let (qs, ds, ng) = vnni_rows::<N>(a);
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 272);
