@@ -18,7 +18,7 @@
 //! ([`Q8Row::neg8`]) and multiply the exact sum by `d_w · d_x`.
 //!
 //! Each kernel has a portable scalar twin ([`scalar`]) and x86 paths ([`x86`]:
-//! AVX-512 VNNI on 256-bit lanes, and AVX2), chosen once at run time from the
+//! AVX-512 VNNI on 256- and 512-bit lanes, and AVX2), chosen once at run time from the
 //! CPU's features; the property tests compare every path with the scalar one.
 
 pub mod scalar;
@@ -185,7 +185,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA.
     Avx2,
-    /// AVX-512 VNNI (with VL and BW) on 256-bit vectors.
+    /// AVX-512 VNNI (with F, VL and BW): 256-bit kernels, and 512-bit ones for pairs of
+    /// repacked groups and for the attention tiles.
     Avx512Vnni,
 }
 

@@ -1,6 +1,8 @@
-//! x86-64 kernels: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, which Zen 4 runs at
-//! full rate) and AVX2 (`vpmaddubsw` + `vpmaddwd`). One weight block is unpacked
-//! once and multiplied with up to four activation rows, so prefill reuses it.
+//! x86-64 kernels: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, and on 512-bit ones
+//! for two repacked groups at once, which a Xeon runs at nearly the 256-bit rate;
+//! Zen 4 splits 512-bit work in two, so there pairing gains nothing) and AVX2
+//! (`vpmaddubsw` + `vpmaddwd`). One weight block is unpacked once and multiplied
+//! with up to four activation rows, so prefill reuses it.
 
 use super::{Isa, Q8Row, QK8};
 use crate::DType;
