@@ -505,7 +505,8 @@ impl Mla {
         // `expanded_bytes` (by default all 16 heads of V2-Lite up to ~1.2k rows; 4 at a time at
         // 4.6k): the buffer is N·H·(P+V) floats for all heads, 94 MB at depth 4096 and
         // 2.7 GB at 128k, where a group bounds it; the latents are quantised once for
-        // all groups (8-bit rows: ~0.8 bytes per latent value, 100 MB at 128k).
+        // all groups (8-bit rows with five fields per block of 32: ~1.6 bytes per latent
+        // value, 110 MB at 128k).
         let per_head = n * (p + v) * std::mem::size_of::<f32>();
         let fit =
             (self.expanded_bytes / per_head.max(1)).clamp(rayon::current_num_threads().min(nh), nh);
