@@ -19,8 +19,11 @@ use std::cell::RefCell;
 pub(crate) const MR: usize = 6;
 /// Query rows per chunk (a multiple of [`MR`]).
 const QC: usize = 48;
-/// Keys per block (a multiple of 16).
+/// Keys per block (a multiple of 16, at most 64: the AVX-512 score tile holds four
+/// panels of 16). 32 measured slower with those tiles (`TILED_ONLY=1 cargo bench
+/// --bench attn`, 3 alternated pairs: 57–58 against 66–80 GMAC/s).
 const KB: usize = 64;
+const _: () = assert!(KB.is_multiple_of(16) && KB <= 64);
 
 thread_local! {
     /// Transposed keys, kept between calls: a fresh 3.5 MB buffer per head and layer
