@@ -202,13 +202,8 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
                 // Two groups at once (`h` of them, adjacent: their outputs are too).
                 let h = if pairs && gi + 1 < g1 { 2 } else { 1 };
                 let wg = &bytes[gi * gb..(gi + h) * gb];
-                if h == 2 {
-                    let (w0, w1) = wg.split_at(gb);
-                    qdot::dot_group_pair(isa, dtype, w0, w1, quad, &mut res[..2 * g * k]);
-                } else {
-                    qdot::dot_group(isa, dtype, wg, quad, &mut res[..g * k]);
-                }
                 let hg = h * g;
+                qdot::dot_groups(isa, dtype, wg, h, quad, &mut res[..hg * k]);
                 for t in 0..k {
                     let at = (q0 * 4 + t) * out + gi * g;
                     // SAFETY: `at + h·g <= n · out = y.len()` (row `q0·4 + t < n`,
@@ -475,13 +470,8 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
                     let hg = h * g;
                     for (q0, quad) in refs.chunks(4).enumerate() {
                         let k = quad.len();
-                        if h == 2 {
-                            let (w0, w1) = wg.split_at(gb);
-                            let dt = t.w.dtype();
-                            qdot::dot_group_pair(isa, dt, w0, w1, quad, &mut res[..hg * k]);
-                        } else {
-                            qdot::dot_group(isa, t.w.dtype(), wg, quad, &mut res[..g * k]);
-                        }
+                        let dt = t.w.dtype();
+                        qdot::dot_groups(isa, dt, wg, h, quad, &mut res[..hg * k]);
                         for u in 0..k {
                             let at = (q0 * 4 + u) * out + r;
                             // SAFETY: `at + h·g <= n · out = y.len()` (input row

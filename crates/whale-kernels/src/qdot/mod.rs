@@ -297,6 +297,18 @@ pub fn dot_group_pair(isa: Isa, dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row]
     }
 }
 
+/// [`dot_group`] for `w` holding one group, or [`dot_group_pair`] for two adjacent
+/// ones (`groups`, 1 or 2): `out[8·groups·t + l]` is row `l` of the run of groups.
+pub fn dot_groups(isa: Isa, dtype: DType, w: &[u8], groups: usize, a: &[&Q8Row], out: &mut [f32]) {
+    if groups == 2 {
+        let (w0, w1) = w.split_at(w.len() / 2);
+        dot_group_pair(isa, dtype, w0, w1, a, out)
+    } else {
+        debug_assert_eq!(groups, 1);
+        dot_group(isa, dtype, w, a, out)
+    }
+}
+
 /// `out[8 t + l] = w_l · a[t]` for the eight rows `l` of one repacked group `w`
 /// (all its blocks, [`crate::repack`] layout) and up to four activation rows.
 /// `isa` must be one the CPU runs (as [`isa`] returns).

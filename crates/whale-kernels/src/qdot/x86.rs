@@ -323,11 +323,10 @@ int_kernel!(
 /// VNNI (`vpdpbusd`: four byte products summed into 32 bits in one instruction) or
 /// AVX2 (`vpmaddubsw`, 16-bit sums, `vpmaddwd` to widen).
 pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
-    let gbs = match dtype {
-        DType::Q4_0R8 => 8 * 18,
-        DType::Q8_0R8 => 8 * 34,
-        _ => return super::scalar::dot_group(dtype, w, a, out),
-    };
+    if !matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8) {
+        return super::scalar::dot_group(dtype, w, a, out);
+    }
+    let gbs = group_block_bytes(dtype);
     let nb = w.len() / gbs;
     assert!(w.len() == nb * gbs && out.len() == 8 * a.len() && a.len() <= 4);
     for x in a {
@@ -357,6 +356,11 @@ pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]
     }
 }
 
+/// Bytes of one block of a repacked group: eight rows' blocks.
+fn group_block_bytes(dtype: DType) -> usize {
+    crate::repack::ROWS * dtype.block().1
+}
+
 /// Two repacked groups of the same weight at once (`out[16 t + l]`: group `w0`'s
 /// rows `l < 8`, then `w1`'s), on 512-bit vectors: lanes 0–7 hold `w0`'s rows and
 /// lanes 8–15 `w1`'s, and both meet the same four activation values broadcast to all
@@ -364,11 +368,12 @@ pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]
 /// nearly the same rate on this Xeon (a loop of independent ones: 4.5 G/s against
 /// 5.1 G/s per core), which the one-group kernels leave unused.
 pub fn dot_group_pair(dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mut [f32]) {
-    let gbs = match dtype {
-        DType::Q4_0R8 => 8 * 18,
-        DType::Q8_0R8 => 8 * 34,
-        _ => panic!("dot_group_pair: {} is not a repacked type", dtype.name()),
-    };
+    assert!(
+        matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8),
+        "dot_group_pair: {} is not a repacked type",
+        dtype.name()
+    );
+    let gbs = group_block_bytes(dtype);
     let nb = w0.len() / gbs;
     assert!(w0.len() == nb * gbs && w1.len() == w0.len());
     assert!(out.len() == 16 * a.len() && a.len() <= 4);
