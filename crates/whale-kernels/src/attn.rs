@@ -32,14 +32,19 @@ pub fn mqa_scores(
     scores_with(q, qt.as_deref(), heads, rows, stride, n, scale, scores);
 }
 
-/// The queries `[H, L]` in panels of 16 heads for the AVX2 score tiles (`None` where
-/// they are not used).
+/// The queries `[H, L]` packed for the x86 score kernels: panels of 16 heads for the
+/// AVX2 tiles, panels of eight heads interleaved per 16 values for the AVX-512 ones
+/// (`None` where neither runs).
 fn packed_queries(q: &[f32], heads: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && heads > 0 {
         let l = q.len() / heads;
         let mut qt = Vec::new();
-        crate::attn_prefill::pack_keys(&[crate::Rows::dense(q, l)], heads, l, &mut qt);
+        if wide() {
+            x86::pack_queries512(q, heads, l, &mut qt);
+        } else {
+            crate::attn_prefill::pack_keys(&[crate::Rows::dense(q, l)], heads, l, &mut qt);
+        }
         return Some(qt);
     }
     let _ = (q, heads);
@@ -66,12 +71,23 @@ fn scores_with(
         let u0 = ci * ROWS_PER_TASK;
         #[cfg(target_arch = "x86_64")]
         if let Some(qt) = qt {
-            // SAFETY: `qt` exists only where AVX2 and FMA were detected (and AVX-512 F
-            // where `wide`); it holds `H` queries of `L` values packed by `pack_keys`;
-            // the assert above bounds every cache row.
+            // SAFETY: `qt` exists only where AVX2 and FMA were detected (AVX-512
+            // F/BW/VL and F16C too where `wide`); it holds `H` queries of `L` values
+            // packed for that ISA's kernel by `packed_queries`; the assert above (and
+            // the AVX-512 kernel's own) bounds every cache row.
             unsafe {
                 if wide() {
-                    x86::scores_tiles512(qt, heads, l, rows, stride, u0, out, scale, head_major)
+                    x86::scores_dot512(
+                        qt,
+                        heads,
+                        l,
+                        (rows, &[]),
+                        stride,
+                        u0,
+                        out,
+                        scale,
+                        head_major,
+                    )
                 } else {
                     x86::scores_tiles(qt, heads, l, rows, stride, u0, out, scale, head_major)
                 }
@@ -154,16 +170,17 @@ fn values_add(
     let c = acc.len() / heads;
     assert!(c <= stride && rows.len() >= u1 * stride && probs.len() == heads * n && u1 <= n);
     #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: `wide` means AVX-512 F/BW/VL (with AVX2, FMA and F16C) were
+        // detected; the kernel asserts its bounds.
+        unsafe { x86::values_dot512(probs, heads, n, rows, stride, u0, u1, acc) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && c.is_multiple_of(8) {
-        // SAFETY: AVX2 and FMA were detected (and AVX-512 F where `wide`); the assert
-        // above bounds every row and probability read.
-        unsafe {
-            if wide() && c.is_multiple_of(16) {
-                x86::values_rows512(probs, heads, n, rows, stride, u0, u1, acc)
-            } else {
-                x86::values_rows(probs, heads, n, rows, stride, u0, u1, acc)
-            }
-        };
+        // SAFETY: AVX2 and FMA were detected; the assert above bounds every row and
+        // probability read.
+        unsafe { x86::values_rows(probs, heads, n, rows, stride, u0, u1, acc) };
         return;
     }
     for u in u0..u1 {
@@ -197,23 +214,93 @@ impl Running {
         }
     }
 
-    /// Folds `n` rows of `stride` values into the state: their scores, then per head
-    /// the old sums rescaled to the new maximum, then their weighted values added
-    /// in place (no per-block buffers).
+    /// Folds the first `n` rows (of `stride` values) of `block` into the state: their
+    /// scores, then per head the old sums rescaled to the new maximum, then their
+    /// weighted values added in place (no per-block buffers). The AVX-512 kernels read
+    /// an f16 block where it lies, and ask for the `next` block's rows to be fetched
+    /// meanwhile; elsewhere an f16 block is widened into [`WIDE`] first.
     #[allow(clippy::too_many_arguments)]
-    fn add_rows(
+    fn add_block(
         &mut self,
         q: &[f32],
         qt: Option<&[f32]>,
         heads: usize,
-        rows: &[f32],
+        (block, next): (&Block<'_>, Option<&Block<'_>>),
         stride: usize,
         n: usize,
         scale: f32,
     ) {
-        let c = self.out.len() / heads;
         self.s.resize(heads * n, 0.0);
-        scores_with(q, qt, heads, rows, stride, n, scale, &mut self.s);
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some(qt)) = (wide(), qt) {
+            let l = q.len() / heads;
+            // SAFETY: `wide` means AVX-512 F/BW/VL (with AVX2, FMA and F16C) were
+            // detected, and `qt` holds the queries packed by `pack_queries512`; the
+            // kernels assert their bounds.
+            unsafe {
+                match (block, next) {
+                    (Block::F32(r), next) => {
+                        let next = match next {
+                            Some(Block::F32(x)) => x,
+                            _ => &[][..],
+                        };
+                        x86::scores_dot512(
+                            qt,
+                            heads,
+                            l,
+                            (r, next),
+                            stride,
+                            0,
+                            &mut self.s,
+                            scale,
+                            true,
+                        );
+                        self.softmax_step(heads, n);
+                        x86::values_dot512(&self.s, heads, n, r, stride, 0, n, &mut self.out)
+                    }
+                    (Block::F16(r), next) => {
+                        let next = match next {
+                            Some(Block::F16(x)) => x,
+                            _ => &[][..],
+                        };
+                        x86::scores_dot512(
+                            qt,
+                            heads,
+                            l,
+                            (r, next),
+                            stride,
+                            0,
+                            &mut self.s,
+                            scale,
+                            true,
+                        );
+                        self.softmax_step(heads, n);
+                        x86::values_dot512(&self.s, heads, n, r, stride, 0, n, &mut self.out)
+                    }
+                }
+            }
+            return;
+        }
+        let _ = next;
+        let mut add = |rows: &[f32]| {
+            scores_with(q, qt, heads, rows, stride, n, scale, &mut self.s);
+            self.softmax_step(heads, n);
+            values_add(&self.s, heads, n, rows, stride, 0, n, &mut self.out);
+        };
+        match block {
+            Block::F32(r) => add(r),
+            Block::F16(_) => WIDE.with_borrow_mut(|wide| {
+                wide.resize(n * stride, 0.0);
+                block.write_f32(wide);
+                add(wide)
+            }),
+        }
+    }
+
+    /// Turns one block's scores (`s`, `[H, n]`) into `exp(score − max)` under the
+    /// running maxima, rescaling the sums so far where a maximum grew.
+    fn softmax_step(&mut self, heads: usize, n: usize) {
+        let c = self.out.len() / heads;
         for h in 0..heads {
             let row = &mut self.s[h * n..(h + 1) * n];
             let m = crate::simd_f32::max(row).max(self.max[h]);
@@ -232,7 +319,6 @@ impl Running {
             self.max[h] = m;
             self.sum[h] += crate::simd_f32::exp_sum(row, m);
         }
-        values_add(&self.s, heads, n, rows, stride, 0, n, &mut self.out);
     }
 
     /// The state over both states' rows.
@@ -303,7 +389,8 @@ impl Block<'_> {
 }
 
 thread_local! {
-    /// One f16 block widened to f32 (147 KB for a 64-row V2 page): it stays in L2
+    /// One f16 block widened to f32 for the AVX2 and portable kernels (147 KB for a
+    /// 64-row V2 page): it stays in L2
     /// while the block's scores and weighted sum read it.
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -312,8 +399,9 @@ thread_local! {
 /// cache): `out[h] = Σ_u softmax_u(scale · q[h] · rows[u][..L]) · rows[u][..C]` over
 /// the first `visible` rows, where block `i` holds rows `i·B..` (`B = blocks[0].len() /
 /// stride`) of `stride` values each. Each block's scores, exponentials and weighted sum
-/// are computed while the block is in cache (blocks in parallel; an f16 block is
-/// widened to f32 first), then the blocks are merged by rescaling with their maxima
+/// are computed while the block is in cache (blocks in parallel; the AVX-512 kernels
+/// read an f16 block in place, the others widen it to f32 first), then the blocks
+/// are merged by rescaling with their maxima
 /// (as flash-decoding does), so the cache is read once per step instead of once for
 /// the scores and again for the values.
 #[allow(clippy::too_many_arguments)]
@@ -336,14 +424,8 @@ pub fn mqa_blocks(
         if n == 0 {
             return acc;
         }
-        match rows {
-            Block::F32(r) => acc.add_rows(q, qt.as_deref(), heads, r, stride, n, scale),
-            Block::F16(_) => WIDE.with_borrow_mut(|wide| {
-                wide.resize(n * stride, 0.0);
-                rows.write_f32(wide);
-                acc.add_rows(q, qt.as_deref(), heads, wide, stride, n, scale)
-            }),
-        }
+        let next = blocks.get(bi + 1);
+        acc.add_block(q, qt.as_deref(), heads, (rows, next), stride, n, scale);
         acc
     };
     let state = if blocks.len() > 1 {
@@ -488,110 +570,259 @@ mod x86 {
         }
     }
 
-    /// [`scores_tiles`] on 512-bit vectors: eight rows broadcast against a panel of 16
-    /// packed queries (one vector) per register tile, eight accumulators.
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    /// Cache values the 512-bit kernels read straight from the rows: f32, or f16
+    /// widened in the register (`vcvtph2ps`), so an f16 page is never copied.
+    pub trait Lane16: Copy {
+        /// Sixteen values from `p` as f32.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// The values from `p` whose bits are set in `k` (zero elsewhere) as f32.
+        unsafe fn load_masked(p: *const Self, k: __mmask16) -> __m512;
+    }
+
+    impl Lane16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, k: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(k, p)
+        }
+    }
+
+    impl Lane16 for half::f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const half::f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const half::f16, k: __mmask16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p as *const i16))
+        }
+    }
+
+    /// The mask of the first `n` (< 16) lanes.
+    #[inline(always)]
+    fn first_lanes(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// Lane `i` of the result is the sum of `a[i]`'s sixteen lanes: 45 shuffles and
+    /// adds for sixteen sums, where sixteen separate reductions take ~130.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn hsum16(a: &[__m512; 16]) -> __m512 {
+        // Halve by 256-bit halves, then 128-bit lanes, then within lanes; the order
+        // of the inputs makes lane `i` come out holding `a[i]`.
+        let half = |x: __m512, y: __m512| {
+            // 128-bit lanes [x0 x1 y0 y1] + [x2 x3 y2 y3]: x's sum in lanes 0–1.
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+            )
+        };
+        let (b0, b1, b2, b3) = (
+            half(a[0], a[4]),
+            half(a[1], a[5]),
+            half(a[2], a[6]),
+            half(a[3], a[7]),
+        );
+        let (b4, b5, b6, b7) = (
+            half(a[8], a[12]),
+            half(a[9], a[13]),
+            half(a[10], a[14]),
+            half(a[11], a[15]),
+        );
+        // Each 128-bit lane one input's four partials: `quarter(half(a, b), half(c, d))`
+        // holds a, b, c, d.
+        let quarter = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
+        let (c0, c1, c2, c3) = (
+            quarter(b0, b4),
+            quarter(b1, b5),
+            quarter(b2, b6),
+            quarter(b3, b7),
+        );
+        // Within 128-bit lanes: [x0+x2, y0+y2, x1+x3, y1+y3].
+        let pair = |x: __m512, y: __m512| {
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        };
+        let (d0, d1) = (pair(c0, c1), pair(c2, c3));
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(d0, d1),
+            _mm512_shuffle_ps::<0b11_10_11_10>(d0, d1),
+        )
+    }
+
+    /// Heads per panel of [`scores_dot512`]'s packed queries.
+    const QH: usize = 8;
+
+    /// Packs `q` (`[H, L]`) for [`scores_dot512`]: per panel of [`QH`] heads, per 16
+    /// values, the panel's heads one after another (`[H/8][L/16][8][16]`, rounded up
+    /// with zeros), so a tile reads its queries at fixed offsets from one pointer.
+    pub fn pack_queries512(q: &[f32], heads: usize, l: usize, out: &mut Vec<f32>) {
+        let chunks = l.div_ceil(16);
+        out.clear();
+        out.resize(heads.div_ceil(QH) * chunks * QH * 16 + 15, 0.0);
+        let a = aligned(out);
+        for h in 0..heads {
+            let (g, t) = (h / QH, h % QH);
+            for (ci, src) in q[h * l..(h + 1) * l].chunks(16).enumerate() {
+                let at = a + ((g * chunks + ci) * QH + t) * 16;
+                out[at..at + src.len()].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Where packed queries start in their buffer: at its first 64-byte boundary, so
+    /// no query load straddles two cache lines (that doubled the loads' cost).
+    fn aligned(buf: &[f32]) -> usize {
+        buf.as_ptr().align_offset(64).min(15)
+    }
+
+    /// Scores of `n` cache rows from row `u0` (`out` is `[H, n]` when `head_major`, else
+    /// `[n, H]`) as dot products along the row: a tile of two rows by eight queries
+    /// keeps sixteen sums of sixteen lanes (ten loads feed sixteen FMAs), reduced
+    /// together by [`hsum16`]. `qp` holds the queries packed by [`pack_queries512`].
+    /// The rows are read where they lie, f16 or f32; a row remainder repeats the last
+    /// row, its results dropped.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn scores_tiles512(
-        qt: &[f32],
+    pub unsafe fn scores_dot512<T: Lane16>(
+        qp: &[f32],
         heads: usize,
         l: usize,
-        rows: &[f32],
+        (rows, next): (&[T], &[T]),
         stride: usize,
         u0: usize,
         out: &mut [f32],
         scale: f32,
         head_major: bool,
     ) {
-        const R: usize = 8;
+        const R: usize = 2;
         let n = out.len() / heads;
+        let chunks = l.div_ceil(16);
+        let qp = &qp[aligned(qp)..];
+        assert!(
+            qp.len() >= heads.div_ceil(QH) * chunks * QH * 16
+                && l <= stride
+                && rows.len() >= (u0 + n) * stride
+        );
         let vs = _mm512_set1_ps(scale);
-        let mut tmp = [0.0f32; R * 16];
-        debug_assert!(qt.len() >= heads.div_ceil(16) * l * 16);
-        for k in (0..n).step_by(R) {
-            let kr = (n - k).min(R);
-            let rp: [*const f32; R] =
-                std::array::from_fn(|i| rows.as_ptr().add((u0 + k + i.min(kr - 1)) * stride));
-            // The next tile's rows, towards L2 while this one computes.
-            prefetch_rows(
-                rows,
-                stride,
-                u0 + k + R,
-                (n - k).saturating_sub(R).min(R),
-                l,
-            );
-            for hp in 0..heads.div_ceil(16) {
-                let qp = qt.as_ptr().add(hp * l * 16);
-                // Even and odd values in separate accumulators: eight chains of
-                // FMAs left the loop waiting on their latency.
-                let mut acc = [_mm512_setzero_ps(); R];
-                let mut acc2 = [_mm512_setzero_ps(); R];
-                let mut j = 0;
-                while j + 2 <= l {
-                    let q0 = _mm512_loadu_ps(qp.add(j * 16));
-                    let q1 = _mm512_loadu_ps(qp.add(j * 16 + 16));
-                    for i in 0..R {
-                        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rp[i].add(j)), q0, acc[i]);
-                        acc2[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rp[i].add(j + 1)), q1, acc2[i]);
+        let tail = first_lanes(l % 16);
+        let mut tmp = [0.0f32; 16];
+        for g in 0..heads.div_ceil(QH) {
+            let (h0, hn) = (g * QH, (heads - g * QH).min(QH));
+            let panel = qp.as_ptr().add(g * chunks * QH * 16);
+            for k in (0..n).step_by(R) {
+                let kr = (n - k).min(R);
+                let r0 = rows.as_ptr().add((u0 + k) * stride);
+                let r1 = r0.add((kr - 1) * stride);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                let mut step = |x0: __m512, x1: __m512, qc: *const f32| {
+                    for t in 0..QH {
+                        let qv = _mm512_loadu_ps(qc.add(t * 16));
+                        acc[t] = _mm512_fmadd_ps(x0, qv, acc[t]);
+                        acc[QH + t] = _mm512_fmadd_ps(x1, qv, acc[QH + t]);
                     }
-                    j += 2;
+                };
+                // The next tile's rows, towards L1 a line per step while this one
+                // computes (they come from L2: a page is larger than L1); and the
+                // same rows of the block that follows, from memory towards L2, a
+                // whole block ahead of their use.
+                let (n0, n1) = (r1.add(stride), r1.add(2 * stride));
+                let ahead = k + R < n;
+                let far = (k + R) * stride <= next.len();
+                let (f0, f1) = (
+                    next.as_ptr().add(k * stride),
+                    next.as_ptr().add((k + kr - 1) * stride),
+                );
+                let mut j = 0;
+                while j + 16 <= l {
+                    if ahead {
+                        _mm_prefetch::<_MM_HINT_T0>(n0.add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(n1.add(j) as *const i8);
+                    }
+                    if far {
+                        _mm_prefetch::<_MM_HINT_T1>(f0.add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(f1.add(j) as *const i8);
+                    }
+                    step(
+                        T::load16(r0.add(j)),
+                        T::load16(r1.add(j)),
+                        panel.add(j * QH),
+                    );
+                    j += 16;
                 }
                 if j < l {
-                    let q0 = _mm512_loadu_ps(qp.add(j * 16));
-                    for i in 0..R {
-                        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*rp[i].add(j)), q0, acc[i]);
+                    let (x0, x1) = (
+                        T::load_masked(r0.add(j), tail),
+                        T::load_masked(r1.add(j), tail),
+                    );
+                    step(x0, x1, panel.add(j * QH));
+                }
+                _mm512_storeu_ps(tmp.as_mut_ptr(), _mm512_mul_ps(hsum16(&acc), vs));
+                for i in 0..kr {
+                    for t in 0..hn {
+                        let at = if head_major {
+                            (h0 + t) * n + k + i
+                        } else {
+                            (k + i) * heads + h0 + t
+                        };
+                        out[at] = tmp[i * QH + t];
                     }
                 }
-                for (i, (a, b)) in acc.iter().zip(&acc2).enumerate() {
-                    let v = _mm512_mul_ps(_mm512_add_ps(*a, *b), vs);
-                    _mm512_storeu_ps(tmp.as_mut_ptr().add(i * 16), v);
-                }
-                scatter_scores(&tmp, (k, kr), hp, (heads, n), head_major, out);
             }
         }
     }
 
-    /// [`values_rows`] on 512-bit vectors (`C` a multiple of 16): 32 columns of eight
-    /// heads in sixteen registers across the rows (two loads and eight broadcasts
-    /// feed sixteen FMAs), a 16-column tail as eight heads by one.
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    /// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]` on 512-bit vectors: 32
+    /// columns of eight heads in sixteen registers across the rows (two row loads and
+    /// eight broadcast probabilities feed sixteen FMAs), a remainder of up to 16
+    /// columns masked; rows read where they lie, f16 or f32. (Sixteen heads by 16
+    /// columns, seventeen loads per sixteen FMAs, measured half as fast.)
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn values_rows512(
+    pub unsafe fn values_dot512<T: Lane16>(
         probs: &[f32],
         heads: usize,
         n: usize,
-        rows: &[f32],
+        rows: &[T],
         stride: usize,
         u0: usize,
         u1: usize,
         acc: &mut [f32],
     ) {
         let c = acc.len() / heads;
-        debug_assert!(c.is_multiple_of(16));
+        assert!(c <= stride && u1 <= n && probs.len() >= heads * n && rows.len() >= u1 * stride);
         for h0 in (0..heads).step_by(8) {
             let args = (probs, n, rows, stride, u0, u1, h0, c, acc.as_mut_ptr());
             match heads - h0 {
-                1 => values_heads512::<1>(args),
-                2 => values_heads512::<2>(args),
-                3 => values_heads512::<3>(args),
-                4 => values_heads512::<4>(args),
-                5 => values_heads512::<5>(args),
-                6 => values_heads512::<6>(args),
-                7 => values_heads512::<7>(args),
-                _ => values_heads512::<8>(args),
+                1 => values_heads512::<T, 1>(args),
+                2 => values_heads512::<T, 2>(args),
+                3 => values_heads512::<T, 3>(args),
+                4 => values_heads512::<T, 4>(args),
+                5 => values_heads512::<T, 5>(args),
+                6 => values_heads512::<T, 6>(args),
+                7 => values_heads512::<T, 7>(args),
+                _ => values_heads512::<T, 8>(args),
             }
         }
     }
 
-    /// `HN` heads from `h0` of [`values_rows512`].
+    /// `HN` heads from `h0` of [`values_dot512`].
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[allow(clippy::type_complexity)]
-    unsafe fn values_heads512<const HN: usize>(
+    unsafe fn values_heads512<T: Lane16, const HN: usize>(
         (probs, n, rows, stride, u0, u1, h0, c, ap): (
             &[f32],
             usize,
-            &[f32],
+            &[T],
             usize,
             usize,
             usize,
@@ -609,8 +840,8 @@ mod x86 {
             let mut v1: [__m512; HN] =
                 std::array::from_fn(|t| _mm512_loadu_ps(ap.add((h0 + t) * c + j + 16)));
             for u in u0..u1 {
-                let x0 = _mm512_loadu_ps(rp.add(u * stride + j));
-                let x1 = _mm512_loadu_ps(rp.add(u * stride + j + 16));
+                let x0 = T::load16(rp.add(u * stride + j));
+                let x1 = T::load16(rp.add(u * stride + j + 16));
                 for t in 0..HN {
                     let p = _mm512_set1_ps(*pp[t].add(u));
                     v0[t] = _mm512_fmadd_ps(p, x0, v0[t]);
@@ -623,18 +854,21 @@ mod x86 {
             }
             j += 32;
         }
-        if j < c {
+        while j < c {
+            let k = first_lanes((c - j).min(16) % 16);
+            let k = if c - j >= 16 { 0xffff } else { k };
             let mut v: [__m512; HN] =
-                std::array::from_fn(|t| _mm512_loadu_ps(ap.add((h0 + t) * c + j)));
+                std::array::from_fn(|t| _mm512_maskz_loadu_ps(k, ap.add((h0 + t) * c + j)));
             for u in u0..u1 {
-                let x = _mm512_loadu_ps(rp.add(u * stride + j));
+                let x = T::load_masked(rp.add(u * stride + j), k);
                 for t in 0..HN {
                     v[t] = _mm512_fmadd_ps(_mm512_set1_ps(*pp[t].add(u)), x, v[t]);
                 }
             }
             for (t, vt) in v.iter().enumerate() {
-                _mm512_storeu_ps(ap.add((h0 + t) * c + j), *vt);
+                _mm512_mask_storeu_ps(ap.add((h0 + t) * c + j), k, *vt);
             }
+            j += 16;
         }
     }
 
@@ -743,6 +977,30 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn hsum16_sums_each_input_into_its_lane() {
+        if !crate::qdot::x86::has_avx512vnni() {
+            return;
+        }
+        let vals: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32) - 50.0).collect();
+        // SAFETY: AVX-512 F was detected; the loads read 16 of the 256 values each.
+        let got: Vec<f32> = unsafe {
+            use std::arch::x86_64::*;
+            let a: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(vals[i * 16..].as_ptr()));
+            let mut out = [0.0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), x86::hsum16(&a));
+            out.to_vec()
+        };
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(
+                *g,
+                vals[i * 16..(i + 1) * 16].iter().sum::<f32>(),
+                "lane {i}"
+            );
+        }
+    }
+
     #[test]
     fn f16_blocks_widen_exactly() {
         // Every finite, infinite, subnormal and NaN half: the vector widening and
@@ -799,10 +1057,33 @@ mod tests {
                 shapes.push(("avx2", o));
             }
             if crate::qdot::x86::has_avx512vnni() {
+                let mut qp = Vec::new();
+                x86::pack_queries512(&q, heads, l, &mut qp);
                 let mut o = vec![0.0; heads * n];
-                // SAFETY: AVX-512 F, AVX2 and FMA were detected; as above.
-                unsafe { x86::scores_tiles512(&qt, heads, l, &rows, stride, 0, &mut o, 0.5, true) };
+                // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C were detected; the
+                // kernel asserts its bounds.
+                unsafe {
+                    x86::scores_dot512(&qp, heads, l, (&rows, &[]), stride, 0, &mut o, 0.5, true)
+                };
                 shapes.push(("avx512", o));
+                // Row-major output too, and f16 rows read in place against the
+                // same rows widened first.
+                let mut t = vec![0.0; heads * n];
+                // SAFETY: as above.
+                unsafe {
+                    x86::scores_dot512(&qp, heads, l, (&rows, &[]), stride, 0, &mut t, 0.5, false)
+                };
+                let tr: Vec<f32> = (0..heads * n).map(|i| t[(i % n) * heads + i / n]).collect();
+                shapes.push(("avx512 row-major", tr));
+                let halves: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f32(x)).collect();
+                let wide: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+                let (mut a, mut b) = (vec![0.0; heads * n], vec![0.0; heads * n]);
+                // SAFETY: as above.
+                unsafe {
+                    x86::scores_dot512(&qp, heads, l, (&halves, &[]), stride, 0, &mut a, 0.5, true);
+                    x86::scores_dot512(&qp, heads, l, (&wide, &[]), stride, 0, &mut b, 0.5, true);
+                }
+                assert_eq!(a, b, "f16 rows in place");
             }
             for (name, o) in shapes {
                 for (a, b) in o.iter().zip(&s) {
@@ -810,8 +1091,8 @@ mod tests {
                 }
             }
         }
-        // 32 columns: whole 16-column tiles (AVX-512: one 32-column tile); 48: a
-        // 16-column tail; 40: an 8-column tail (AVX2 only).
+        // 32 columns: whole 16-column tiles; 48: a 16-column tail (AVX2: 16-column
+        // tiles and an 8-column tail); 40: an 8-column tail (AVX-512: masked).
         for c in [32, 40, 48] {
             let mut outs = vec![("dispatched", vec![0.0; heads * c])];
             mqa_values(&s, heads, &rows, stride, n, &mut outs[0].1);
@@ -823,11 +1104,23 @@ mod tests {
                     unsafe { x86::values_rows(&s, heads, n, &rows, stride, 0, n, &mut o) };
                     outs.push(("avx2", o));
                 }
-                if crate::qdot::x86::has_avx512vnni() && c % 16 == 0 {
+                if crate::qdot::x86::has_avx512vnni() {
                     let mut o = vec![0.0; heads * c];
-                    // SAFETY: AVX-512 F, AVX2 and FMA were detected; the sizes agree.
-                    unsafe { x86::values_rows512(&s, heads, n, &rows, stride, 0, n, &mut o) };
+                    // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C were detected; the
+                    // kernel asserts its bounds.
+                    unsafe { x86::values_dot512(&s, heads, n, &rows, stride, 0, n, &mut o) };
                     outs.push(("avx512", o));
+                    // f16 rows read in place against the same rows widened first.
+                    let halves: Vec<half::f16> =
+                        rows.iter().map(|&x| half::f16::from_f32(x)).collect();
+                    let wide: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+                    let (mut a, mut b) = (vec![0.0; heads * c], vec![0.0; heads * c]);
+                    // SAFETY: as above.
+                    unsafe {
+                        x86::values_dot512(&s, heads, n, &halves, stride, 0, n, &mut a);
+                        x86::values_dot512(&s, heads, n, &wide, stride, 0, n, &mut b);
+                    }
+                    assert_eq!(a, b, "f16 rows in place, c={c}");
                 }
             }
             for (name, o) in &outs {
