@@ -1,7 +1,9 @@
-//! f32 vector loops compiled twice: the portable build (whatever the target's
-//! baseline is, SSE2 on x86-64) and an AVX2 + FMA build chosen at run time. The
-//! bodies are one generic function each, so the two copies cannot drift apart;
-//! the tests compare them.
+//! f32 vector loops compiled three times: the portable build (whatever the target's
+//! baseline is, SSE2 on x86-64), an AVX2 + FMA build and an AVX-512 build, chosen at
+//! run time. The bodies are one generic function each, so the copies cannot drift
+//! apart; the tests compare them. The reductions take their lane count as a
+//! parameter: eight for the portable and AVX2 copies, sixteen (one 512-bit vector)
+//! for the AVX-512 one, which therefore sums in another order.
 
 #[inline(always)]
 fn dot_body(a: &[f32], b: &[f32]) -> f32 {
@@ -10,14 +12,18 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     let cb = b.chunks_exact(16);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for k in 0..16 {
-            acc[k] += x[k] * y[k];
+        for (s, (x, y)) in acc.iter_mut().zip(x.iter().zip(y)) {
+            *s += x * y;
         }
     }
-    let mut s = 0.0;
-    for k in 0..8 {
-        s += acc[k] + acc[k + 8];
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for k in 0..w {
+            acc[k] += acc[k + w];
+        }
     }
+    let mut s = acc[0];
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
@@ -34,12 +40,12 @@ fn axpy_body(a: f32, x: &[f32], y: &mut [f32]) {
 /// The largest value (`-inf` for none; NaNs are passed over), eight running maxima:
 /// `fold(f32::max)` compiled to a serial chain of scalar `maxss`.
 #[inline(always)]
-fn max_body(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let ch = x.chunks_exact(8);
+fn max_body<const W: usize>(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; W];
+    let ch = x.chunks_exact(W);
     let rem = ch.remainder();
     for c in ch {
-        for k in 0..8 {
+        for k in 0..W {
             acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
         }
     }
@@ -86,11 +92,11 @@ fn exp_one(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn exp_sum_body(x: &mut [f32], m: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut ch = x.chunks_exact_mut(8);
+fn exp_sum_body<const W: usize>(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; W];
+    let mut ch = x.chunks_exact_mut(W);
     for c in &mut ch {
-        for k in 0..8 {
+        for k in 0..W {
             c[k] = exp_one(c[k] - m);
             acc[k] += c[k];
         }
@@ -100,7 +106,15 @@ fn exp_sum_body(x: &mut [f32], m: f32) -> f32 {
         *v = exp_one(*v - m);
         s += *v;
     }
-    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    // Halves added pairwise down to one lane.
+    let mut w = W;
+    while w > 1 {
+        w /= 2;
+        for k in 0..w {
+            acc[k] += acc[k + w];
+        }
+    }
+    s + acc[0]
 }
 
 #[inline(always)]
@@ -110,19 +124,104 @@ fn swiglu_body(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Lanes of the portable and AVX2 reductions.
+const W8: usize = 8;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    const W: usize = 16;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
+        super::swiglu_body(g, u)
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        super::exp_sum_body::<W>(x, m)
+    }
+    /// Written out (two 512-bit FMA chains, the tail masked): the vectoriser
+    /// compiled `dot_body` to sums of two-lane pieces.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 16)),
+                _mm512_loadu_ps(pb.add(i + 16)),
+                s1,
+            );
+            i += 32;
+        }
+        while i < n {
+            let k: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let (x, y) = (
+                _mm512_maskz_loadu_ps(k, pa.add(i)),
+                _mm512_maskz_loadu_ps(k, pb.add(i)),
+            );
+            s0 = _mm512_fmadd_ps(x, y, s0);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        super::axpy_body(a, x, y)
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn add(x: &[f32], y: &mut [f32]) {
+        super::add_body(x, y)
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn max(x: &[f32]) -> f32 {
+        super::max_body::<W>(x)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::W8;
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
         super::swiglu_body(g, u)
     }
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-        super::exp_sum_body(x, m)
+        super::exp_sum_body::<W8>(x, m)
     }
+    /// Written out (two 256-bit FMA chains, a scalar tail): the vectoriser compiled
+    /// `dot_body` to sums of two-lane pieces.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        super::dot_body(a, b)
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                s1,
+            );
+            i += 16;
+        }
+        let s = _mm256_add_ps(s0, s1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut t = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+        for k in i..n {
+            t += a[k] * b[k];
+        }
+        t
     }
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
@@ -134,67 +233,69 @@ mod avx2 {
     }
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn max(x: &[f32]) -> f32 {
-        super::max_body(x)
+        super::max_body::<W8>(x)
     }
 }
 
+/// Which copy runs: 0 portable, 1 AVX2, 2 AVX-512 (as `qdot::isa()` says, so
+/// `WHALE_ISA=avx2` keeps an AVX-512 CPU on the AVX2 copies too).
 #[inline]
-fn use_avx2() -> bool {
+fn level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
-        !matches!(crate::qdot::isa(), crate::qdot::Isa::Scalar)
+        match crate::qdot::isa() {
+            crate::qdot::Isa::Scalar => 0,
+            crate::qdot::Isa::Avx2 => 1,
+            crate::qdot::Isa::Avx512Vnni => 2,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        0
     }
+}
+
+/// Runs the copy [`level`] picks.
+macro_rules! dispatch {
+    ($f:ident($($a:expr),*), $portable:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        match level() {
+            // SAFETY: `qdot::isa()` reports AVX-512 F/BW/VL (with AVX2 and FMA) and
+            // AVX2 (with FMA) only after detecting them.
+            2 => return unsafe { avx512::$f($($a),*) },
+            // SAFETY: as above.
+            1 => return unsafe { avx2::$f($($a),*) },
+            _ => {}
+        }
+        $portable
+    }};
 }
 
 /// `Σ a[i] · b[i]` (sixteen partial sums).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: `qdot::isa()` reports AVX2 (with FMA and F16C) only after detecting it.
-        return unsafe { avx2::dot(a, b) };
-    }
-    dot_body(a, b)
+    dispatch!(dot(a, b), dot_body(a, b))
 }
 
 /// `y += a · x`.
 #[inline]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::axpy(a, x, y) };
-    }
-    axpy_body(a, x, y)
+    dispatch!(axpy(a, x, y), axpy_body(a, x, y))
 }
 
 /// `y += x`.
 #[inline]
 pub fn add(x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::add(x, y) };
-    }
-    add_body(x, y)
+    dispatch!(add(x, y), add_body(x, y))
 }
 
 /// The largest of `x` (`-inf` when empty; NaNs are passed over).
 #[inline]
 pub fn max(x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::max(x) };
-    }
-    max_body(x)
+    dispatch!(max(x), max_body::<W8>(x))
 }
 
 /// `e^x` (the scalar form of [`exp_sum`]'s arithmetic).
@@ -209,24 +310,14 @@ pub fn exp(x: f32) -> f32 {
 #[inline]
 pub fn swiglu(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "swiglu: gate and up lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::swiglu(g, u) };
-    }
-    swiglu_body(g, u)
+    dispatch!(swiglu(g, u), swiglu_body(g, u))
 }
 
 /// `x[i] = e^(x[i] − m)` in place; returns `Σ x[i]` (softmax's numerators and
 /// denominator in one pass).
 #[inline]
 pub fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::exp_sum(x, m) };
-    }
-    exp_sum_body(x, m)
+    dispatch!(exp_sum(x, m), exp_sum_body::<W8>(x, m))
 }
 
 #[cfg(test)]
@@ -249,7 +340,7 @@ mod tests {
             add(&a, &mut y2);
             assert_eq!(y1, y2);
             let fold = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert_eq!(max_body(&a), fold);
+            assert_eq!(max_body::<W8>(&a), fold);
             assert_eq!(max(&a), fold);
             // A NaN is passed over, as `f32::max` does.
             let mut nan = a.clone();
@@ -257,7 +348,7 @@ mod tests {
                 *x = f32::NAN;
                 let want = nan.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 assert_eq!(max(&nan), want);
-                assert_eq!(max_body(&nan), want);
+                assert_eq!(max_body::<W8>(&nan), want);
             }
             #[cfg(target_arch = "x86_64")]
             if crate::qdot::x86::has_avx2() {
@@ -266,10 +357,11 @@ mod tests {
             }
             let mut e1: Vec<f32> = a.iter().map(|v| v * 30.0).collect();
             let mut e2 = e1.clone();
-            let s1 = exp_sum_body(&mut e1, 0.5);
+            let s1 = exp_sum_body::<W8>(&mut e1, 0.5);
             let s2 = exp_sum(&mut e2, 0.5);
             assert_eq!(e1, e2);
-            assert_eq!(s1.to_bits(), s2.to_bits());
+            // The dispatched copy may sum in sixteen lanes (AVX-512).
+            assert!((s1 - s2).abs() <= 1e-5 * s1.abs().max(1.0));
             #[cfg(target_arch = "x86_64")]
             if crate::qdot::x86::has_avx2() {
                 // SAFETY: AVX2 and FMA were detected just above.
@@ -283,6 +375,47 @@ mod tests {
                 let d = unsafe { avx2::dot(&a, &b) };
                 assert!((d - want).abs() <= 1e-5 * want.abs().max(1.0));
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_copies_equal_the_portable_bodies() {
+        if !crate::qdot::x86::has_avx512vnni() {
+            return;
+        }
+        for n in [0, 1, 15, 16, 17, 33, 576, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
+            // SAFETY (all calls below): AVX-512 F/BW/VL, AVX2 and FMA were detected.
+            let d = unsafe { avx512::dot(&a, &b) };
+            let want = dot_body(&a, &b);
+            assert!((d - want).abs() <= 1e-5 * want.abs().max(1.0));
+            let (mut y1, mut y2) = (b.clone(), b.clone());
+            axpy_body(0.5, &a, &mut y1);
+            unsafe { avx512::axpy(0.5, &a, &mut y2) };
+            assert_eq!(y1, y2);
+            add_body(&a, &mut y1);
+            unsafe { avx512::add(&a, &mut y2) };
+            assert_eq!(y1, y2);
+            let fold = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(unsafe { avx512::max(&a) }, fold);
+            assert_eq!(max_body::<16>(&a), fold);
+            // The same exponentials; the sum in sixteen lanes, as the body with
+            // sixteen computes it, and within rounding of eight lanes' sum.
+            let mut e1: Vec<f32> = a.iter().map(|v| v * 30.0).collect();
+            let (mut e2, mut e3) = (e1.clone(), e1.clone());
+            let s8 = exp_sum_body::<W8>(&mut e1, 0.5);
+            let s16 = exp_sum_body::<16>(&mut e2, 0.5);
+            let got = unsafe { avx512::exp_sum(&mut e3, 0.5) };
+            assert_eq!(e3, e1);
+            assert_eq!(got.to_bits(), s16.to_bits());
+            assert!((got - s8).abs() <= 1e-5 * s8.abs().max(1.0));
+            let g: Vec<f32> = a.iter().map(|v| v * 40.0 - 3.0).collect();
+            let (mut g1, mut g2) = (g.clone(), g);
+            swiglu_body(&mut g1, &b);
+            unsafe { avx512::swiglu(&mut g2, &b) };
+            assert_eq!(g1, g2, "the AVX-512 copy computes the same bits");
         }
     }
 
