@@ -33,8 +33,9 @@ pub fn mqa_scores(
 }
 
 /// The queries `[H, L]` packed for the x86 score kernels: panels of 16 heads for the
-/// AVX2 tiles, panels of eight heads interleaved per 16 values for the AVX-512 ones
-/// (`None` where neither runs).
+/// AVX2 tiles, panels of eight heads interleaved per 16 values for the AVX-512 ones,
+/// from the buffer's first 64-byte boundary ([`crate::align64`]; `None` where neither
+/// kernel runs).
 fn packed_queries(q: &[f32], heads: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && heads > 0 {
@@ -89,6 +90,7 @@ fn scores_with(
                         head_major,
                     )
                 } else {
+                    let qt = &qt[crate::align64(qt)..];
                     x86::scores_tiles(qt, heads, l, rows, stride, u0, out, scale, head_major)
                 }
             };
@@ -663,12 +665,14 @@ mod x86 {
 
     /// Packs `q` (`[H, L]`) for [`scores_dot512`]: per panel of [`QH`] heads, per 16
     /// values, the panel's heads one after another (`[H/8][L/16][8][16]`, rounded up
-    /// with zeros), so a tile reads its queries at fixed offsets from one pointer.
+    /// with zeros), so a tile reads its queries at fixed offsets from one pointer;
+    /// from the buffer's first 64-byte boundary ([`crate::align64`]: unaligned query
+    /// loads halved the kernel's speed).
     pub fn pack_queries512(q: &[f32], heads: usize, l: usize, out: &mut Vec<f32>) {
         let chunks = l.div_ceil(16);
         out.clear();
         out.resize(heads.div_ceil(QH) * chunks * QH * 16 + 15, 0.0);
-        let a = aligned(out);
+        let a = crate::align64(out);
         for h in 0..heads {
             let (g, t) = (h / QH, h % QH);
             for (ci, src) in q[h * l..(h + 1) * l].chunks(16).enumerate() {
@@ -676,12 +680,6 @@ mod x86 {
                 out[at..at + src.len()].copy_from_slice(src);
             }
         }
-    }
-
-    /// Where packed queries start in their buffer: at its first 64-byte boundary, so
-    /// no query load straddles two cache lines (that doubled the loads' cost).
-    fn aligned(buf: &[f32]) -> usize {
-        buf.as_ptr().align_offset(64).min(15)
     }
 
     /// Scores of `n` cache rows from row `u0` (`out` is `[H, n]` when `head_major`, else
@@ -706,7 +704,7 @@ mod x86 {
         const R: usize = 2;
         let n = out.len() / heads;
         let chunks = l.div_ceil(16);
-        let qp = &qp[aligned(qp)..];
+        let qp = &qp[crate::align64(qp)..];
         assert!(
             qp.len() >= heads.div_ceil(QH) * chunks * QH * 16
                 && l <= stride
@@ -1047,13 +1045,15 @@ mod tests {
         // Each x86 shape the CPU runs, whichever the dispatch picks.
         #[cfg(target_arch = "x86_64")]
         {
-            let mut qt = Vec::new();
-            crate::attn_prefill::pack_keys(&[crate::Rows::dense(&q, l)], heads, l, &mut qt);
+            let mut buf = Vec::new();
+            let a =
+                crate::attn_prefill::pack_keys(&[crate::Rows::dense(&q, l)], heads, l, &mut buf);
+            let qt = &buf[a..];
             let mut shapes = Vec::new();
             if crate::qdot::x86::has_avx2() {
                 let mut o = vec![0.0; heads * n];
                 // SAFETY: AVX2 and FMA were detected; `qt` packs the queries.
-                unsafe { x86::scores_tiles(&qt, heads, l, &rows, stride, 0, &mut o, 0.5, true) };
+                unsafe { x86::scores_tiles(qt, heads, l, &rows, stride, 0, &mut o, 0.5, true) };
                 shapes.push(("avx2", o));
             }
             if crate::qdot::x86::has_avx512vnni() {

@@ -97,7 +97,8 @@ pub fn causal_attention(
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && dv.is_multiple_of(16) {
         let wide = crate::qdot::isa() == crate::qdot::Isa::Avx512Vnni;
         KT.with_borrow_mut(|kt| {
-            pack_keys(k_parts, n, d, kt);
+            let a = pack_keys(k_parts, n, d, kt);
+            let kt = &kt[a..];
             // SAFETY: AVX2 and FMA were detected (and AVX-512 F where `isa` is the
             // VNNI one); `kt` holds `n` keys packed by `pack_keys` and the asserts
             // above bound `q`, `v` and `out`.
@@ -151,13 +152,15 @@ fn causal_portable(
     }
 }
 
-/// `N` keys of `D` values as panels of 16: `kt[(p·D + j)·16 + c]` is value `j` of key
-/// `p·16 + c`, zeros past `N`.
-pub(crate) fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) {
+/// `N` keys of `D` values as panels of 16: `kt[a + (p·D + j)·16 + c]` is value `j` of
+/// key `p·16 + c`, zeros past `N`, where `a` (returned) is the buffer's first 64-byte
+/// boundary, so no key load straddles two cache lines.
+pub(crate) fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) -> usize {
     let panels = n.div_ceil(16);
     kt.clear();
-    kt.resize(panels * d * 16, 0.0);
-    for (p, panel) in kt.chunks_exact_mut(d * 16).enumerate() {
+    kt.resize(panels * d * 16 + 15, 0.0);
+    let a = crate::align64(kt);
+    for (p, panel) in kt[a..].chunks_exact_mut(d * 16).enumerate() {
         for c in 0..16.min(n - p * 16) {
             let mut j0 = 0;
             for part in k_parts {
@@ -168,6 +171,7 @@ pub(crate) fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f
             }
         }
     }
+    a
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -499,12 +503,17 @@ pub(crate) mod x86 {
         let dv = v.len;
         let mut m = [f32::NEG_INFINITY; QC];
         let mut l = [0.0f32; QC];
-        let mut o = vec![0.0f32; QC * dv];
+        // The chunk's sums and packed queries from 64-byte boundaries (`align64`).
+        let mut obuf = vec![0.0f32; QC * dv + 15];
+        let oa = crate::align64(&obuf);
+        let o = &mut obuf[oa..oa + QC * dv];
         let mut s = [[0.0f32; KB]; MR];
         let mut alpha = [0.0f32; MR];
         // The chunk's query rows, a tile of `r` at a time, packed transposed (rows
         // past the chunk's end repeat its last row; their scores are dropped).
-        let mut qpk = vec![0.0f32; QC * d];
+        let mut qbuf = vec![0.0f32; QC * d + 15];
+        let qa = crate::align64(&qbuf);
+        let qpk = &mut qbuf[qa..qa + QC * d];
         for q0 in (0..t).step_by(QC) {
             let q1 = (q0 + QC).min(t);
             m.fill(f32::NEG_INFINITY);
@@ -659,19 +668,20 @@ mod tests {
             // Each tile shape the CPU runs, whichever the dispatch picks.
             #[cfg(target_arch = "x86_64")]
             {
-                let mut kt = Vec::new();
-                pack_keys(&parts, n, d, &mut kt);
+                let mut buf = Vec::new();
+                let a = pack_keys(&parts, n, d, &mut buf);
+                let kt = &buf[a..];
                 let vr = Rows::dense(&v, dv);
                 if crate::qdot::x86::has_avx2() {
                     let mut o = vec![0.0f32; t * dv];
                     // SAFETY: AVX2 and FMA were detected; `kt` packs `n` keys.
-                    unsafe { x86::causal(&q, t, &kt, vr, d, past, scale, &mut o) };
+                    unsafe { x86::causal(&q, t, kt, vr, d, past, scale, &mut o) };
                     runs.push(("avx2", o));
                 }
                 if crate::qdot::x86::has_avx512vnni() {
                     let mut o = vec![0.0f32; t * dv];
                     // SAFETY: AVX-512 F, AVX2 and FMA were detected; as above.
-                    unsafe { x86::causal512(&q, t, &kt, vr, d, past, scale, &mut o) };
+                    unsafe { x86::causal512(&q, t, kt, vr, d, past, scale, &mut o) };
                     runs.push(("avx512", o));
                 }
             }

@@ -38,6 +38,13 @@ pub use matmul::{
 pub use ops::{dot, rmsnorm, rmsnorm_inplace, softmax_inplace};
 pub use simd_f32::swiglu;
 
+/// Where a scratch buffer's first 64-byte boundary lies (in values; at most 15 for
+/// f32): kernels that load whole 512-bit vectors at multiples of 16 values from it
+/// start there, since a load straddling two cache lines costs about two.
+pub(crate) fn align64(buf: &[f32]) -> usize {
+    buf.as_ptr().align_offset(64).min(15)
+}
+
 /// Runs `f` on a worker thread of rayon's global pool (directly when already on
 /// one). A parallel kernel called from outside the pool injects its job and parks
 /// the caller on a futex until a worker finishes it: for a decode step's ~240
