@@ -241,43 +241,17 @@ impl Running {
             // kernels assert their bounds.
             unsafe {
                 match (block, next) {
-                    (Block::F32(r), next) => {
-                        let next = match next {
-                            Some(Block::F32(x)) => x,
-                            _ => &[][..],
-                        };
-                        x86::scores_dot512(
-                            qt,
-                            heads,
-                            l,
-                            (r, next),
-                            stride,
-                            0,
-                            &mut self.s,
-                            scale,
-                            true,
-                        );
-                        self.softmax_step(heads, n);
-                        x86::values_dot512(&self.s, heads, n, r, stride, 0, n, &mut self.out)
+                    (Block::F32(r), Some(Block::F32(x))) => {
+                        self.add_rows512(qt, heads, l, (r, x), stride, n, scale)
                     }
-                    (Block::F16(r), next) => {
-                        let next = match next {
-                            Some(Block::F16(x)) => x,
-                            _ => &[][..],
-                        };
-                        x86::scores_dot512(
-                            qt,
-                            heads,
-                            l,
-                            (r, next),
-                            stride,
-                            0,
-                            &mut self.s,
-                            scale,
-                            true,
-                        );
-                        self.softmax_step(heads, n);
-                        x86::values_dot512(&self.s, heads, n, r, stride, 0, n, &mut self.out)
+                    (Block::F32(r), _) => {
+                        self.add_rows512(qt, heads, l, (r, &[]), stride, n, scale)
+                    }
+                    (Block::F16(r), Some(Block::F16(x))) => {
+                        self.add_rows512(qt, heads, l, (r, x), stride, n, scale)
+                    }
+                    (Block::F16(r), _) => {
+                        self.add_rows512(qt, heads, l, (r, &[]), stride, n, scale)
                     }
                 }
             }
@@ -297,6 +271,39 @@ impl Running {
                 add(wide)
             }),
         }
+    }
+
+    /// [`Self::add_block`] on the AVX-512 kernels: `rows` (f16 or f32) read in place,
+    /// `next` (the following block's rows, possibly none) prefetched meanwhile.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL, AVX2, FMA and F16C were detected; `qt` holds the queries
+    /// packed by `pack_queries512` (the kernels assert every other bound).
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_rows512<T: x86::Lane16>(
+        &mut self,
+        qt: &[f32],
+        heads: usize,
+        l: usize,
+        (rows, next): (&[T], &[T]),
+        stride: usize,
+        n: usize,
+        scale: f32,
+    ) {
+        x86::scores_dot512(
+            qt,
+            heads,
+            l,
+            (rows, next),
+            stride,
+            0,
+            &mut self.s,
+            scale,
+            true,
+        );
+        self.softmax_step(heads, n);
+        x86::values_dot512(&self.s, heads, n, rows, stride, 0, n, &mut self.out)
     }
 
     /// Turns one block's scores (`s`, `[H, n]`) into `exp(score − max)` under the

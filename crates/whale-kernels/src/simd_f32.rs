@@ -127,17 +127,38 @@ fn swiglu_body(g: &mut [f32], u: &[f32]) {
 /// Lanes of the portable and AVX2 reductions.
 const W8: usize = 8;
 
+/// The bodies compiled with `$features` enabled, reductions in `$w` lanes (a module's
+/// copies; `dot` is written out per module).
+#[cfg(target_arch = "x86_64")]
+macro_rules! body_copies {
+    ($features:literal, $w:expr) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
+            super::swiglu_body(g, u)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+            super::exp_sum_body::<{ $w }>(x, m)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+            super::axpy_body(a, x, y)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn add(x: &[f32], y: &mut [f32]) {
+            super::add_body(x, y)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn max(x: &[f32]) -> f32 {
+            super::max_body::<{ $w }>(x)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    const W: usize = 16;
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
-        super::swiglu_body(g, u)
-    }
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-        super::exp_sum_body::<W>(x, m)
-    }
+    body_copies!("avx512f,avx512bw,avx512vl,avx2,fma", 16);
+
     /// Written out (two 512-bit FMA chains, the tail masked): the vectoriser
     /// compiled `dot_body` to sums of two-lane pieces.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -171,31 +192,12 @@ mod avx512 {
         }
         _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        super::axpy_body(a, x, y)
-    }
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub unsafe fn add(x: &[f32], y: &mut [f32]) {
-        super::add_body(x, y)
-    }
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub unsafe fn max(x: &[f32]) -> f32 {
-        super::max_body::<W>(x)
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::W8;
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
-        super::swiglu_body(g, u)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-        super::exp_sum_body::<W8>(x, m)
-    }
+    body_copies!("avx2,fma", super::W8);
+
     /// Written out (two 256-bit FMA chains, a scalar tail): the vectoriser compiled
     /// `dot_body` to sums of two-lane pieces.
     #[target_feature(enable = "avx2,fma")]
@@ -222,18 +224,6 @@ mod avx2 {
             t += a[k] * b[k];
         }
         t
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        super::axpy_body(a, x, y)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn add(x: &[f32], y: &mut [f32]) {
-        super::add_body(x, y)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn max(x: &[f32]) -> f32 {
-        super::max_body::<W8>(x)
     }
 }
 
