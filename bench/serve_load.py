@@ -19,6 +19,7 @@ import argparse
 import http.client
 import ipaddress
 import json
+import os
 import socket
 import statistics
 import threading
@@ -136,6 +137,14 @@ def level(args, c):
     # Inter-token latency as clients see it, prefill stalls included.
     itl = [b - a for o in outs for a, b in zip(o["stamps"], o["stamps"][1:])]
     gen = sum(o["tokens"] for o in outs)
+    if os.environ.get("SERVE_LOAD_DUMP"):
+        # Raw figures for a closer look: per stream the events that carried text
+        # against the tokens the server counted, and every interval.
+        with open(os.environ["SERVE_LOAD_DUMP"], "a") as f:
+            f.write(json.dumps({"engine": args.engine, "streams": c,
+                                "text_events": [len(o["stamps"]) for o in outs],
+                                "tokens": [o["tokens"] for o in outs],
+                                "itl_s": sorted(round(x, 4) for x in itl)}) + "\n")
     # Steady state: the window in which every stream is decoding (from the last
     # stream's first token to the first stream's last token), tokens seen in it.
     lo = max(o["stamps"][0] for o in outs)
