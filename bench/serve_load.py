@@ -48,12 +48,16 @@ def loopback(url):
         return False
 
 
-def stream_one(url, model, text, tokens, out):
+def stream_one(url, model, text, tokens, out, per_token=False):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=3600)
-    body = json.dumps({"model": model, "prompt": text, "max_tokens": tokens, "stream": True,
-                       "temperature": 0, "ignore_eos": True,
-                       "stream_options": {"include_usage": True}})
+    req = {"model": model, "prompt": text, "max_tokens": tokens, "stream": True,
+           "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if per_token:
+        # The sampled token's log-probability with every token: a server then sends
+        # an event per token, also for a piece of a UTF-8 character it holds back.
+        req["logprobs"] = 0
+    body = json.dumps(req)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -80,8 +84,10 @@ def stream_one(url, model, text, tokens, out):
                 if d.get("usage"):
                     usage = d["usage"].get("completion_tokens")
                 ch = d.get("choices") or []
-                # One event per token for both engines; count events that carry text.
-                if ch and (ch[0].get("text") or ch[0].get("content")):
+                # One event per token for both engines; count events that carry text
+                # (and, per token, those that carry a log-probability).
+                if ch and (ch[0].get("text") or ch[0].get("content")
+                           or (per_token and ch[0].get("logprobs"))):
                     stamps.append(time.perf_counter())
     conn.close()
     out.update(start=t0, stamps=stamps, tokens=usage or len(stamps))
@@ -122,7 +128,7 @@ def level(args, c):
     outs = [dict() for _ in range(c)]
     threads = [threading.Thread(target=stream_one,
                                 args=(args.url, args.model, prompt(i, args.prompt_words),
-                                      args.tokens, outs[i])) for i in range(c)]
+                                      args.tokens, outs[i], args.per_token)) for i in range(c)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -174,6 +180,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=32, help="max_tokens per stream")
     ap.add_argument("--prompt-words", type=int, default=16)
     ap.add_argument("--out", help="append JSON lines here")
+    ap.add_argument("--per-token", action="store_true",
+                    help="request logprobs so every token is an event: intervals between "
+                         "tokens, not between pieces of text (a token that is part of a UTF-8 "
+                         "character carries no text, and its interval merges into the next)")
     args = ap.parse_args()
     if not loopback(args.url):
         raise SystemExit(f"refusing to load {args.url}: loopback addresses only")

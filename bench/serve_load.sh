@@ -6,6 +6,7 @@
 #   bench/serve_load.sh                      Q4_0, levels 1,4,8,16, 32 tokens per stream
 #   LEVELS=1,8 TOKENS=64 bench/serve_load.sh
 #   ENGINES=whale RESULTS=serve_load-whale bench/serve_load.sh   (one engine, other results file)
+#   PER_TOKEN=1 bench/serve_load.sh   (logprobs requested: an event, so an interval, per token)
 #
 # Needs llama-server from bench/compare_llama_cpp.sh --build-only (cached in $WHALE_CACHE).
 # Results: bench/results/serve_load.jsonl and serve_load.md (bench/serve_report.py).
@@ -20,6 +21,8 @@ CTX=${CTX:-512}
 SLOTS=${SLOTS:-16}
 PORT=${PORT:-18080}
 ENGINES=${ENGINES:-"whale llama-server"}
+PER=()
+[ -n "${PER_TOKEN:-}" ] && PER=(--per-token)
 SERVER=$CACHE/build-0.3.36/bin/llama-server
 [ -x "$SERVER" ] || "$ROOT/bench/compare_llama_cpp.sh" --build-only
 cargo build --release -p whale --manifest-path "$ROOT/Cargo.toml" -q
@@ -48,7 +51,7 @@ echo "== whale serve ($TYPE, $THREADS threads, batch $SLOTS)"
 PID=$!
 wait_up "http://127.0.0.1:$PORT"
 python3 "$ROOT/bench/serve_load.py" --url "http://127.0.0.1:$PORT" --engine whale \
-  --levels "$LEVELS" --tokens "$TOKENS" --out "$OUT"
+  --levels "$LEVELS" --tokens "$TOKENS" --out "$OUT" "${PER[@]}"
 kill $PID; wait $PID 2>/dev/null || true
 fi
 
@@ -59,7 +62,7 @@ echo "== llama-server ($TYPE, $THREADS threads, $SLOTS slots, flash attention on
 PID=$!
 wait_up "http://127.0.0.1:$PORT"
 python3 "$ROOT/bench/serve_load.py" --url "http://127.0.0.1:$PORT" --engine llama-server \
-  --levels "$LEVELS" --tokens "$TOKENS" --out "$OUT"
+  --levels "$LEVELS" --tokens "$TOKENS" --out "$OUT" "${PER[@]}"
 kill $PID; wait $PID 2>/dev/null || true
 fi
 
