@@ -660,8 +660,16 @@ impl<'m> Core<'m> {
             which.push(i);
         }
         let rows = items.len();
+        let fed: usize = take.iter().sum();
+        let started = std::time::Instant::now();
         let result = self.model.forward_batch(&mut items);
         drop(items);
+        tracing::debug!(
+            rows,
+            tokens = fed,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
         EngineStats::add(&self.stats.steps, 1);
         EngineStats::add(&self.stats.step_sequences, rows as u64);
         let logits = match result {
