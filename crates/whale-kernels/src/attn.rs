@@ -739,22 +739,24 @@ mod x86 {
                 // computes (they come from L2: a page is larger than L1); and the
                 // same rows of the block that follows, from memory towards L2, a
                 // whole block ahead of their use.
-                let (n0, n1) = (r1.add(stride), r1.add(2 * stride));
+                // (Wrapping arithmetic: past the last tile or block these addresses
+                // lie outside the slices and are neither formed by `add` nor read.)
+                let (n0, n1) = (r1.wrapping_add(stride), r1.wrapping_add(2 * stride));
                 let ahead = k + R < n;
                 let far = (k + R) * stride <= next.len();
                 let (f0, f1) = (
-                    next.as_ptr().add(k * stride),
-                    next.as_ptr().add((k + kr - 1) * stride),
+                    next.as_ptr().wrapping_add(k * stride),
+                    next.as_ptr().wrapping_add((k + kr - 1) * stride),
                 );
                 let mut j = 0;
                 while j + 16 <= l {
                     if ahead {
-                        _mm_prefetch::<_MM_HINT_T0>(n0.add(j) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(n1.add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(n0.wrapping_add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(n1.wrapping_add(j) as *const i8);
                     }
                     if far {
-                        _mm_prefetch::<_MM_HINT_T1>(f0.add(j) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T1>(f1.add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(f0.wrapping_add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(f1.wrapping_add(j) as *const i8);
                     }
                     step(
                         T::load16(r0.add(j)),
