@@ -37,7 +37,7 @@ fn axpy_body(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// The largest value (`-inf` for none; NaNs are passed over), eight running maxima:
+/// The largest value (`-inf` for none; NaNs are passed over), `W` running maxima:
 /// `fold(f32::max)` compiled to a serial chain of scalar `maxss`.
 #[inline(always)]
 fn max_body<const W: usize>(x: &[f32]) -> f32 {
