@@ -29,27 +29,48 @@ pub fn mqa_scores(
     scores: &mut [f32],
 ) {
     let qt = packed_queries(q, heads);
-    scores_with(q, qt.as_deref(), heads, rows, stride, n, scale, scores);
+    scores_with(
+        q,
+        qt.as_ref().map(Packed::get),
+        heads,
+        rows,
+        stride,
+        n,
+        scale,
+        scores,
+    );
 }
 
 /// The queries `[H, L]` packed for the x86 score kernels: panels of 16 heads for the
 /// AVX2 tiles, panels of eight heads interleaved per 16 values for the AVX-512 ones,
-/// from the buffer's first 64-byte boundary ([`crate::align64`]; `None` where neither
-/// kernel runs).
-fn packed_queries(q: &[f32], heads: usize) -> Option<Vec<f32>> {
+/// in a buffer and from where in it (its first 64-byte boundary, [`crate::align64`]);
+/// `None` where neither kernel runs. [`Packed::get`] is what the kernels read.
+fn packed_queries(q: &[f32], heads: usize) -> Option<Packed> {
     #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && heads > 0 {
         let l = q.len() / heads;
-        let mut qt = Vec::new();
-        if wide() {
-            x86::pack_queries512(q, heads, l, &mut qt);
+        let mut buf = Vec::new();
+        let at = if wide() {
+            x86::pack_queries512(q, heads, l, &mut buf)
         } else {
-            crate::attn_prefill::pack_keys(&[crate::Rows::dense(q, l)], heads, l, &mut qt);
-        }
-        return Some(qt);
+            crate::attn_prefill::pack_keys(&[crate::Rows::dense(q, l)], heads, l, &mut buf)
+        };
+        return Some(Packed { buf, at });
     }
     let _ = (q, heads);
     None
+}
+
+/// Packed queries: `buf[at..]`, `at` its first 64-byte boundary.
+struct Packed {
+    buf: Vec<f32>,
+    at: usize,
+}
+
+impl Packed {
+    fn get(&self) -> &[f32] {
+        &self.buf[self.at..]
+    }
 }
 
 /// [`mqa_scores`] with the queries already packed by [`packed_queries`].
@@ -90,7 +111,6 @@ fn scores_with(
                         head_major,
                     )
                 } else {
-                    let qt = &qt[crate::align64(qt)..];
                     x86::scores_tiles(qt, heads, l, rows, stride, u0, out, scale, head_major)
                 }
             };
@@ -434,7 +454,15 @@ pub fn mqa_blocks(
             return acc;
         }
         let next = blocks.get(bi + 1);
-        acc.add_block(q, qt.as_deref(), heads, (rows, next), stride, n, scale);
+        acc.add_block(
+            q,
+            qt.as_ref().map(Packed::get),
+            heads,
+            (rows, next),
+            stride,
+            n,
+            scale,
+        );
         acc
     };
     let state = if blocks.len() > 1 {
@@ -610,12 +638,6 @@ mod x86 {
         }
     }
 
-    /// The mask of the first `n` (< 16) lanes.
-    #[inline(always)]
-    fn first_lanes(n: usize) -> __mmask16 {
-        ((1u32 << n) - 1) as __mmask16
-    }
-
     /// Lane `i` of the result is the sum of `a[i]`'s sixteen lanes: 45 shuffles and
     /// adds for sixteen sums, where sixteen separate reductions take ~130.
     #[inline]
@@ -673,13 +695,12 @@ mod x86 {
     /// Packs `q` (`[H, L]`) for [`scores_dot512`]: per panel of [`QH`] heads, per 16
     /// values, the panel's heads one after another (`[H/8][L/16][8][16]`, rounded up
     /// with zeros), so a tile reads its queries at fixed offsets from one pointer;
-    /// from the buffer's first 64-byte boundary ([`crate::align64`]: unaligned query
-    /// loads halved the kernel's speed).
-    pub fn pack_queries512(q: &[f32], heads: usize, l: usize, out: &mut Vec<f32>) {
+    /// from the buffer's first 64-byte boundary, which it returns ([`crate::align64`]:
+    /// unaligned query loads halved the kernel's speed).
+    pub fn pack_queries512(q: &[f32], heads: usize, l: usize, out: &mut Vec<f32>) -> usize {
         let chunks = l.div_ceil(16);
         out.clear();
-        out.resize(heads.div_ceil(QH) * chunks * QH * 16 + 15, 0.0);
-        let a = crate::align64(out);
+        let a = crate::resize_aligned(out, heads.div_ceil(QH) * chunks * QH * 16);
         for h in 0..heads {
             let (g, t) = (h / QH, h % QH);
             for (ci, src) in q[h * l..(h + 1) * l].chunks(16).enumerate() {
@@ -687,12 +708,14 @@ mod x86 {
                 out[at..at + src.len()].copy_from_slice(src);
             }
         }
+        a
     }
 
     /// Scores of `n` cache rows from row `u0` (`out` is `[H, n]` when `head_major`, else
     /// `[n, H]`) as dot products along the row: a tile of two rows by eight queries
     /// keeps sixteen sums of sixteen lanes (ten loads feed sixteen FMAs), reduced
-    /// together by [`hsum16`]. `qp` holds the queries packed by [`pack_queries512`].
+    /// together by [`hsum16`]. `qp` holds the queries packed by [`pack_queries512`], from
+    /// the offset it returned.
     /// The rows are read where they lie, f16 or f32; a row remainder repeats the last
     /// row, its results dropped.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -711,14 +734,13 @@ mod x86 {
         const R: usize = 2;
         let n = out.len() / heads;
         let chunks = l.div_ceil(16);
-        let qp = &qp[crate::align64(qp)..];
         assert!(
             qp.len() >= heads.div_ceil(QH) * chunks * QH * 16
                 && l <= stride
                 && rows.len() >= (u0 + n) * stride
         );
         let vs = _mm512_set1_ps(scale);
-        let tail = first_lanes(l % 16);
+        let tail = crate::first_lanes(l % 16);
         let mut tmp = [0.0f32; 16];
         for g in 0..heads.div_ceil(QH) {
             let (h0, hn) = (g * QH, (heads - g * QH).min(QH));
@@ -862,8 +884,7 @@ mod x86 {
             j += 32;
         }
         while j < c {
-            let k = first_lanes((c - j).min(16) % 16);
-            let k = if c - j >= 16 { 0xffff } else { k };
+            let k = crate::first_lanes((c - j).min(16));
             let mut v: [__m512; HN] =
                 std::array::from_fn(|t| _mm512_maskz_loadu_ps(k, ap.add((h0 + t) * c + j)));
             for u in u0..u1 {
@@ -1066,13 +1087,14 @@ mod tests {
                 shapes.push(("avx2", o));
             }
             if crate::qdot::x86::has_avx512vnni() {
-                let mut qp = Vec::new();
-                x86::pack_queries512(&q, heads, l, &mut qp);
+                let mut buf = Vec::new();
+                let a = x86::pack_queries512(&q, heads, l, &mut buf);
+                let qp = &buf[a..];
                 let mut o = vec![0.0; heads * n];
                 // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C were detected; the
                 // kernel asserts its bounds.
                 unsafe {
-                    x86::scores_dot512(&qp, heads, l, (&rows, &[]), stride, 0, &mut o, 0.5, true)
+                    x86::scores_dot512(qp, heads, l, (&rows, &[]), stride, 0, &mut o, 0.5, true)
                 };
                 shapes.push(("avx512", o));
                 // Row-major output too, and f16 rows read in place against the
@@ -1080,7 +1102,7 @@ mod tests {
                 let mut t = vec![0.0; heads * n];
                 // SAFETY: as above.
                 unsafe {
-                    x86::scores_dot512(&qp, heads, l, (&rows, &[]), stride, 0, &mut t, 0.5, false)
+                    x86::scores_dot512(qp, heads, l, (&rows, &[]), stride, 0, &mut t, 0.5, false)
                 };
                 let tr: Vec<f32> = (0..heads * n).map(|i| t[(i % n) * heads + i / n]).collect();
                 shapes.push(("avx512 row-major", tr));
@@ -1089,8 +1111,8 @@ mod tests {
                 let (mut a, mut b) = (vec![0.0; heads * n], vec![0.0; heads * n]);
                 // SAFETY: as above.
                 unsafe {
-                    x86::scores_dot512(&qp, heads, l, (&halves, &[]), stride, 0, &mut a, 0.5, true);
-                    x86::scores_dot512(&qp, heads, l, (&wide, &[]), stride, 0, &mut b, 0.5, true);
+                    x86::scores_dot512(qp, heads, l, (&halves, &[]), stride, 0, &mut a, 0.5, true);
+                    x86::scores_dot512(qp, heads, l, (&wide, &[]), stride, 0, &mut b, 0.5, true);
                 }
                 assert_eq!(a, b, "f16 rows in place");
             }

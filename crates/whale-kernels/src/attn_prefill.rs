@@ -160,8 +160,7 @@ fn causal_portable(
 /// are transposed in registers where AVX-512 runs.
 pub(crate) fn pack_keys(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) -> usize {
     let panels = n.div_ceil(16);
-    kt.resize(panels * d * 16 + 15, 0.0);
-    let a = crate::align64(kt);
+    let a = crate::resize_aligned(kt, panels * d * 16);
     let kt = &mut kt[a..a + panels * d * 16];
     #[cfg(target_arch = "x86_64")]
     let blocks = crate::qdot::isa() == crate::qdot::Isa::Avx512Vnni;
@@ -597,15 +596,15 @@ pub(crate) mod x86 {
         let mut m = [f32::NEG_INFINITY; QC];
         let mut l = [0.0f32; QC];
         // The chunk's sums and packed queries from 64-byte boundaries (`align64`).
-        let mut obuf = vec![0.0f32; QC * dv + 15];
-        let oa = crate::align64(&obuf);
+        let mut obuf = Vec::new();
+        let oa = crate::resize_aligned(&mut obuf, QC * dv);
         let o = &mut obuf[oa..oa + QC * dv];
         let mut s = [[0.0f32; KB]; MR];
         let mut alpha = [0.0f32; MR];
         // The chunk's query rows, a tile of `r` at a time, packed transposed (rows
         // past the chunk's end repeat its last row; their scores are dropped).
-        let mut qbuf = vec![0.0f32; QC * d + 15];
-        let qa = crate::align64(&qbuf);
+        let mut qbuf = Vec::new();
+        let qa = crate::resize_aligned(&mut qbuf, QC * d);
         let qpk = &mut qbuf[qa..qa + QC * d];
         for q0 in (0..t).step_by(QC) {
             let q1 = (q0 + QC).min(t);

@@ -45,6 +45,19 @@ pub(crate) fn align64(buf: &[f32]) -> usize {
     buf.as_ptr().align_offset(64).min(15)
 }
 
+/// Resizes `buf` (new values zero, old ones kept) to hold `len` values from its first
+/// 64-byte boundary, and returns where that is ([`align64`]).
+pub(crate) fn resize_aligned(buf: &mut Vec<f32>, len: usize) -> usize {
+    buf.resize(len + 15, 0.0);
+    align64(buf)
+}
+
+/// The mask of the first `n` (≤ 16) lanes of a 16-lane vector.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    ((1u32 << n) - 1) as u16
+}
+
 /// Runs `f` on a worker thread of rayon's global pool (directly when already on
 /// one). A parallel kernel called from outside the pool injects its job and parks
 /// the caller on a futex until a worker finishes it: for a decode step's ~240

@@ -16,14 +16,7 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
             *s += x * y;
         }
     }
-    let mut w = 16;
-    while w > 1 {
-        w /= 2;
-        for k in 0..w {
-            acc[k] += acc[k + w];
-        }
-    }
-    let mut s = acc[0];
+    let mut s = sum_lanes(acc);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
@@ -106,7 +99,12 @@ fn exp_sum_body<const W: usize>(x: &mut [f32], m: f32) -> f32 {
         *v = exp_one(*v - m);
         s += *v;
     }
-    // Halves added pairwise down to one lane.
+    s + sum_lanes(acc)
+}
+
+/// The lanes' sum, halves added pairwise down to one lane (`W` a power of two).
+#[inline(always)]
+fn sum_lanes<const W: usize>(mut acc: [f32; W]) -> f32 {
     let mut w = W;
     while w > 1 {
         w /= 2;
@@ -114,7 +112,7 @@ fn exp_sum_body<const W: usize>(x: &mut [f32], m: f32) -> f32 {
             acc[k] += acc[k + w];
         }
     }
-    s + acc[0]
+    acc[0]
 }
 
 #[inline(always)]
@@ -178,11 +176,7 @@ mod avx512 {
             i += 32;
         }
         while i < n {
-            let k: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
+            let k = crate::first_lanes((n - i).min(16));
             let (x, y) = (
                 _mm512_maskz_loadu_ps(k, pa.add(i)),
                 _mm512_maskz_loadu_ps(k, pb.add(i)),
