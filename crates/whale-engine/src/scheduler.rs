@@ -660,13 +660,13 @@ impl<'m> Core<'m> {
             which.push(i);
         }
         let rows = items.len();
-        let fed: usize = take.iter().sum();
+        let tokens_fed: usize = take.iter().sum();
         let started = std::time::Instant::now();
         let result = self.model.forward_batch(&mut items);
         drop(items);
         tracing::debug!(
             rows,
-            tokens = fed,
+            tokens = tokens_fed,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "step"
         );
