@@ -1,6 +1,7 @@
 //! Absorbed-MLA decode attention at depth: 16 query heads over `n` latent rows of 576
 //! values (DeepSeek-V2-Lite: kv_lora 512 + rope 64), one 64-row page at a time as the
-//! paged cache hands them over (f32 and f16 pages); then expanded-MLA prefill of 512 rows at depth, 16
+//! paged cache hands them over (f32 and f16 pages; `cold`: f16 pages that come from
+//! memory, as in a decode step); then expanded-MLA prefill of 512 rows at depth, 16
 //! heads of 192-value keys and 128-value values, as the tiled causal kernel computes
 //! it beside the scores → softmax → weighted-sum composition it replaced.
 //! Run: `cargo bench -p whale-kernels --bench attn` (`TILED_ONLY=1`: the tiled prefill
@@ -20,8 +21,17 @@ fn main() {
     // `TILED_ONLY=1`: only the tiled prefill kernel (quick alternated runs).
     let tiled_only = std::env::var_os("TILED_ONLY").is_some();
     println!(
-        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "rows", "scores ms", "values ms", "GMAC/s", "paged ms", "GMAC/s", "f16 ms", "GMAC/s"
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "rows",
+        "scores ms",
+        "values ms",
+        "GMAC/s",
+        "paged ms",
+        "GMAC/s",
+        "f16 ms",
+        "GMAC/s",
+        "cold ms",
+        "GMAC/s"
     );
     for n in [1024usize, 4096].into_iter().filter(|_| !tiled_only) {
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -42,15 +52,34 @@ fn main() {
             || mqa_blocks(&q, heads, &pages16, l, n, c, 0.1, &mut o2),
             21,
         );
+        // As a decode step meets them: one layer's pages among 27 layers' worth of
+        // others and a token's weights in between, so every page comes from memory.
+        // Copies past the last-level cache, taken in turn.
+        let copies = (320 << 20) / (n * l * 2) + 1;
+        let cold: Vec<Vec<half::f16>> = (0..copies).map(|_| halves.clone()).collect();
+        let cold_pages: Vec<Vec<Block>> = cold
+            .iter()
+            .map(|h| h.chunks(64 * l).map(Block::F16).collect())
+            .collect();
+        let mut turn = 0;
+        let tc = median_secs(
+            || {
+                turn = (turn + 1) % copies;
+                mqa_blocks(&q, heads, &cold_pages[turn], l, n, c, 0.1, &mut o2)
+            },
+            21,
+        );
         println!(
-            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
+            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
             ts * 1e3,
             tv * 1e3,
             macs / (ts + tv) / 1e9,
             tb * 1e3,
             macs / tb / 1e9,
             th * 1e3,
-            macs / th / 1e9
+            macs / th / 1e9,
+            tc * 1e3,
+            macs / tc / 1e9
         );
     }
 
