@@ -443,25 +443,30 @@ fn run(cli: Cli) -> Result<()> {
                     (None, None) => bail!("give --tokens or --prompt"),
                 };
                 let req = sampling.request(folder, ids)?;
+                // A reader that goes away (`whale generate … | head -c 100`) ends the
+                // output quietly, as for other command-line tools; `println!` would
+                // panic on the closed pipe.
                 let mut out = std::io::stdout().lock();
+                let mut written: std::io::Result<()> = Ok(());
                 let g = generate(&folder.model, tok, &req, |piece| {
-                    if !as_json {
-                        let _ = out.write_all(piece.as_bytes());
-                        let _ = out.flush();
+                    if !as_json && written.is_ok() {
+                        written = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
                     }
                 })?;
-                drop(out);
-                if as_json {
+                let end = if as_json {
                     let mut v =
                         json!({ "tokens": g.tokens, "finish_reason": g.finish_reason.as_str() });
                     if let Some(text) = g.text {
                         v["text"] = json!(text);
                     }
-                    println!("{v}");
+                    format!("{v}\n")
                 } else {
-                    println!();
+                    "\n".to_string()
+                };
+                match written.and_then(|_| out.write_all(end.as_bytes())) {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                    r => r.context("cannot write to stdout"),
                 }
-                Ok(())
             })?;
         }
         Cmd::Tokenize {

@@ -169,6 +169,24 @@ fn generate_prompt_streams_text() {
 }
 
 #[test]
+fn generate_stops_quietly_when_its_reader_goes_away() {
+    // `whale generate … | head -c 1`: stdout closed before the text ends.
+    let dir = fixture("v2-lite");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whale"))
+        .args(["generate", "--model", dir.to_str().unwrap()])
+        .args(["--prompt", "Hello", "--max-tokens", "8", "--ignore-eos"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn tokenize_works_with_only_tokenizer_files() {
     let tmp = tempfile::tempdir().unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
