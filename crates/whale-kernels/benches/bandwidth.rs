@@ -1,23 +1,11 @@
 //! Memory read bandwidth, the roofline for decode: each thread sums its share of a
-//! 1 GiB buffer with eight independent accumulators (one accumulator underestimates
-//! it: the add latency, not memory, would bound the loop). Best of 5 passes.
+//! 1 GiB buffer with `simd_f32::sum`, eight independent accumulators of the widest
+//! vectors the CPU has (one accumulator underestimates it: the add latency, not
+//! memory, would bound the loop; the baseline build's 128-bit loads read ~17 GB/s
+//! where 512-bit ones read ~25 GB/s on the 2-vCPU Xeon of BENCHMARKS.md). Best of 5.
 //! Run: `cargo bench -p whale-kernels --bench bandwidth` (`THREADS=n` to change).
 
 use std::time::Instant;
-
-fn sum8(chunk: &[f32]) -> f32 {
-    let mut acc = [[0.0f32; 8]; 8];
-    let mut it = chunk.chunks_exact(64);
-    for c in &mut it {
-        for (k, a) in acc.iter_mut().enumerate() {
-            for (j, v) in a.iter_mut().enumerate() {
-                *v += c[k * 8 + j];
-            }
-        }
-    }
-    let tail: f32 = it.remainder().iter().sum();
-    acc.iter().flatten().sum::<f32>() + tail
-}
 
 fn main() {
     let threads: usize = std::env::var("THREADS")
@@ -33,7 +21,7 @@ fn main() {
         check = std::thread::scope(|s| {
             let hs: Vec<_> = buf
                 .chunks(n.div_ceil(threads))
-                .map(|c| s.spawn(move || sum8(c)))
+                .map(|c| s.spawn(move || whale_kernels::simd_f32::sum(c)))
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).sum::<f32>()
         });

@@ -115,6 +115,22 @@ fn sum_lanes<const W: usize>(mut acc: [f32; W]) -> f32 {
     acc[0]
 }
 
+/// `Σ x[i]` in `W` running sums: eight vectors of the copy's width, so eight adds
+/// are in flight (one accumulator would make the add latency, not memory, bound a
+/// long sum: the bandwidth bench's roofline reads through this).
+#[inline(always)]
+fn sum_body<const W: usize>(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; W];
+    let ch = x.chunks_exact(W);
+    let rem = ch.remainder();
+    for c in ch {
+        for k in 0..W {
+            acc[k] += c[k];
+        }
+    }
+    sum_lanes(acc) + rem.iter().sum::<f32>()
+}
+
 #[inline(always)]
 fn swiglu_body(g: &mut [f32], u: &[f32]) {
     for (gv, uv) in g.iter_mut().zip(u) {
@@ -149,6 +165,10 @@ macro_rules! body_copies {
         #[target_feature(enable = $features)]
         pub unsafe fn max(x: &[f32]) -> f32 {
             super::max_body::<{ $w }>(x)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn sum(x: &[f32]) -> f32 {
+            super::sum_body::<{ $w * 8 }>(x)
         }
     };
 }
@@ -282,6 +302,13 @@ pub fn max(x: &[f32]) -> f32 {
     dispatch!(max(x), max_body::<W8>(x))
 }
 
+/// `Σ x[i]` in eight vector accumulators (64 lanes; 128 in the AVX-512 copy, which
+/// therefore sums in another order).
+#[inline]
+pub fn sum(x: &[f32]) -> f32 {
+    dispatch!(sum(x), sum_body::<{ W8 * 8 }>(x))
+}
+
 /// `e^x` (the scalar form of [`exp_sum`]'s arithmetic).
 #[inline]
 pub fn exp(x: f32) -> f32 {
@@ -310,7 +337,7 @@ mod tests {
 
     #[test]
     fn avx2_copies_equal_the_portable_ones() {
-        for n in [0, 1, 15, 16, 17, 576, 1000] {
+        for n in [0, 1, 15, 16, 17, 576, 1000, 4133] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
             let want = dot_body(&a, &b);
@@ -323,6 +350,15 @@ mod tests {
             add_body(&a, &mut y1);
             add(&a, &mut y2);
             assert_eq!(y1, y2);
+            let plain: f32 = a.iter().sum();
+            let s64 = sum_body::<64>(&a);
+            assert!((s64 - plain).abs() <= 1e-4 * plain.abs().max(1.0));
+            assert!((sum(&a) - s64).abs() <= 1e-5 * s64.abs().max(1.0));
+            #[cfg(target_arch = "x86_64")]
+            if crate::qdot::x86::has_avx2() {
+                // SAFETY: AVX2 and FMA were detected just above.
+                assert_eq!(unsafe { avx2::sum(&a) }.to_bits(), s64.to_bits());
+            }
             let fold = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max_body::<W8>(&a), fold);
             assert_eq!(max(&a), fold);
@@ -368,7 +404,7 @@ mod tests {
         if !crate::qdot::x86::has_avx512vnni() {
             return;
         }
-        for n in [0, 1, 15, 16, 17, 33, 576, 1000] {
+        for n in [0, 1, 15, 16, 17, 33, 576, 1000, 4133] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
             // SAFETY (all calls below): AVX-512 F/BW/VL, AVX2 and FMA were detected.
@@ -382,6 +418,10 @@ mod tests {
             add_body(&a, &mut y1);
             unsafe { avx512::add(&a, &mut y2) };
             assert_eq!(y1, y2);
+            assert_eq!(
+                unsafe { avx512::sum(&a) }.to_bits(),
+                sum_body::<128>(&a).to_bits()
+            );
             let fold = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(unsafe { avx512::max(&a) }, fold);
             assert_eq!(max_body::<16>(&a), fold);
