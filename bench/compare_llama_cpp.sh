@@ -8,10 +8,16 @@
 # Builds llama.cpp's own llama-bench from the llama-cpp-python source distribution (the llama.cpp
 # vendored by llama-cpp-python 0.3.36; cmake and ninja from PyPI; about 10 minutes on 2 cores,
 # cached in $WHALE_CACHE, default target/llama-cpp), writes the synthetic models with `whale synth`
-# (cached), then runs llama-bench (flash attention off and on) and `whale bench` one after the other
-# for each file and depth, and prints both engines' numbers with whale's ratio against llama.cpp's
-# better flash-attention setting per figure. Results: bench/results/compare.jsonl (RESULTS=name to
-# write bench/results/name.jsonl instead), with report.py's table (.md) and plot (.png) beside it.
+# (cached), then measures each file, depth and figure (pp, then tg) in turn: llama-bench with flash
+# attention off, `whale bench`, llama-bench with flash attention on, one repetition each, repeated
+# REPS times. The engines alternate within minutes of each other because this kind of VM's speed
+# drifts by 1.5x over a quarter of an hour; running one engine's whole block and then the other's
+# compared different minutes. The read-bandwidth bench runs right before and right after each
+# whale generation run (it moved from 15 to 24 GB/s within a minute here), and the roofline is
+# their mean. Prints both engines' numbers and whale's ratio against
+# llama.cpp's better flash-attention setting per figure. Results: bench/results/compare.jsonl
+# (RESULTS=name to write bench/results/name.jsonl instead), with report.py's table (.md) and plot
+# (.png) beside it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${WHALE_CACHE:-$ROOT/target/llama-cpp}
@@ -21,8 +27,8 @@ TYPES=${TYPES:-"q4_0 q8_0"}
 DEPTHS=${DEPTHS:-"0 4096"}
 PP=${PP:-512}
 TG=${TG:-128}
-REPS=${REPS:-2}          # repetitions at depth 0
-DEEP_REPS=${DEEP_REPS:-1} # at depth > 0 (each repetition refills the cache)
+REPS=${REPS:-2}          # rounds at depth 0
+DEEP_REPS=${DEEP_REPS:-1} # at depth > 0 (each run refills its cache: a round at 4096 is ~25 minutes)
 SRC=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
 BUILD=$CACHE/build-$VERSION
 mkdir -p "$CACHE" "$ROOT/bench/results"
@@ -53,18 +59,33 @@ TOKENIZER=$CACHE/deepseek-v2-tokenizer.json
 
 OUT=$ROOT/bench/results/${RESULTS:-compare}.jsonl
 : > "$OUT"
-echo "{\"engine\":\"machine\",\"type\":\"-\",\"row\":$(cargo bench -q -p whale-kernels --bench bandwidth --manifest-path "$ROOT/Cargo.toml" 2>/dev/null | tail -1)}" >> "$OUT"
+bandwidth() { # $1 type, $2 depth, $3 round
+  echo "{\"engine\":\"machine\",\"type\":\"$1\",\"depth\":$2,\"round\":$3,\"row\":$(cargo bench -q -p whale-kernels --bench bandwidth --manifest-path "$ROOT/Cargo.toml" 2>/dev/null | tail -1)}" >> "$OUT"
+}
+llama() { # $1 type, $2 model, $3 depth, $4 round, $5 fa, then llama-bench's -p/-n
+  "$BUILD/bin/llama-bench" -m "$2" -d "$3" -t "$THREADS" -fa "$5" -r 1 -o jsonl "${@:6}" \
+    | sed "s/^/{\"engine\":\"llama.cpp\",\"type\":\"$1\",\"round\":$4,\"row\":/; s/\$/}/" >> "$OUT"
+}
+whale() { # $1 type, $2 model, $3 depth, $4 round, then whale bench's -p/-n
+  "$WHALE" bench --model "$2" --depth "$3" --threads "$THREADS" -r 1 --json "${@:5}" \
+    | sed "s/^/{\"engine\":\"whale\",\"type\":\"$1\",\"round\":$4,\"row\":/; s/\$/}/" >> "$OUT"
+}
 for T in $TYPES; do
   MODEL=$CACHE/synth-v2-lite-$T.gguf
   [ -f "$MODEL" ] || "$WHALE" synth --preset deepseek-v2-lite --type "$T" --tokenizer "$TOKENIZER" --out "$MODEL"
   for D in $DEPTHS; do
     R=$REPS; [ "$D" -gt 0 ] && R=$DEEP_REPS
-    echo "== $T depth $D: llama-bench" >&2
-    "$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n "$TG" -d "$D" -t "$THREADS" -fa 0,1 -r "$R" -o jsonl \
-      | sed "s/^/{\"engine\":\"llama.cpp\",\"type\":\"$T\",\"row\":/; s/\$/}/" >> "$OUT"
-    echo "== $T depth $D: whale bench" >&2
-    "$WHALE" bench --model "$MODEL" -p "$PP" -n "$TG" --depth "$D" --threads "$THREADS" -r "$R" --json \
-      | sed "s/^/{\"engine\":\"whale\",\"type\":\"$T\",\"row\":/; s/\$/}/" >> "$OUT"
+    for ((i = 1; i <= R; i++)); do
+      for FIG in pp tg; do
+        if [ "$FIG" = pp ]; then ARGS=(-p "$PP" -n 0); else ARGS=(-p 0 -n "$TG"); fi
+        echo "== $T depth $D round $i/$R $FIG: llama-bench fa off, whale, llama-bench fa on ($(date -u +%H:%M))" >&2
+        llama "$T" "$MODEL" "$D" "$i" 0 "${ARGS[@]}"
+        [ "$FIG" = tg ] && bandwidth "$T" "$D" "$i"
+        whale "$T" "$MODEL" "$D" "$i" "${ARGS[@]}"
+        [ "$FIG" = tg ] && bandwidth "$T" "$D" "$i"
+        llama "$T" "$MODEL" "$D" "$i" 1 "${ARGS[@]}"
+      done
+    done
   done
 done
 python3 "$ROOT/bench/report.py" "$OUT"

@@ -1,48 +1,96 @@
 #!/usr/bin/env python3
 """Table (and plot) of bench/compare_llama_cpp.sh's results: whale against llama.cpp's better
-flash-attention setting per figure. Usage: bench/report.py bench/results/compare.jsonl"""
+flash-attention setting per figure. Usage: bench/report.py bench/results/compare.jsonl
+
+Each figure is the mean over the script's rounds. The ratio column divides whale's mean by the
+better setting's mean; "per round" gives each round's ratio against that round's better
+llama.cpp run, which shows how far the machine drifted. The roofline share of a round divides
+whale's achieved read rate by the mean of the bandwidth bench runs just before and after it. Files written before the
+engines were interleaved (one whale row with both figures, one bandwidth row for the whole
+run) read the same way."""
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 
+def mean(v):
+    return sum(v) / len(v)
+
+
 def main(path):
     rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-    llama = defaultdict(dict)  # (type, depth) -> {"pp": (best, fa), "tg": ...}
-    whale = {}
-    bandwidth = None
+    # (type, depth, kind) -> fa label -> round -> tok/s
+    llama = defaultdict(lambda: defaultdict(dict))
+    whale = defaultdict(dict)  # (type, depth, kind) -> round -> whale's row
+    bandwidth = defaultdict(list)  # (type, depth, round) -> [GB/s]; ("-", None, None): all
     for r in rows:
         row = r["row"]
         if r["engine"] == "machine":
-            bandwidth = row["read_gb_s"]
+            bandwidth[(r["type"], r.get("depth"), r.get("round"))].append(row["read_gb_s"])
             continue
         if r["engine"] == "llama.cpp":
-            d = row.get("n_depth", 0)
             kind = "pp" if row["n_prompt"] > 0 else "tg"
-            cur = llama[(r["type"], d)].get(kind)
-            if cur is None or row["avg_ts"] > cur[0]:
-                llama[(r["type"], d)][kind] = (row["avg_ts"], "fa on" if row.get("flash_attn") else "fa off")
-        else:
-            whale[(r["type"], row["depth"])] = row
-    out = ["| file | depth | figure | llama.cpp (best fa) | whale | whale / llama.cpp |", "|---|---|---|---|---|---|"]
-    for key in sorted(whale):
-        t, d = key
-        w = whale[key]
+            fa = "fa on" if row.get("flash_attn") else "fa off"
+            rounds = llama[(r["type"], row.get("n_depth", 0), kind)][fa]
+            rounds[r.get("round", len(rounds) + 1)] = row["avg_ts"]
+            continue
+        for kind in ("pp", "tg"):
+            if row[f"{kind}_tok_s"] > 0:
+                rounds = whale[(r["type"], row["depth"], kind)]
+                rounds[r.get("round", len(rounds) + 1)] = row
+
+    out = [
+        "| file | depth | figure | llama.cpp (better fa) | whale | whale / llama.cpp | per round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(t, d) for (t, d, _) in whale})
+    for t, d in keys:
+        rss = []
         for kind, field in [("pp", "pp_tok_s"), ("tg", "tg_tok_s")]:
-            label = f"pp{w['n_prompt']}" if kind == "pp" else f"tg{w['n_gen']}"
-            if w[field] == 0:
+            w = whale.get((t, d, kind))
+            if not w:
                 continue
-            l = llama.get(key, {}).get(kind)
-            ratio = f"{w[field] / l[0]:.2f}x" if l else "-"
-            lt = f"{l[0]:.2f} ({l[1]})" if l else "-"
-            out.append(f"| {t} | {d} | {label} tok/s | {lt} | {w[field]:.2f} | {ratio} |")
-        roof = f" ({w['achieved_gb_s'] / bandwidth:.0%} of {bandwidth:.1f} GB/s)" if bandwidth else ""
-        out.append(f"| {t} | {d} | whale tg GB/s read (weights+cache){roof} | | {w['achieved_gb_s']:.1f} | |")
-        if bandwidth:
-            out.append(f"| {t} | {d} | tg roofline tok/s (bandwidth / bytes per token) | | "
-                       f"{bandwidth * 1e9 / w['bytes_read_per_token']:.2f} | |")
-        out.append(f"| {t} | {d} | whale peak RSS GB | | {w['peak_rss_bytes'] / 1e9:.2f} | |")
+            first = next(iter(w.values()))
+            label = f"pp{first['n_prompt']}" if kind == "pp" else f"tg{first['n_gen']}"
+            wm = mean([row[field] for row in w.values()])
+            rss += [row["peak_rss_bytes"] for row in w.values()]
+            fas = llama.get((t, d, kind), {})
+            if fas:
+                best_fa = max(fas, key=lambda fa: mean(list(fas[fa].values())))
+                lm = mean(list(fas[best_fa].values()))
+                per_round = []
+                for rnd, row in sorted(w.items()):
+                    l = [fas[fa][rnd] for fa in fas if rnd in fas[fa]]
+                    if l:
+                        per_round.append(f"{row[field] / max(l):.2f}x")
+                lt, ratio = f"{lm:.2f} ({best_fa})", f"**{wm / lm:.2f}x**"
+            else:
+                lt, ratio, per_round = "-", "-", []
+            out.append(f"| {t} | {d} | {label} tok/s | {lt} | {wm:.2f} | {ratio} | {', '.join(per_round)} |")
+            if kind != "tg":
+                continue
+            gbs, bws = [], []
+            for rnd, row in sorted(w.items()):
+                # The runs just before and after this round's whale run; an old file's single
+                # row stands for every run.
+                bw = bandwidth.get((t, d, rnd)) or bandwidth.get(("-", None, None))
+                if bw:
+                    gbs.append(row["achieved_gb_s"])
+                    bws.append(mean(bw))
+            if bws:
+                shares = [g / b for g, b in zip(gbs, bws)]
+                out.append(f"| {t} | {d} | whale tg GB/s read (weights+cache) / bandwidth bench GB/s "
+                           f"(mean of the runs before and after) | "
+                           f"| {mean(gbs):.1f} / {mean(bws):.1f} | **{mean(shares):.0%}** of roofline | "
+                           f"{', '.join(f'{s:.0%}' for s in shares)} |")
+                per_token = first["bytes_read_per_token"]
+                out.append(f"| {t} | {d} | tg roofline tok/s (bandwidth / bytes per token) | | "
+                           f"{mean(bws) * 1e9 / per_token:.2f} | | |")
+            else:
+                gbs = [row["achieved_gb_s"] for row in w.values()]
+                out.append(f"| {t} | {d} | whale tg GB/s read (weights+cache) | | {mean(gbs):.1f} | | |")
+        out.append(f"| {t} | {d} | whale peak RSS GB | | {max(rss) / 1e9:.2f} | | |")
     table = "\n".join(out)
     print(table)
     Path(path).with_suffix(".md").write_text(table + "\n")
@@ -54,11 +102,13 @@ def main(path):
         print("(matplotlib not installed: no plot)", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in sorted({k[0] for k in whale}):
-        ds = sorted(d for (tt, d) in whale if tt == t)
-        ax.plot(ds, [whale[(t, d)]["tg_tok_s"] for d in ds], "o-", label=f"whale {t}")
-        ld = [d for d in ds if "tg" in llama.get((t, d), {})]
-        ax.plot(ld, [llama[(t, d)]["tg"][0] for d in ld], "s--", label=f"llama.cpp {t} (best fa)")
+    for t in sorted({k[0] for k in keys}):
+        ds = sorted(d for (tt, d) in keys if tt == t and (t, d, "tg") in whale)
+        ax.plot(ds, [mean([r["tg_tok_s"] for r in whale[(t, d, "tg")].values()]) for d in ds], "o-",
+                label=f"whale {t}")
+        ld = [d for d in ds if (t, d, "tg") in llama]
+        best = [max(mean(list(v.values())) for v in llama[(t, d, "tg")].values()) for d in ld]
+        ax.plot(ld, best, "s--", label=f"llama.cpp {t} (better fa)")
     ax.set_xlabel("depth (tokens in the cache)")
     ax.set_ylabel("generation tok/s (2 threads)")
     ax.set_title("Synthetic DeepSeek-V2-Lite")
