@@ -468,12 +468,8 @@ unsafe fn q4_0_r8x2_vnni<const N: usize>(
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for b in 0..nb {
         let (b0, b1) = (p0.add(b * 144), p1.add(b * 144));
-        for p in [b0, b1] {
-            let ahead = p.wrapping_add(GROUP_PREFETCH) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
-        }
+        prefetch_ahead::<3>(b0);
+        prefetch_ahead::<3>(b1);
         let mut s: [__m512i; N] = std::array::from_fn(|t| _mm512_set1_epi32(*ng[t].add(b)));
         let mut s2 = [_mm512_setzero_si512(); N];
         for k in 0..4 {
@@ -508,12 +504,8 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for b in 0..nb {
         let (b0, b1) = (p0.add(b * 272), p1.add(b * 272));
-        for p in [b0, b1] {
-            let ahead = p.wrapping_add(GROUP_PREFETCH) as *const i8;
-            for l in 0..5 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
-        }
+        prefetch_ahead::<5>(b0);
+        prefetch_ahead::<5>(b1);
         let mut s: [__m512i; N] = std::array::from_fn(|t| _mm512_set1_epi32(*ng[t].add(b) << 4));
         let mut s2 = [_mm512_setzero_si512(); N];
         for k in 0..8 {
@@ -534,14 +526,39 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
     }
 }
 
-/// Bytes ahead of the current block whose cache lines a product requests early.
+/// Bytes ahead of the current block whose cache lines a product requests into L1.
 /// Decode-sized products stream their weights from memory: one row (decode), and
 /// the two or three rows each routed expert sees in a batched step, which sits
 /// between bandwidth and compute. `whale bench -p 0 -n 32 -b 8`, alternated, with
 /// the prefetch for every row count vs for one row only: Q4_0 32.65 vs 30.48 tok/s
 /// (8 runs each), Q8_0 18.3 vs 15.6 (2 each); `-b 16` Q4_0 32.0 vs 27.7 (2 each);
 /// pp512 unchanged within noise.
-const GROUP_PREFETCH: usize = 1024;
+const GROUP_PREFETCH: usize = 768;
+
+/// Bytes ahead whose lines are requested into L2 only ([`prefetch_ahead`]).
+const GROUP_PREFETCH_L2: usize = 3072;
+
+/// Requests `LINES` cache lines from [`GROUP_PREFETCH`] bytes past `p` into L1 and as
+/// many from [`GROUP_PREFETCH_L2`] past it into L2. A core's misses to L1 are capped
+/// by its fill buffers (~16 lines in flight: ~10 GB/s at this VM's latency, below
+/// what the memory gives one core); L2-only requests queue in L2's larger miss queue,
+/// so more lines are on their way at once and the near requests then find them in
+/// L2. `cargo bench -p whale-kernels --bench stream` (1 GiB of Q4_0 expert
+/// matrices, `matvec_many`, two threads), the variants alternated in 9 rounds:
+/// L1 only at 1024 bytes 20.6 GB/s median; L1 at 768 and L2 at 3072 22.5 GB/s,
+/// faster in 9 of 9 rounds; L2 at 2304 21.5, at 4608 22.5, at 6912 21.5; L2 only
+/// 18.9.
+#[inline(always)]
+unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8) {
+    let near = p.wrapping_add(GROUP_PREFETCH) as *const i8;
+    let far = p.wrapping_add(GROUP_PREFETCH_L2) as *const i8;
+    for l in 0..LINES {
+        _mm_prefetch::<_MM_HINT_T0>(near.wrapping_add(64 * l));
+    }
+    for l in 0..LINES {
+        _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l));
+    }
+}
 
 /// Four activation values (bytes `at..at + 4` of row `q`) in every 32-bit lane.
 #[inline(always)]
@@ -572,10 +589,7 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 144);
-        let ahead = blk.wrapping_add(GROUP_PREFETCH) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(ahead);
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+        prefetch_ahead::<3>(blk);
         let mut s16 = [_mm256_setzero_si256(); N];
         for k in 0..4 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
@@ -614,10 +628,7 @@ unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 144);
-        let ahead = blk.wrapping_add(GROUP_PREFETCH) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(ahead);
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+        prefetch_ahead::<3>(blk);
         // Two chains per row (low and high nibbles): one chain of eight dependent
         // `vpdpbusd` per block left the loop waiting on their latency.
         let mut s: [__m256i; N] = std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b)));
@@ -655,10 +666,7 @@ unsafe fn q8_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 272);
-        let ahead = blk.wrapping_add(GROUP_PREFETCH) as *const i8;
-        for l in 0..5 {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-        }
+        prefetch_ahead::<5>(blk);
         let mut s: [__m256i; N] = std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b) << 4));
         for k in 0..8 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
@@ -690,10 +698,7 @@ unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 272);
-        let ahead = blk.wrapping_add(GROUP_PREFETCH) as *const i8;
-        for l in 0..5 {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-        }
+        prefetch_ahead::<5>(blk);
         let mut s32 = [_mm256_setzero_si256(); N];
         for k in 0..8 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);

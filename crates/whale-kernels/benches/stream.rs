@@ -1,0 +1,78 @@
+//! Decode-shaped products streaming their weights from memory, against the read
+//! bandwidth in the same process: the share of the roofline the integer kernels and
+//! `matvec_many`'s task split reach on their own, without the rest of a decode step.
+//! Weights: 1 GiB of repacked Q4_0 expert-sized matrices (1408 × 2048, as a
+//! DeepSeek-V2-Lite expert's gate), more than any L3 here, walked in order six at a
+//! time (one `matvec_many` per six, as a MoE layer's routed gate and up products
+//! are), so each product meets its weights cold. The variants alternate in rounds.
+//! Run: `cargo bench -p whale-kernels --bench stream` (`ROUNDS=n`, default 5).
+
+use std::time::Instant;
+use whale_kernels::quantize::quantize_row;
+use whale_kernels::{matvec_many, repack, simd_f32, DType, MatRef, MatVec};
+
+fn main() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let (rows, cols) = (1408usize, 2048usize);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i % 977) as f32 * 0.013).sin())
+        .collect();
+    let rb = DType::Q4_0.bytes_for(cols).unwrap();
+    let mut wq = vec![0u8; rb * rows];
+    for (r, o) in wq.chunks_mut(rb).enumerate() {
+        quantize_row(DType::Q4_0, &w[r * cols..(r + 1) * cols], o);
+    }
+    let (rt, packed) = repack::repack(DType::Q4_0, &wq, rows, cols).expect("repackable");
+    let count = (1usize << 30) / packed.len();
+    let mut all = Vec::with_capacity(count * packed.len());
+    for _ in 0..count {
+        all.extend_from_slice(&packed);
+    }
+    let mats: Vec<MatRef> = all
+        .chunks_exact(packed.len())
+        .map(|b| MatRef::new(rt, b, rows, cols).unwrap())
+        .collect();
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.01).cos()).collect();
+    let mut ys = vec![vec![0.0f32; rows]; 6];
+    let floats: Vec<f32> = (0..(1usize << 28)).map(|i| (i % 7) as f32).collect();
+    println!(
+        "threads: {}, {} matrices of {rows}x{cols} {} ({:.0} MB)",
+        rayon::current_num_threads(),
+        mats.len(),
+        rt.name(),
+        all.len() as f64 / 1e6
+    );
+    let (mut prod, mut bw) = (vec![], vec![]);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for six in mats.chunks(6) {
+            let jobs = six
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(&w, y)| MatVec { x: &x, w, y })
+                .collect();
+            matvec_many(jobs, false);
+        }
+        prod.push(all.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let t = Instant::now();
+        let s: f32 = {
+            use rayon::prelude::*;
+            let per = floats.len().div_ceil(rayon::current_num_threads());
+            floats.par_chunks(per).map(simd_f32::sum).sum()
+        };
+        std::hint::black_box(s);
+        bw.push((floats.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (p, b) = (med(&mut prod), med(&mut bw));
+    println!(
+        "products {p:.2} GB/s, plain read {b:.2} GB/s, share {:.0}% (medians of {rounds})",
+        100.0 * p / b
+    );
+}
