@@ -2,7 +2,8 @@
 //! 1 GiB buffer with `simd_f32::sum`, eight independent accumulators of the widest
 //! vectors the CPU has (one accumulator underestimates it: the add latency, not
 //! memory, would bound the loop; the baseline build's 128-bit loads read ~17 GB/s
-//! where 512-bit ones read ~25 GB/s on the 2-vCPU Xeon of BENCHMARKS.md). Best of 5.
+//! where 512-bit ones read ~25 GB/s on the 2-vCPU Xeon of BENCHMARKS.md). Best of 5,
+//! on 4 KiB pages and on transparent huge pages (`read_gb_s` is the better).
 //! Run: `cargo bench -p whale-kernels --bench bandwidth` (`THREADS=n` to change).
 
 use std::time::Instant;
@@ -13,7 +14,25 @@ fn main() {
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let n = (1usize << 30) / 4;
-    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    // On 4 KiB pages, then on huge pages (as whale's repacked weights are, where the
+    // kernel allows): the roofline is the better of the two.
+    let mut small: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut huge = whale_kernels::huge::zeroed_f32(n);
+    huge.iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i % 7) as f32);
+    let (a, check) = read(&small, threads);
+    let (b, _) = read(&huge, threads);
+    small.clear();
+    println!(
+        "{{\"threads\": {threads}, \"read_gb_s\": {:.2}, \"read_gb_s_4k\": {a:.2}, \"read_gb_s_huge\": {b:.2}, \"checksum\": {check}}}",
+        a.max(b)
+    );
+}
+
+/// Best of five passes summing `buf` in `threads` pieces: (GB/s, the sum).
+fn read(buf: &[f32], threads: usize) -> (f64, f32) {
+    let n = buf.len();
     let mut best = f64::MAX;
     let mut check = 0.0;
     for _ in 0..5 {
@@ -27,6 +46,5 @@ fn main() {
         });
         best = best.min(t.elapsed().as_secs_f64());
     }
-    let gbs = (n * 4) as f64 / best / 1e9;
-    println!("{{\"threads\": {threads}, \"read_gb_s\": {gbs:.2}, \"checksum\": {check}}}");
+    ((n * 4) as f64 / best / 1e9, check)
 }

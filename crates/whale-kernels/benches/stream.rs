@@ -27,36 +27,41 @@ fn main() {
     }
     let (rt, packed) = repack::repack(DType::Q4_0, &wq, rows, cols).expect("repackable");
     let count = (1usize << 30) / packed.len();
-    let mut all = Vec::with_capacity(count * packed.len());
+    // The same weights on 4 KiB pages and on huge pages (as whale repacks them where
+    // the kernel allows): `small` and `huge` alternate.
+    let mut small = Vec::with_capacity(count * packed.len());
     for _ in 0..count {
-        all.extend_from_slice(&packed);
+        small.extend_from_slice(&packed);
     }
-    let mats: Vec<MatRef> = all
-        .chunks_exact(packed.len())
-        .map(|b| MatRef::new(rt, b, rows, cols).unwrap())
-        .collect();
+    let mut huge = whale_kernels::huge::zeroed_bytes(small.len());
+    huge.copy_from_slice(&small);
+    let mats = |all| matrices(all, rt, packed.len(), rows, cols);
+    let (mats4k, matsh) = (mats(&small), mats(&huge));
+    let all = &small;
     let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.01).cos()).collect();
     let mut ys = vec![vec![0.0f32; rows]; 6];
     let floats: Vec<f32> = (0..(1usize << 28)).map(|i| (i % 7) as f32).collect();
     println!(
         "threads: {}, {} matrices of {rows}x{cols} {} ({:.0} MB)",
         rayon::current_num_threads(),
-        mats.len(),
+        mats4k.len(),
         rt.name(),
         all.len() as f64 / 1e6
     );
-    let (mut prod, mut bw) = (vec![], vec![]);
+    let (mut prod, mut prod_h, mut bw) = (vec![], vec![], vec![]);
     for _ in 0..rounds {
-        let t = Instant::now();
-        for six in mats.chunks(6) {
-            let jobs = six
-                .iter()
-                .zip(ys.iter_mut())
-                .map(|(&w, y)| MatVec { x: &x, w, y })
-                .collect();
-            matvec_many(jobs, false);
+        for (mats, out) in [(&mats4k, &mut prod), (&matsh, &mut prod_h)] {
+            let t = Instant::now();
+            for six in mats.chunks(6) {
+                let jobs = six
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(&w, y)| MatVec { x: &x, w, y })
+                    .collect();
+                matvec_many(jobs, false);
+            }
+            out.push(all.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
-        prod.push(all.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
         let t = Instant::now();
         let s: f32 = {
             use rayon::prelude::*;
@@ -70,9 +75,16 @@ fn main() {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (p, b) = (med(&mut prod), med(&mut bw));
+    let (p, ph, b) = (med(&mut prod), med(&mut prod_h), med(&mut bw));
     println!(
-        "products {p:.2} GB/s, plain read {b:.2} GB/s, share {:.0}% (medians of {rounds})",
-        100.0 * p / b
+        "products {p:.2} GB/s on 4 KiB pages, {ph:.2} on huge pages; plain read (4 KiB pages) \
+         {b:.2} GB/s; medians of {rounds}"
     );
+}
+
+/// `all` cut into matrices of `bytes` each.
+fn matrices(all: &[u8], dt: DType, bytes: usize, rows: usize, cols: usize) -> Vec<MatRef<'_>> {
+    all.chunks_exact(bytes)
+        .map(|b| MatRef::new(dt, b, rows, cols).unwrap())
+        .collect()
 }

@@ -19,6 +19,7 @@
 mod attn;
 mod attn_prefill;
 mod dtype;
+pub mod huge;
 mod matmul;
 mod ops;
 pub mod qdot;
