@@ -313,6 +313,7 @@ impl TensorSource for GgufFile {
                 &format!("{pre}.experts.*.{what}_proj"),
                 shape,
             )
+            .map(crate::weights::Stack::new)
         };
         let gate = stacked("gate", &[e, i, d])?;
         let up = stacked("up", &[e, i, d])?;

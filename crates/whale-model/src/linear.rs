@@ -1,6 +1,7 @@
 //! A bias-free linear layer over a memory-mapped weight `[out, in]`.
 
-use crate::weights::{Packable, Tensor};
+use crate::weights::{Packable, Stack, Tensor};
+use std::sync::Arc;
 use whale_kernels::{matmul_with, MatRef};
 
 /// `y = x · Wᵀ` with `W` borrowed from the weights file.
@@ -16,6 +17,15 @@ impl Linear {
     pub fn new(w: Tensor) -> Self {
         Linear {
             w: Packable::new(w, true),
+            exact: false,
+        }
+    }
+
+    /// A layer over rows `start..start + n` (`cols` wide) of a stacked tensor, repacked
+    /// with the whole stack ([`Stack`]).
+    pub fn in_stack(stack: &Arc<Stack>, start: usize, n: usize, cols: usize) -> Self {
+        Linear {
+            w: Packable::in_stack(stack, start, n, cols),
             exact: false,
         }
     }
@@ -90,18 +100,19 @@ pub(crate) struct Mlp {
 impl Mlp {
     /// Expert `k` out of stacked tensors: `gate`/`up` hold `[.., I, d]` blocks starting at
     /// rows `gate_row`/`up_row`, `down` holds `[d, I]` blocks starting at row `k·d`.
+    /// Each stack is repacked once, as a whole ([`Stack`]).
     pub fn from_stacks(
-        gate: (&Tensor, usize),
-        up: (&Tensor, usize),
-        down: &Tensor,
+        gate: (&Arc<Stack>, usize),
+        up: (&Arc<Stack>, usize),
+        down: &Arc<Stack>,
         k: usize,
         i: usize,
         d: usize,
     ) -> Self {
         Mlp {
-            gate: Linear::new(gate.0.rows(gate.1, i, d)),
-            up: Linear::new(up.0.rows(up.1, i, d)),
-            down: Linear::new(down.rows(k * d, d, i)),
+            gate: Linear::in_stack(gate.0, gate.1, i, d),
+            up: Linear::in_stack(up.0, up.1, i, d),
+            down: Linear::in_stack(down, k * d, d, i),
         }
     }
 

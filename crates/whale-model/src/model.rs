@@ -481,8 +481,10 @@ pub(crate) trait TensorSource {
         let fused = format!("{pre}.experts.gate_up_proj");
         if self.contains(&fused) {
             // gate_up_proj [E, 2I, d] (gate first), down_proj [E, d, I].
-            let gu = self.get(&fused, &[e, 2 * i, d])?;
-            let dn = self.get(&format!("{pre}.experts.down_proj"), &[e, d, i])?;
+            let gu = crate::weights::Stack::new(self.get(&fused, &[e, 2 * i, d])?);
+            let dn = crate::weights::Stack::new(
+                self.get(&format!("{pre}.experts.down_proj"), &[e, d, i])?,
+            );
             return Ok((0..e)
                 .map(|k| Mlp::from_stacks((&gu, k * 2 * i), (&gu, k * 2 * i + i), &dn, k, i, d))
                 .collect());
