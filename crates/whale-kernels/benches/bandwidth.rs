@@ -17,7 +17,7 @@ fn main() {
     // On 4 KiB pages, then on huge pages (as whale's repacked weights are, where the
     // kernel allows): the roofline is the better of the two.
     let mut small: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let mut huge = whale_kernels::huge::zeroed_f32(n);
+    let mut huge = whale_kernels::huge::zeroed::<f32>(n);
     huge.iter_mut()
         .enumerate()
         .for_each(|(i, v)| *v = (i % 7) as f32);

@@ -33,7 +33,7 @@ fn main() {
     for _ in 0..count {
         small.extend_from_slice(&packed);
     }
-    let mut huge = whale_kernels::huge::zeroed_bytes(small.len());
+    let mut huge = whale_kernels::huge::zeroed::<u8>(small.len());
     huge.copy_from_slice(&small);
     let mats = |all| matrices(all, rt, packed.len(), rows, cols);
     let (mats4k, matsh) = (mats(&small), mats(&huge));

@@ -10,38 +10,25 @@
 /// Bytes of a huge page on x86-64 Linux.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// `len` zero bytes whose whole 2 MiB pages are marked for transparent huge pages
-/// (Linux; elsewhere, or below one huge page, a plain zeroed vector).
-pub fn zeroed_bytes(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
+/// `len` zeroed values (`T::default()`: zero for the number types) whose whole 2 MiB
+/// pages are marked for transparent huge pages (Linux; elsewhere, or below one huge
+/// page, a plain vector).
+pub fn zeroed<T: Clone + Default>(len: usize) -> Vec<T> {
+    let mut v = vec![T::default(); len];
     advise_huge(&mut v);
     v
-}
-
-/// [`zeroed_bytes`] for f32 values.
-pub fn zeroed_f32(len: usize) -> Vec<f32> {
-    let mut v = vec![0.0f32; len];
-    advise_huge(bytemuck_f32(&mut v));
-    v
-}
-
-fn bytemuck_f32(v: &mut [f32]) -> &mut [u8] {
-    let len = std::mem::size_of_val(v);
-    // SAFETY: any bit pattern is a valid u8, the byte slice covers exactly the f32
-    // slice's memory, and it borrows `v` mutably for its whole life.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) }
 }
 
 /// Marks the whole 2 MiB pages inside `buf` `MADV_HUGEPAGE` (best effort: an error,
 /// such as a kernel without THP, leaves the memory as it was). Returns the bytes
 /// marked. Large allocations come from `mmap` still untouched, so their first
 /// writes fault in huge pages.
-pub fn advise_huge(buf: &mut [u8]) -> usize {
+pub fn advise_huge<T>(buf: &mut [T]) -> usize {
     #[cfg(target_os = "linux")]
     {
         let start = buf.as_mut_ptr() as usize;
         let first = start.next_multiple_of(HUGE_PAGE);
-        let end = (start + buf.len()) & !(HUGE_PAGE - 1);
+        let end = (start + std::mem::size_of_val(buf)) & !(HUGE_PAGE - 1);
         if end > first {
             // SAFETY: `first..end` lies inside `buf`, which this call borrows
             // mutably; MADV_HUGEPAGE only changes how later faults in the range are
@@ -69,7 +56,7 @@ mod tests {
 
     #[test]
     fn marked_buffers_are_zeroed_writable_and_marked_in_whole_huge_pages() {
-        let mut v = zeroed_bytes(5 * HUGE_PAGE + 123);
+        let mut v: Vec<u8> = zeroed(5 * HUGE_PAGE + 123);
         assert!(v.iter().all(|&b| b == 0));
         for (i, b) in v.iter_mut().enumerate().step_by(4096) {
             *b = i as u8;
@@ -86,9 +73,15 @@ mod tests {
         }
         let _ = marked;
         // Too small for one huge page: nothing marked, still a zeroed buffer.
-        let mut small = zeroed_bytes(1000);
+        let mut small: Vec<u8> = zeroed(1000);
         assert_eq!(advise_huge(&mut small), 0);
-        let f = zeroed_f32(HUGE_PAGE);
+        // Counted in bytes whatever the element type: 1 MiB of f32 values is 4 MiB.
+        let mut f: Vec<f32> = zeroed(HUGE_PAGE / 2);
         assert!(f.iter().all(|&x| x == 0.0));
+        #[cfg(target_os = "linux")]
+        {
+            let marked = advise_huge(&mut f);
+            assert!(marked == 0 || marked >= HUGE_PAGE);
+        }
     }
 }

@@ -64,7 +64,7 @@ pub fn repack_pieces(
     let gb = ROWS * rb;
     let piece = (piece_bytes / gb).max(1) * gb;
     // On huge pages: decode streams these bytes every step (see `crate::huge`).
-    let mut out = crate::huge::zeroed_bytes(bytes.len());
+    let mut out = crate::huge::zeroed::<u8>(bytes.len());
     let work = |(src, dst): (&[u8], &mut [u8])| repack_group(dtype, src, rb, dst);
     for (i, (src, dst)) in bytes.chunks(piece).zip(out.chunks_mut(piece)).enumerate() {
         if src.len() >= 1 << 20 {
