@@ -38,7 +38,8 @@ pub use matmul::{
 pub use ops::{dot, rmsnorm, rmsnorm_inplace, softmax_inplace};
 pub use simd_f32::swiglu;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Where a scratch buffer's first 64-byte boundary lies (in values; at most 15 for
 /// f32): kernels that load whole 512-bit vectors at multiples of 16 values from it
@@ -71,10 +72,29 @@ pub(crate) fn first_lanes(n: usize) -> u16 {
 /// with serial work between, and the sleeps and wake-ups were ~5% of a depth-4096
 /// token in `perf`. Side by side (`whale bench -p 0 -n 32/64`, alternated) the
 /// spinning pool gave 12.6 → 14.1 tok/s at depth 0 and 9.5 → 10.3 at depth 4096.
+///
+/// A spinner blocks its worker until `f` returns, so it must never sit on top of
+/// a job that `f` waits for: rayon runs a worker's queued broadcast inside any
+/// join the worker is waiting in, above whatever that worker was doing. Two rules
+/// keep the spinners at the bottom of their workers' stacks:
+/// - one caller at a time ([`SERIAL`]): a second caller's spinner could otherwise
+///   start inside a join of the first caller's step on the same worker, and both
+///   steps would wait on each other;
+/// - `f` starts only after every other worker has started its spinner: a worker
+///   still looking for work when the broadcast was queued could otherwise steal
+///   one of `f`'s first jobs and start its spinner inside that job's join.
+///
+/// Both deadlocks happened (`cargo test`'s two threads, and back-to-back steps from
+/// one thread); `on_pool_never_deadlocks_with_many_or_back_to_back_callers` is
+/// their test.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
+    // A panic in another caller's `f` poisons nothing that this lock guards.
+    let _one_at_a_time = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Set when `f` returns or unwinds, so the spinners stop and the scope can end.
     struct SetOnDrop<'a>(&'a AtomicBool);
     impl Drop for SetOnDrop<'_> {
@@ -83,18 +103,30 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         }
     }
     let done = AtomicBool::new(false);
+    let started = AtomicUsize::new(0);
     rayon::scope(|s| {
         let owner = rayon::current_thread_index();
-        let flag = &done;
+        let (done, started) = (&done, &started);
         s.spawn_broadcast(move |_, ctx| {
             if Some(ctx.index()) != owner {
-                spin_for_work(flag);
+                started.fetch_add(1, Ordering::AcqRel);
+                spin_for_work(done);
             }
         });
-        let _stop = SetOnDrop(&done);
+        let _stop = SetOnDrop(done);
+        // Every other worker runs its broadcast before anything else it finds
+        // (rayon looks in a worker's own queues before stealing), so each comes
+        // here from its idle loop or from a job that is not `f`'s.
+        let others = rayon::current_num_threads() - 1;
+        while started.load(Ordering::Acquire) < others {
+            std::hint::spin_loop();
+        }
         f()
     })
 }
+
+/// Held by the thread whose step owns the pool's spinners ([`on_pool`]).
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Keeps a pool worker looking for jobs until `done`: runs each one it finds
 /// (rayon's `yield_now` steals from the other workers), and between looks spins
@@ -140,5 +172,67 @@ mod tests {
         assert!(r.is_err());
         // The pool still works afterwards.
         assert_eq!(super::on_pool(|| 7), 7);
+    }
+
+    /// A step's worth of nested fork-join work: every pool worker joins inside
+    /// jobs it stole, which is where a misplaced spinner would sit.
+    fn nested_work(seed: u64) -> u64 {
+        use rayon::prelude::*;
+        (0..64u64)
+            .into_par_iter()
+            .map(|j| {
+                (0..256u64)
+                    .into_par_iter()
+                    .map(|k| k ^ j ^ seed)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn on_pool_never_deadlocks_with_many_or_back_to_back_callers() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let want = |seed: u64| -> u64 {
+            (0..64u64)
+                .map(|j| (0..256u64).map(|k| k ^ j ^ seed).sum::<u64>())
+                .sum()
+        };
+        // Each caller runs on its own thread and reports its sum; a deadlock shows
+        // as a report that never comes (before the fix: within seconds, in about
+        // half of the runs of either part).
+        let run = |callers: Vec<(u64, bool)>, steps: u64| {
+            let (tx, rx) = mpsc::channel();
+            for (id, through_on_pool) in callers.iter().copied() {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut sum = 0u64;
+                    for i in 0..steps {
+                        let seed = id * 1_000_003 + i;
+                        sum = sum.wrapping_add(if through_on_pool {
+                            super::on_pool(|| nested_work(seed))
+                        } else {
+                            // Plain rayon from outside the pool, beside the steps.
+                            nested_work(seed)
+                        });
+                    }
+                    tx.send((id, sum)).unwrap();
+                });
+            }
+            for _ in 0..callers.len() {
+                let (id, sum) = rx
+                    .recv_timeout(Duration::from_secs(120))
+                    .expect("an on_pool caller deadlocked");
+                let expected = (0..steps)
+                    .map(|i| want(id * 1_000_003 + i))
+                    .fold(0u64, u64::wrapping_add);
+                assert_eq!(sum, expected, "caller {id}");
+            }
+        };
+        // One thread, steps back to back: the next step's broadcast lands while a
+        // worker is still looking for work after the last one.
+        run(vec![(0, true)], 20_000);
+        // Several threads at once, and one using rayon without on_pool.
+        run(vec![(1, true), (2, true), (3, true), (4, false)], 2_000);
     }
 }
