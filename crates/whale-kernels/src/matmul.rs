@@ -150,7 +150,7 @@ fn matmul_q8_rows(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
         if n * out * inp < PAR_MIN_WORK_Q8 {
             yt.chunks_mut(block * n).enumerate().for_each(task);
         } else {
-            yt.par_chunks_mut(block * n).enumerate().for_each(task);
+            crate::for_each_dynamic(yt.chunks_mut(block * n).enumerate(), task);
         }
     };
     if n == 1 {
@@ -221,7 +221,7 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
     if n * out * inp < PAR_MIN_WORK_Q8 {
         (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        crate::for_each_dynamic(0..tasks, task);
     }
 }
 
@@ -448,7 +448,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
         }
     }
     let pairs = qdot::pairs_groups(isa);
-    tasks.into_par_iter().for_each(|t| {
+    crate::for_each_dynamic(tasks.into_iter(), |t| {
         let rb = t.w.row_bytes();
         let bytes = t.w.bytes();
         let rows = t.len;
@@ -551,7 +551,7 @@ fn product_transposed(x: &[f32], n: usize, w: MatRef<'_>, yt: &mut [f32]) {
     if n * out * inp < PAR_MIN_WORK {
         yt.chunks_mut(block * n).enumerate().for_each(task);
     } else {
-        yt.par_chunks_mut(block * n).enumerate().for_each(task);
+        crate::for_each_dynamic(yt.chunks_mut(block * n).enumerate(), task);
     }
 }
 
