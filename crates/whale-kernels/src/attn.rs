@@ -466,15 +466,12 @@ pub fn mqa_blocks(
         acc
     };
     let state = if blocks.len() > 1 {
-        // A few runs of consecutive blocks per thread: each run keeps one state
-        // (a 32 KB sum for V2-Lite) instead of one per block.
-        let min_len = (blocks.len() / (4 * rayon::current_num_threads())).max(1);
-        blocks
-            .par_iter()
-            .enumerate()
-            .with_min_len(min_len)
-            .fold(|| Running::new(heads, c), fold)
-            .reduce_with(Running::merge)
+        // One state per thread (a 32 KB sum for V2-Lite), runs of consecutive
+        // blocks handed out as the threads finish (`fold_dynamic`): rayon's split
+        // ended a step's attention with one thread folding an eight-block leaf alone.
+        crate::fold_dynamic(blocks.iter().enumerate(), || Running::new(heads, c), fold)
+            .into_iter()
+            .reduce(Running::merge)
     } else {
         Some(blocks.iter().enumerate().fold(Running::new(heads, c), fold))
     };

@@ -142,13 +142,35 @@ where
     I: ExactSizeIterator + Send,
     I::Item: Send,
 {
+    fold_dynamic(items, || (), |(), item| task(item));
+}
+
+/// [`for_each_dynamic`] with a state per thread: each thread folds the items it
+/// takes into its own state (made by `init` when it takes its first item), and the
+/// states come back in no particular order, one per thread that took any item. Which
+/// items share a state depends on timing, so `fold` must give the same result
+/// whatever the grouping (up to rounding).
+pub fn fold_dynamic<I, S>(
+    items: I,
+    init: impl Fn() -> S + Sync,
+    fold: impl Fn(S, I::Item) -> S + Sync,
+) -> Vec<S>
+where
+    I: ExactSizeIterator + Send,
+    I::Item: Send,
+    S: Send,
+{
     let threads = rayon::current_num_threads();
     if threads <= 1 || items.len() <= 1 {
-        items.for_each(task);
-        return;
+        let mut items = items.peekable();
+        return match items.peek() {
+            Some(_) => vec![items.fold(init(), fold)],
+            None => Vec::new(),
+        };
     }
     let queue = Mutex::new(items);
     let work = || {
+        let mut state = None;
         let mut run = Vec::new();
         loop {
             {
@@ -157,18 +179,19 @@ where
                 run.extend(q.by_ref().take(k));
             }
             if run.is_empty() {
-                break;
+                return state;
             }
-            run.drain(..).for_each(&task);
+            for item in run.drain(..) {
+                state = Some(fold(state.take().unwrap_or_else(&init), item));
+            }
         }
     };
-    rayon::iter::ParallelIterator::for_each(
-        rayon::iter::IndexedParallelIterator::with_max_len(
-            rayon::iter::IntoParallelIterator::into_par_iter(0..threads),
-            1,
-        ),
-        |_| work(),
-    );
+    use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
+    (0..threads)
+        .into_par_iter()
+        .with_max_len(1)
+        .filter_map(|_| work())
+        .collect()
 }
 
 /// Held by the thread whose step owns the pool's spinners ([`on_pool`]).
@@ -338,5 +361,29 @@ mod tests {
         });
         assert!(r.is_err());
         check(10);
+    }
+
+    #[test]
+    fn fold_dynamic_folds_every_item_once_into_per_thread_states() {
+        for n in [0usize, 1, 2, 9, 1000] {
+            for pool in [1, 2] {
+                let p = rayon::ThreadPoolBuilder::new()
+                    .num_threads(pool)
+                    .build()
+                    .unwrap();
+                let states = p.install(|| {
+                    super::fold_dynamic(0..n, Vec::new, |mut v: Vec<usize>, i| {
+                        v.push(i);
+                        v
+                    })
+                });
+                assert!(states.len() <= pool && (n == 0) == states.is_empty());
+                // Each state's items in the order taken; all items exactly once.
+                assert!(states.iter().all(|v| v.windows(2).all(|w| w[0] < w[1])));
+                let mut all: Vec<usize> = states.into_iter().flatten().collect();
+                all.sort_unstable();
+                assert_eq!(all, (0..n).collect::<Vec<_>>(), "n = {n}, pool {pool}");
+            }
+        }
     }
 }
