@@ -145,11 +145,11 @@ where
     fold_dynamic(items, || (), |(), item| task(item));
 }
 
-/// [`for_each_dynamic`] with a state per thread: each thread folds the items it
-/// takes into its own state (made by `init` when it takes its first item), and the
-/// states come back in no particular order, one per thread that took any item. Which
-/// items share a state depends on timing, so `fold` must give the same result
-/// whatever the grouping (up to rounding).
+/// [`for_each_dynamic`] with a state per run: the items of each run the threads take
+/// fold into a state of their own (made by `init`), and the states come back in the
+/// order of their runs. The runs' bounds depend only on the number of items and
+/// threads, never on timing, so merging the states in order gives the same result
+/// on every call (decode attention's online softmax stays bit-for-bit repeatable).
 pub fn fold_dynamic<I, S>(
     items: I,
     init: impl Fn() -> S + Sync,
@@ -161,37 +161,45 @@ where
     S: Send,
 {
     let threads = rayon::current_num_threads();
+    // Run `k` takes `remaining / (2 · threads)` items, at least one.
+    let take = |left: usize| (left / (2 * threads)).max(1);
     if threads <= 1 || items.len() <= 1 {
-        let mut items = items.peekable();
-        return match items.peek() {
-            Some(_) => vec![items.fold(init(), fold)],
-            None => Vec::new(),
-        };
+        // The same runs on this thread alone.
+        let mut items = items;
+        let mut states = Vec::new();
+        while items.len() > 0 {
+            let k = take(items.len());
+            states.push(items.by_ref().take(k).fold(init(), &fold));
+        }
+        return states;
     }
-    let queue = Mutex::new(items);
+    // The items left, and how many runs have been taken.
+    let queue = Mutex::new((items, 0usize));
     let work = || {
-        let mut state = None;
+        let mut mine = Vec::new();
         let mut run = Vec::new();
         loop {
-            {
+            let index = {
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-                let k = (q.len() / (2 * threads)).max(1);
-                run.extend(q.by_ref().take(k));
-            }
+                let k = take(q.0.len());
+                run.extend(q.0.by_ref().take(k));
+                q.1 += 1;
+                q.1 - 1
+            };
             if run.is_empty() {
-                return state;
+                return mine;
             }
-            for item in run.drain(..) {
-                state = Some(fold(state.take().unwrap_or_else(&init), item));
-            }
+            mine.push((index, run.drain(..).fold(init(), &fold)));
         }
     };
     use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
-    (0..threads)
+    let mut states: Vec<(usize, S)> = (0..threads)
         .into_par_iter()
         .with_max_len(1)
-        .filter_map(|_| work())
-        .collect()
+        .flat_map_iter(|_| work())
+        .collect();
+    states.sort_unstable_by_key(|s| s.0);
+    states.into_iter().map(|s| s.1).collect()
 }
 
 /// Held by the thread whose step owns the pool's spinners ([`on_pool`]).
@@ -364,26 +372,30 @@ mod tests {
     }
 
     #[test]
-    fn fold_dynamic_folds_every_item_once_into_per_thread_states() {
+    fn fold_dynamic_folds_runs_in_order_whatever_the_timing() {
         for n in [0usize, 1, 2, 9, 1000] {
-            for pool in [1, 2] {
+            let mut seen = Vec::new();
+            for pool in [1, 2, 2, 2] {
                 let p = rayon::ThreadPoolBuilder::new()
                     .num_threads(pool)
                     .build()
                     .unwrap();
-                let states = p.install(|| {
+                let runs = p.install(|| {
                     super::fold_dynamic(0..n, Vec::new, |mut v: Vec<usize>, i| {
                         v.push(i);
                         v
                     })
                 });
-                assert!(states.len() <= pool && (n == 0) == states.is_empty());
-                // Each state's items in the order taken; all items exactly once.
-                assert!(states.iter().all(|v| v.windows(2).all(|w| w[0] < w[1])));
-                let mut all: Vec<usize> = states.into_iter().flatten().collect();
-                all.sort_unstable();
+                // The runs, in order, are the items in order, each exactly once.
+                let all: Vec<usize> = runs.iter().flatten().copied().collect();
                 assert_eq!(all, (0..n).collect::<Vec<_>>(), "n = {n}, pool {pool}");
+                assert!(runs.iter().all(|r| !r.is_empty()));
+                // Two threads cut the same runs on every call.
+                if pool == 2 {
+                    seen.push(runs);
+                }
             }
+            assert!(seen.windows(2).all(|w| w[0] == w[1]), "n = {n}");
         }
     }
 }
