@@ -466,9 +466,10 @@ pub fn mqa_blocks(
         acc
     };
     let state = if blocks.len() > 1 {
-        // One state per thread (a 32 KB sum for V2-Lite), runs of consecutive
-        // blocks handed out as the threads finish (`fold_dynamic`): rayon's split
-        // ended a step's attention with one thread folding an eight-block leaf alone.
+        // Runs of consecutive blocks handed out as the threads finish, one state
+        // (a 32 KB sum for V2-Lite) per run, merged in run order (`fold_dynamic`):
+        // rayon's split ended a step's attention with one thread folding an
+        // eight-block leaf alone.
         crate::fold_dynamic(blocks.iter().enumerate(), || Running::new(heads, c), fold)
             .into_iter()
             .reduce(Running::merge)
