@@ -7,6 +7,7 @@
 #   LEVELS=1,8 TOKENS=64 bench/serve_load.sh
 #   ENGINES=whale RESULTS=serve_load-whale bench/serve_load.sh   (one engine, other results file)
 #   PER_TOKEN=1 bench/serve_load.sh   (logprobs requested: an event, so an interval, per token)
+#   WHALE=/tmp/whale-old bench/serve_load.sh   (that binary instead of building this tree)
 #
 # Needs llama-server from bench/compare_llama_cpp.sh --build-only (cached in $WHALE_CACHE).
 # Results: bench/results/serve_load.jsonl and serve_load.md (bench/serve_report.py).
@@ -25,8 +26,10 @@ PER=()
 [ -n "${PER_TOKEN:-}" ] && PER=(--per-token)
 SERVER=$CACHE/build-0.3.36/bin/llama-server
 [ -x "$SERVER" ] || "$ROOT/bench/compare_llama_cpp.sh" --build-only
-cargo build --release -p whale --manifest-path "$ROOT/Cargo.toml" -q
-WHALE=$ROOT/target/release/whale
+if [ -z "${WHALE:-}" ]; then
+  cargo build --release -p whale --manifest-path "$ROOT/Cargo.toml" -q
+  WHALE=$ROOT/target/release/whale
+fi
 TOKENIZER=$CACHE/deepseek-v2-tokenizer.json
 [ -f "$TOKENIZER" ] || gzip -dc "$ROOT/tests/fixtures/deepseek_v2_tokenizer.json.gz" > "$TOKENIZER"
 MODEL=$CACHE/synth-v2-lite-$TYPE.gguf

@@ -6,10 +6,12 @@
 //! time (one `matvec_many` per six, as a MoE layer's routed gate and up products
 //! are), so each product meets its weights cold. The variants alternate in rounds.
 //! Run: `cargo bench -p whale-kernels --bench stream` (`ROUNDS=n`, default 5).
+//! `INPUTS=n` (default 1) gives every product `n` input rows (`matmul_many`), as a
+//! batched decode step's experts see the several tokens routed to them.
 
 use std::time::Instant;
 use whale_kernels::quantize::quantize_row;
-use whale_kernels::{matvec_many, repack, simd_f32, DType, MatRef, MatVec};
+use whale_kernels::{matmul_many, repack, simd_f32, DType, MatMul, MatRef};
 
 fn main() {
     let rounds: usize = std::env::var("ROUNDS")
@@ -38,11 +40,17 @@ fn main() {
     let mats = |all| matrices(all, rt, packed.len(), rows, cols);
     let (mats4k, matsh) = (mats(&small), mats(&huge));
     let all = &small;
-    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.01).cos()).collect();
-    let mut ys = vec![vec![0.0f32; rows]; 6];
+    let inputs: usize = std::env::var("INPUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let x: Vec<f32> = (0..inputs * cols)
+        .map(|i| (i as f32 * 0.01).cos())
+        .collect();
+    let mut ys = vec![vec![0.0f32; inputs * rows]; 6];
     let floats: Vec<f32> = (0..(1usize << 28)).map(|i| (i % 7) as f32).collect();
     println!(
-        "threads: {}, {} matrices of {rows}x{cols} {} ({:.0} MB)",
+        "threads: {}, {} matrices of {rows}x{cols} {} ({:.0} MB), {inputs} input rows each",
         rayon::current_num_threads(),
         mats4k.len(),
         rt.name(),
@@ -56,9 +64,15 @@ fn main() {
                 let jobs = six
                     .iter()
                     .zip(ys.iter_mut())
-                    .map(|(&w, y)| MatVec { x: &x, w, y })
+                    .map(|(&w, y)| MatMul {
+                        x: &x,
+                        rows: None,
+                        n: inputs,
+                        w,
+                        y,
+                    })
                     .collect();
-                matvec_many(jobs, false);
+                matmul_many(jobs, false);
             }
             out.push(all.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
         }

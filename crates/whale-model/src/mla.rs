@@ -279,6 +279,16 @@ const LATENT_NORM_EPS: f32 = 1e-6;
 /// (see [`Mla::expanded`]).
 pub(crate) const EXPANDED_BYTES: usize = 24 << 20;
 
+/// A row of a step that runs in the absorbed form.
+struct AbsorbedRow {
+    /// Its row of the step (`[T, _]`).
+    row: usize,
+    /// Its segment (sequence) of the step.
+    seg: usize,
+    /// How many of its segment's latents it sees: its position plus one.
+    visible: usize,
+}
+
 impl Mla {
     /// Attention for a batch of sequences: `h` (`[T, d]`, already normalised) holds the
     /// new rows of each `(cache, rows)` segment in turn, at positions `cache.len()..` of
@@ -340,46 +350,61 @@ impl Mla {
             rope.apply(&mut row[c..], at);
         }
 
-        // attn: [T, H·V], each sequence over its own cache (sequences in parallel).
+        // attn: [T, H·V]. Every segment's latents join its cache first; then the rows
+        // that run absorbed (decode tokens and short chunks) go through the latent
+        // products together, and each expanded segment (a long prefill chunk) runs on
+        // its own.
         let mut attn = vec![0.0f32; t * nh * v];
-        let mut parts = Vec::with_capacity(segs.len());
-        {
-            let mut q_rest = &q[..];
-            let mut lat_rest = &lat[..];
-            let mut attn_rest = &mut attn[..];
-            for (cache, n) in segs.iter_mut() {
-                let (qs, qr) = q_rest.split_at(*n * nh * qk);
-                let (ls, lr) = lat_rest.split_at(*n * (c + r));
-                let (os, or) = std::mem::take(&mut attn_rest).split_at_mut(*n * nh * v);
-                q_rest = qr;
-                lat_rest = lr;
-                attn_rest = or;
-                parts.push((&mut **cache, *n, qs, ls, os));
-            }
-        }
-        parts.par_iter_mut().for_each(|(cache, ts, qs, ls, os)| {
+        let mut absorbed_rows = Vec::new();
+        let mut expanded_segs = Vec::new();
+        let mut first = 0;
+        for (si, (cache, n)) in segs.iter_mut().enumerate() {
             let past = cache.len();
-            cache.append(layer, ls);
-            let n = past + *ts;
+            cache.append(layer, &lat[first * (c + r)..(first + *n) * (c + r)]);
             let absorbed = match mode {
-                MlaMode::Auto => (*ts as f64) < self.absorb_below(),
+                MlaMode::Auto => (*n as f64) < self.absorb_below(),
                 MlaMode::Absorbed => true,
                 MlaMode::Expanded => false,
             };
-            let heads: Vec<Vec<f32>> = if absorbed {
-                // The cache's pages as they are: [≤64, C+R] each.
-                self.absorbed(qs, *ts, past, &cache.layer_pages(layer, n), n)
+            if absorbed {
+                absorbed_rows.extend((0..*n).map(|ti| AbsorbedRow {
+                    row: first + ti,
+                    seg: si,
+                    visible: past + ti + 1,
+                }));
             } else {
-                // Prefill multiplies every latent row anyway: one contiguous [N, C+R] copy.
-                self.expanded(qs, *ts, past, &cache.gather(layer, n), n)
-            };
+                expanded_segs.push((si, first, past));
+            }
+            first += *n;
+        }
+        if !absorbed_rows.is_empty() {
+            // Each segment's pages, as far as its last row sees.
+            let pages: Vec<Vec<Block<'_>>> = segs
+                .iter()
+                .enumerate()
+                .map(|(si, (cache, _))| {
+                    let seen = absorbed_rows
+                        .iter()
+                        .filter(|a| a.seg == si)
+                        .map(|a| a.visible)
+                        .max();
+                    seen.map_or_else(Vec::new, |n| cache.layer_pages(layer, n))
+                })
+                .collect();
+            self.absorbed(&q, &absorbed_rows, &pages, &mut attn);
+        }
+        for (si, first, past) in expanded_segs {
+            let (cache, ts) = &segs[si];
+            let n = past + *ts;
+            let qs = &q[first * nh * qk..(first + *ts) * nh * qk];
+            let heads = self.expanded(qs, *ts, past, &cache.gather(layer, n), n);
             for (hi, ho) in heads.iter().enumerate() {
                 for ti in 0..*ts {
-                    os[ti * nh * v + hi * v..ti * nh * v + (hi + 1) * v]
-                        .copy_from_slice(&ho[ti * v..(ti + 1) * v]);
+                    let at = (first + ti) * nh * v + hi * v;
+                    attn[at..at + v].copy_from_slice(&ho[ti * v..(ti + 1) * v]);
                 }
             }
-        });
+        }
         self.o.forward(&attn, t, out);
     }
 
@@ -405,16 +430,20 @@ impl Mla {
         (c * (p + v) / I / per_row).max(2.0)
     }
 
-    /// Per head `[T, V]` outputs by the absorbed form: multi-query attention over the
-    /// latent rows `[c ‖ k_pe]`, all heads at once, so each cache row is read once.
+    /// Attention outputs of `rows` by the absorbed form, written to their rows of
+    /// `attn` (`[T, H·V]`): multi-query attention over the latent rows `[c ‖ k_pe]`
+    /// of each row's segment (`pages[seg]`), all heads at once, so each cache row is
+    /// read once per query row. The latent products `W_UKᵀ q_nope` and `W_UV õ` run
+    /// for all rows of the step together, each head's weight read once per step (a
+    /// step of eight decode streams read them eight times, and forked 16 times per
+    /// layer, when each stream ran them alone).
     fn absorbed(
         &self,
         q: &[f32],
-        t: usize,
-        past: usize,
-        kv: &[Block<'_>],
-        n: usize,
-    ) -> Vec<Vec<f32>> {
+        rows: &[AbsorbedRow],
+        pages: &[Vec<Block<'_>>],
+        attn: &mut [f32],
+    ) {
         let (nh, p, r, v, c) = (
             self.n_head,
             self.nope,
@@ -423,64 +452,104 @@ impl Mla {
             self.kv_rank,
         );
         let qk = p + r;
-        debug_assert_eq!(kv.iter().map(|p| p.len()).sum::<usize>(), n * (c + r));
-        let mut out = vec![vec![0.0f32; t * v]; nh];
-        // q_cat: [H, C+R] = [W_UKᵀ q_nope ‖ q_pe] per head.
-        let mut q_cat = vec![0.0f32; nh * (c + r)];
-        let mut o_lat = vec![0.0f32; nh * c];
-        // Per-head views of W_UKᵀ [C, P] (split layout), made once for all T tokens.
-        let w: Vec<Tensor> = match &self.kv_up {
-            KvUp::Split { k_b_t, .. } => (0..nh).map(|hi| k_b_t.get().rows(hi * c, c, p)).collect(),
-            KvUp::Fused(_) => Vec::new(),
-        };
-        // W_UV [V, C] per head.
-        let w_uv: Vec<Tensor> = (0..nh).map(|hi| self.kv_up.w_uv(hi, p, v, c)).collect();
-        for ti in 0..t {
-            let qt = &q[ti * nh * qk..(ti + 1) * nh * qk];
-            if !w.is_empty() {
-                // All heads' W_UKᵀ q_nope as one batch of products.
-                let jobs = q_cat
-                    .chunks_mut(c + r)
+        let ta = rows.len();
+        // Which rows of a `[ta·H, _]` matrix (row `j·H + h`) are head `h`'s.
+        let head_rows: Vec<Vec<usize>> = (0..nh)
+            .map(|hi| (0..ta).map(|j| j * nh + hi).collect())
+            .collect();
+        // q_cat: [ta, H, C+R] = [W_UKᵀ q_nope ‖ q_pe] per row and head.
+        let mut q_cat = vec![0.0f32; ta * nh * (c + r)];
+        match &self.kv_up {
+            KvUp::Split { k_b_t, .. } => {
+                // q_nope: [ta·H, P]; per head W_UKᵀ [C, P] over its ta rows.
+                let mut q_nope = vec![0.0f32; ta * nh * p];
+                for (qn, a) in q_nope.chunks_mut(nh * p).zip(rows) {
+                    let qt = &q[a.row * nh * qk..(a.row + 1) * nh * qk];
+                    for (qh, src) in qn.chunks_mut(p).zip(qt.chunks(qk)) {
+                        qh.copy_from_slice(&src[..p]);
+                    }
+                }
+                let w: Vec<Tensor> = (0..nh).map(|hi| k_b_t.get().rows(hi * c, c, p)).collect();
+                let mut q_lat = vec![vec![0.0f32; ta * c]; nh];
+                let jobs = q_lat
+                    .iter_mut()
                     .zip(&w)
-                    .enumerate()
-                    .map(|(hi, (qc, wh))| whale_kernels::MatVec {
-                        x: &qt[hi * qk..hi * qk + p],
+                    .zip(&head_rows)
+                    .map(|((y, wh), hr)| whale_kernels::MatMul {
+                        x: &q_nope,
+                        rows: Some(hr),
+                        n: ta,
                         w: wh.mat(),
-                        y: &mut qc[..c],
+                        y,
                     })
                     .collect();
-                whale_kernels::matvec_many(jobs, self.exact);
-                for (hi, qc) in q_cat.chunks_mut(c + r).enumerate() {
-                    qc[c..].copy_from_slice(&qt[hi * qk + p..(hi + 1) * qk]);
+                whale_kernels::matmul_many(jobs, self.exact);
+                for (j, qc) in q_cat.chunks_mut(nh * (c + r)).enumerate() {
+                    for (hi, qh) in qc.chunks_mut(c + r).enumerate() {
+                        qh[..c].copy_from_slice(&q_lat[hi][j * c..(j + 1) * c]);
+                    }
                 }
-            } else {
-                q_cat
-                    .par_chunks_mut(c + r)
-                    .enumerate()
-                    .for_each(|(hi, qc)| {
-                        let qh = &qt[hi * qk..(hi + 1) * qk];
-                        self.kv_up
-                            .absorb_query(self.exact, hi, &qh[..p], p, v, c, &mut qc[..c]);
-                        qc[c..].copy_from_slice(&qh[p..]);
-                    });
             }
-            let visible = past + ti + 1;
-            // õ: [H, C], softmax over the visible rows, page by page.
-            whale_kernels::mqa_blocks(&q_cat, nh, kv, c + r, visible, c, self.scale, &mut o_lat);
-            // o = W_UV õ per head: [V], all heads' products as one parallel pass.
-            let jobs = out
-                .iter_mut()
-                .zip(&w_uv)
-                .enumerate()
-                .map(|(hi, (oh, w))| whale_kernels::MatVec {
-                    x: &o_lat[hi * c..(hi + 1) * c],
-                    w: w.mat(),
-                    y: &mut oh[ti * v..(ti + 1) * v],
-                })
-                .collect();
-            whale_kernels::matvec_many(jobs, self.exact);
+            KvUp::Fused(_) => {
+                // W_UK is stored [P, C] per head: a transposed product per row and head.
+                q_cat.par_chunks_mut(c + r).enumerate().for_each(|(i, qc)| {
+                    let (a, hi) = (&rows[i / nh], i % nh);
+                    let qh = &q[a.row * nh * qk + hi * qk..a.row * nh * qk + (hi + 1) * qk];
+                    self.kv_up
+                        .absorb_query(self.exact, hi, &qh[..p], p, v, c, &mut qc[..c]);
+                });
+            }
         }
-        out
+        for (qc, a) in q_cat.chunks_mut(nh * (c + r)).zip(rows) {
+            let qt = &q[a.row * nh * qk..(a.row + 1) * nh * qk];
+            for (qh, src) in qc.chunks_mut(c + r).zip(qt.chunks(qk)) {
+                qh[c..].copy_from_slice(&src[p..]);
+            }
+        }
+        // õ: [ta, H, C], softmax over each row's visible latents, page by page. Rows
+        // come from a shared queue; a row's pages are handed out inside it, so one
+        // long row keeps both cores busy too.
+        let mut o_lat = vec![0.0f32; ta * nh * c];
+        whale_kernels::for_each_dynamic(
+            o_lat
+                .chunks_mut(nh * c)
+                .zip(q_cat.chunks(nh * (c + r)))
+                .zip(rows),
+            |((ol, qc), a)| {
+                whale_kernels::mqa_blocks(
+                    qc,
+                    nh,
+                    &pages[a.seg],
+                    c + r,
+                    a.visible,
+                    c,
+                    self.scale,
+                    ol,
+                )
+            },
+        );
+        // o = W_UV õ per head ([V, C] over its ta rows of õ), all heads as one pass.
+        let w_uv: Vec<Tensor> = (0..nh).map(|hi| self.kv_up.w_uv(hi, p, v, c)).collect();
+        let mut o_v = vec![vec![0.0f32; ta * v]; nh];
+        let jobs = o_v
+            .iter_mut()
+            .zip(&w_uv)
+            .zip(&head_rows)
+            .map(|((y, wh), hr)| whale_kernels::MatMul {
+                x: &o_lat,
+                rows: Some(hr),
+                n: ta,
+                w: wh.mat(),
+                y,
+            })
+            .collect();
+        whale_kernels::matmul_many(jobs, self.exact);
+        for (j, a) in rows.iter().enumerate() {
+            for (hi, oh) in o_v.iter().enumerate() {
+                let at = a.row * nh * v + hi * v;
+                attn[at..at + v].copy_from_slice(&oh[j * v..(j + 1) * v]);
+            }
+        }
     }
 
     /// Per head `[T, V]` outputs by the expanded form: every latent decompressed to its

@@ -352,3 +352,51 @@ fn repacked_weights_compute_what_the_file_layout_computes() {
     let stop = std::sync::atomic::AtomicBool::new(true);
     assert_eq!(h.repack(Some(&stop)), 0);
 }
+
+#[test]
+fn batched_step_of_a_quantized_file_equals_each_sequence_alone() {
+    // llama.cpp's split `attn_k_b`/`attn_v_b` with integer products: one step carries
+    // three decode tokens over caches of different lengths and a short prompt chunk
+    // (both absorbed), whose latent products run together. Each item's logits must
+    // be the ones its sequence gets alone.
+    use whale_model::{BatchItem, DeepseekModel, Logits};
+    let g = DeepseekModel::load_gguf(&fixtures().join("gguf/v3-q8_0.gguf")).unwrap();
+    let vocab = g.config().vocab_size as u32;
+    let seq =
+        |s: u32, n: u32| -> Vec<u32> { (0..n).map(|i| (i * 7919 + 31 * s + 1) % vocab).collect() };
+    let seqs = [seq(0, 4), seq(1, 9), seq(2, 70), seq(3, 6)];
+    let mut alone = Vec::new();
+    let mut caches = Vec::new();
+    for (k, s) in seqs.iter().enumerate() {
+        // The decode sequences have all but their last token cached; the chunk
+        // sequence starts empty. Alone, the same tokens run in a step of their own.
+        let keep = if k == 3 { 0 } else { s.len() - 1 };
+        let (mut c, mut own) = (g.new_cache(), g.new_cache());
+        if keep > 0 {
+            g.forward(&s[..keep], &mut c, Logits::Last).unwrap();
+            g.forward(&s[..keep], &mut own, Logits::Last).unwrap();
+        }
+        alone.push(g.forward(&s[keep..], &mut own, Logits::All).unwrap());
+        caches.push((keep, c));
+    }
+    let mut items: Vec<BatchItem> = caches
+        .iter_mut()
+        .zip(&seqs)
+        .map(|((keep, c), s)| BatchItem {
+            tokens: &s[*keep..],
+            cache: c,
+            logits: Logits::All,
+        })
+        .collect();
+    let out = g.forward_batch(&mut items).unwrap();
+    let v = vocab as usize;
+    for (k, (got, want)) in out.iter().zip(&alone).enumerate() {
+        assert_eq!(got.len(), if k == 3 { 6 * v } else { v });
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-5 * scale, "sequence {k}: {err} of {scale}");
+    }
+}
