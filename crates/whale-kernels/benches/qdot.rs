@@ -66,7 +66,7 @@ fn main() {
     let mut cases: Vec<Case> = Vec::new();
     for (dt, rb, wq, rt, packed) in &files {
         for &isa in &isas {
-            for n in [1usize, 4] {
+            for n in [1usize, 2, 4] {
                 let a: Vec<&Q8Row> = x[..n].iter().collect();
                 let macs = (rows * cols * n) as f64;
                 let (a1, a2) = (a.clone(), a);
