@@ -68,26 +68,6 @@ pub(crate) enum KvUp {
 }
 
 impl KvUp {
-    /// `q_lat = W_UK[h]ᵀ q_nope`: `[P]` → `[C]`.
-    #[allow(clippy::too_many_arguments)]
-    fn absorb_query(
-        &self,
-        exact: bool,
-        h: usize,
-        q_nope: &[f32],
-        p: usize,
-        v: usize,
-        c: usize,
-        q_lat: &mut [f32],
-    ) {
-        match self {
-            KvUp::Fused(w) => matmul_t_vec(q_nope, w.mat().row_range(h * (p + v), p), q_lat),
-            KvUp::Split { k_b_t, .. } => {
-                matmul_with(q_nope, 1, k_b_t.get().rows(h * c, c, p).mat(), q_lat, exact)
-            }
-        }
-    }
-
     /// `W_UV[h]` as `[V, C]`.
     fn w_uv(&self, h: usize, p: usize, v: usize, c: usize) -> Tensor {
         match self {
@@ -356,6 +336,8 @@ impl Mla {
         // its own.
         let mut attn = vec![0.0f32; t * nh * v];
         let mut absorbed_rows = Vec::new();
+        // Per segment, the latents its absorbed rows see (0 for an expanded segment).
+        let mut seen = vec![0; segs.len()];
         let mut expanded_segs = Vec::new();
         let mut first = 0;
         for (si, (cache, n)) in segs.iter_mut().enumerate() {
@@ -372,6 +354,7 @@ impl Mla {
                     seg: si,
                     visible: past + ti + 1,
                 }));
+                seen[si] = past + *n;
             } else {
                 expanded_segs.push((si, first, past));
             }
@@ -381,15 +364,8 @@ impl Mla {
             // Each segment's pages, as far as its last row sees.
             let pages: Vec<Vec<Block<'_>>> = segs
                 .iter()
-                .enumerate()
-                .map(|(si, (cache, _))| {
-                    let seen = absorbed_rows
-                        .iter()
-                        .filter(|a| a.seg == si)
-                        .map(|a| a.visible)
-                        .max();
-                    seen.map_or_else(Vec::new, |n| cache.layer_pages(layer, n))
-                })
+                .zip(&seen)
+                .map(|((cache, _), &n)| cache.layer_pages(layer, n))
                 .collect();
             self.absorbed(&q, &absorbed_rows, &pages, &mut attn);
         }
@@ -490,13 +466,12 @@ impl Mla {
                     }
                 }
             }
-            KvUp::Fused(_) => {
+            KvUp::Fused(w) => {
                 // W_UK is stored [P, C] per head: a transposed product per row and head.
                 q_cat.par_chunks_mut(c + r).enumerate().for_each(|(i, qc)| {
                     let (a, hi) = (&rows[i / nh], i % nh);
-                    let qh = &q[a.row * nh * qk + hi * qk..a.row * nh * qk + (hi + 1) * qk];
-                    self.kv_up
-                        .absorb_query(self.exact, hi, &qh[..p], p, v, c, &mut qc[..c]);
+                    let qn = &q[a.row * nh * qk + hi * qk..][..p];
+                    matmul_t_vec(qn, w.mat().row_range(hi * (p + v), p), &mut qc[..c]);
                 });
             }
         }
