@@ -125,7 +125,8 @@ fn matmul_q8_rows(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
         let mut res = [0.0f32; 4];
         // Several token quads reuse each row: convert its block scales once.
         let nb = inp / qdot::QK8;
-        let mut dws = vec![0.0f32; if n > 4 { rows * nb } else { 0 }];
+        let scales = n > 4 && qdot::takes_row_scales(dtype);
+        let mut dws = vec![0.0f32; if scales { rows * nb } else { 0 }];
         for (r, d) in dws.chunks_mut(nb.max(1)).enumerate() {
             qdot::row_scales(dtype, &bytes[(r0 + r) * rb..(r0 + r + 1) * rb], d);
         }
@@ -140,7 +141,7 @@ fn matmul_q8_rows(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
                     let ahead = &bytes[(r0 + r + PREFETCH_ROWS) * rb..][..rb];
                     qdot::prefetch(ahead);
                 }
-                let dw = (n > 4).then(|| &dws[r * nb..(r + 1) * nb]);
+                let dw = scales.then(|| &dws[r * nb..(r + 1) * nb]);
                 qdot::dot_rows(isa, dtype, wr, dw, &quad[..k], &mut res[..k]);
                 chunk[r * n + t0..r * n + t0 + k].copy_from_slice(&res[..k]);
             }
@@ -488,7 +489,8 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
             }
             (Some(refs), None) => {
                 // More than one quad of rows: convert the row's block scales once.
-                let mut dw = vec![0.0f32; if t.n > 4 { t.w.cols() / qdot::QK8 } else { 0 }];
+                let scales = t.n > 4 && qdot::takes_row_scales(t.w.dtype());
+                let mut dw = vec![0.0f32; if scales { t.w.cols() / qdot::QK8 } else { 0 }];
                 for k in 0..rows {
                     let r = t.r0 + k;
                     if k + PREFETCH_ROWS < rows {

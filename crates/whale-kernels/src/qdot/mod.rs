@@ -216,8 +216,14 @@ pub fn isa() -> Isa {
 pub fn supports(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q8_0 | DType::Q4_0R8 | DType::Q8_0R8
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4K | DType::Q4_0R8 | DType::Q8_0R8
     )
+}
+
+/// Whether [`dot_rows`] for `dtype` can take the row's block scales from
+/// [`row_scales`] (one f16 per 32-value block; not Q4_K's super-blocks).
+pub fn takes_row_scales(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0)
 }
 
 /// Asks for the cache lines of `bytes` ahead of use (a hint; no effect elsewhere).
@@ -403,6 +409,124 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_and_q4_k_paths_equal_the_scalar_twin_and_approximate_f32() {
+        for (dtype, cols) in [
+            (DType::Q5_0, 32),
+            (DType::Q5_0, 96),
+            (DType::Q5_0, 1408),
+            (DType::Q4K, 256),
+            (DType::Q4K, 2048),
+        ] {
+            let w = lcg(cols, cols as u64 + 3);
+            let mut wq = vec![0u8; dtype.bytes_for(cols).unwrap()];
+            quantize_row(dtype, &w, &mut wq);
+            let mut wf = vec![0.0; cols];
+            crate::decode_into(dtype, &wq, &mut wf);
+            // Rows 2 and 3 have blocks ten to a thousand times smaller than others.
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|t| {
+                    let mut x = lcg(cols, 70 + t);
+                    if t >= 2 {
+                        for (b, blk) in x.chunks_mut(QK8).enumerate() {
+                            let f = [1.0, 0.1, 0.01, 0.001][(b + t as usize) % 4];
+                            blk.iter_mut().for_each(|v| *v *= f);
+                        }
+                    }
+                    x
+                })
+                .collect();
+            let rows: Vec<Q8Row> = xs.iter().map(|x| Q8Row::from_f32(x)).collect();
+            let wmax = wf.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let mut dw = vec![0.0; cols / 32];
+            if takes_row_scales(dtype) {
+                row_scales(dtype, &wq, &mut dw);
+            }
+            for n in 1..=4 {
+                let a: Vec<&Q8Row> = rows[..n].iter().collect();
+                let mut want = vec![0.0; n];
+                scalar::dot_rows(dtype, &wq, &a, &mut want);
+                for t in 0..n {
+                    // The integer dot approximates the f32 dot with the dequantised
+                    // weights: each activation is off by at most half its block's step.
+                    let exact: f32 = wf.iter().zip(&xs[t]).map(|(p, q)| p * q).sum();
+                    let err: f32 = wf
+                        .iter()
+                        .zip(xs[t].chunks(QK8).flat_map(|b| {
+                            let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                            std::iter::repeat_n(amax / 254.0, b.len())
+                        }))
+                        .map(|(p, e)| p.abs() * e)
+                        .sum();
+                    assert!(
+                        (want[t] - exact).abs() <= 1.01 * err + 1e-4,
+                        "{dtype:?} {cols} row {t}: {} vs {exact}",
+                        want[t]
+                    );
+                }
+                // Other summation orders: rounding bounded by the terms' magnitudes
+                // (a sub-block's offset, `dmin · m` or `16 d`, is at most ~max |w|).
+                let mag = |t: usize| -> f32 {
+                    let m: f32 = wf
+                        .iter()
+                        .zip(&xs[t])
+                        .map(|(p, q)| (p.abs() + wmax) * q.abs())
+                        .sum();
+                    64.0 * f32::EPSILON * m
+                };
+                let pres: Vec<Option<&[f32]>> = if takes_row_scales(dtype) {
+                    vec![None, Some(&dw[..])]
+                } else {
+                    vec![None]
+                };
+                for isa in isas() {
+                    for &pre in &pres {
+                        let mut got = vec![0.0; n];
+                        dot_rows(isa, dtype, &wq, pre, &a, &mut got);
+                        for t in 0..n {
+                            assert!(
+                                (got[t] - want[t]).abs() <= mag(t),
+                                "{isa:?} {dtype:?} cols {cols} n {n} row {t}: {} vs {}",
+                                got[t],
+                                want[t]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_high_bits_and_extremes_are_exact() {
+        // Every nibble 15 with every high bit set (31), or 0 with none (0), against
+        // activations at ±127: the integer sums are exact on every path.
+        for (qs, qh) in [(0xFFu8, u32::MAX), (0x00, 0), (0xF0, 0xAAAA_5555)] {
+            let mut blk = vec![0u8; 22];
+            blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+            blk[6..].fill(qs);
+            let mut wf = vec![0.0; 32];
+            crate::decode_into(DType::Q5_0, &blk, &mut wf);
+            for sign in [1.0f32, -1.0] {
+                let x: Vec<f32> = (0..32)
+                    .map(|i| if i % 3 == 0 { sign } else { -sign })
+                    .collect();
+                let row = Q8Row::from_f32(&x);
+                let exact: f32 = wf.iter().zip(&x).map(|(p, q)| p * q).sum();
+                for isa in isas() {
+                    let mut got = [0.0f32];
+                    dot_rows(isa, DType::Q5_0, &blk, None, &[&row], &mut got);
+                    assert!(
+                        (got[0] - exact).abs() <= 1e-4,
+                        "{isa:?} {qh:x}: {} vs {exact}",
+                        got[0]
+                    );
                 }
             }
         }

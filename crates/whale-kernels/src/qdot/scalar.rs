@@ -9,11 +9,15 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
 }
 
-/// Σ over blocks of `d_w · (d_x Σ q_w q_x)` for Q4_0 (`q_w = nibble - 8`) or Q8_0.
+/// Σ over blocks of `d_w · (d_x Σ q_w q_x)` for Q4_0 (`q_w = nibble - 8`), Q5_0
+/// (`q_w = 5 bits - 16`) or Q8_0; Q4_K per 32-value sub-block, its scale and min
+/// applied as ggml defines them.
 pub fn dot_rows(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(a) {
         *o = match dtype {
             DType::Q4_0 => q4_0(w, x),
+            DType::Q5_0 => q5_0(w, x),
+            DType::Q4K => q4_k(w, x),
             DType::Q8_0 => q8_0(w, x),
             other => panic!("no integer kernel for {}", other.name()),
         };
@@ -31,6 +35,48 @@ fn q4_0(w: &[u8], x: &Q8Row) -> f32 {
         }
         // Σ (n - 8) q = Σ n q - 8 Σ q.
         acc += f16_at(blk, 0) * (x.d[b] * sum as f32 - 8.0 * x.s[b]);
+    }
+    acc
+}
+
+fn q5_0(w: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in w.chunks_exact(22).enumerate() {
+        let q = &x.qs[b * QK8..(b + 1) * QK8];
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let mut sum = 0i32;
+        for j in 0..16 {
+            let lo = (blk[6 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
+            let hi = (blk[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+            sum += lo * q[j] as i32 + hi * q[j + 16] as i32;
+        }
+        // Σ (u - 16) q = Σ u q - 16 Σ q.
+        acc += f16_at(blk, 0) * (x.d[b] * sum as f32 - 16.0 * x.s[b]);
+    }
+    acc
+}
+
+/// Q4_K: per super-block `d`, `dmin` and eight 6-bit scales and mins; sub-block `j`'s
+/// values are `d · sc_j · n - dmin · m_j` (`n` a nibble: the low ones of 32 bytes for
+/// the even sub-block of each 64 values, the high ones for the odd one). Each
+/// sub-block is one activation block: `d sc_j (d_x Σ n q) - dmin m_j (d_x Σ q)`.
+fn q4_k(w: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (sb, blk) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        for j in 0..8 {
+            let (sc, m) = crate::quant::scale_min_k4(j, &blk[4..16]);
+            let b = sb * 8 + j;
+            let q = &x.qs[b * QK8..(b + 1) * QK8];
+            let bytes = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+            let shift = 4 * (j % 2);
+            let sum: i32 = bytes
+                .iter()
+                .zip(q)
+                .map(|(&v, &xq)| ((v >> shift) & 0x0F) as i32 * xq as i32)
+                .sum();
+            acc += d * sc as f32 * (x.d[b] * sum as f32) - dmin * m as f32 * x.s[b];
+        }
     }
     acc
 }

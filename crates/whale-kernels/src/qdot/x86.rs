@@ -102,8 +102,10 @@ pub fn dot_rows(
 ) {
     let (vals, bytes) = dtype.block();
     let nb = w.len() / bytes;
+    // Activation blocks per weight block: 8 for Q4_K's 256-value super-blocks.
+    let sub = vals / QK8;
     for x in a {
-        assert!(x.qs.len() >= nb * vals && x.d.len() >= nb && x.s.len() >= nb);
+        assert!(x.qs.len() >= nb * vals && x.d.len() >= nb * sub && x.s.len() >= nb * sub);
     }
     assert!(out.len() == a.len() && a.len() <= 4 && w.len() == nb * bytes);
     assert!(dw.is_none_or(|d| d.len() >= nb));
@@ -126,6 +128,9 @@ pub fn dot_rows(
         (Isa::Avx512Vnni, DType::Q8_0) => go!(q8_0_vnni),
         (Isa::Avx2, DType::Q4_0) => go!(q4_0_avx2),
         (Isa::Avx2, DType::Q8_0) => go!(q8_0_avx2),
+        // No VNNI twins yet: the AVX2 kernels run on AVX-512 machines too.
+        (Isa::Avx2 | Isa::Avx512Vnni, DType::Q5_0) => go!(q5_0_avx2),
+        (Isa::Avx2 | Isa::Avx512Vnni, DType::Q4K) => go!(q4_k_avx2),
         _ => super::scalar::dot_rows(dtype, w, a, out),
     }
 }
@@ -148,6 +153,93 @@ unsafe fn q4_nibbles(qs: *const u8) -> __m256i {
     let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs as *const __m128i));
     let v = _mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0));
     _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// The 32 high bits of a Q5_0 block (at `qh`) as `0x10` in each byte whose bit is set,
+/// in element order (byte `k` takes bit `k`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q5_high_bits(qh: *const u8) -> __m256i {
+    let v = _mm256_set1_epi32((qh as *const i32).read_unaligned());
+    // Byte k of the result first gets byte k / 8 of the 32 bits, then keeps bit k % 8.
+    let spread = _mm256_shuffle_epi8(
+        v,
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Q4_K rows (the common `Q4_K_M` files' main type; ggml layout, read in place): per
+/// super-block the eight 6-bit scales and mins decoded once for all activation rows;
+/// per 64 values one 32-byte load, whose low nibbles are one sub-block and high
+/// nibbles the next. Each sub-block's `vpmaddubsw` + `vpmaddwd` sum meets
+/// `d · sc_j · d_x` in one FMA (even and odd sub-blocks in two chains), and
+/// `dmin · m_j · (d_x Σ q)` is summed on the side and subtracted at the end. `dw` is
+/// unused: a super-block carries two scales and sixteen 6-bit factors, not one f16.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_avx2<const N: usize>(
+    w: &[u8],
+    _dw: Option<&[f32]>,
+    nb: usize,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc0 = [_mm256_setzero_ps(); N];
+    let mut acc1 = [_mm256_setzero_ps(); N];
+    let mut corr = [0.0f32; N];
+    let wp = w.as_ptr();
+    // Raw pointers: the caller checked every row's lengths against `nb` super-blocks.
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let xd: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
+    let xs: [*const f32; N] = std::array::from_fn(|t| a[t].s.as_ptr());
+    for sb in 0..nb {
+        let blk = wp.add(sb * 144);
+        let half_at = |o: usize| half::f16::from_bits((blk.add(o) as *const u16).read_unaligned());
+        let (d, dmin) = (half_at(0).to_f32(), half_at(2).to_f32());
+        let scales = std::slice::from_raw_parts(blk.add(4), 12);
+        let mut dsc = [0.0f32; 8];
+        let mut dmn = [0.0f32; 8];
+        for j in 0..8 {
+            let (sc, m) = crate::quant::scale_min_k4(j, scales);
+            dsc[j] = d * sc as f32;
+            dmn[j] = dmin * m as f32;
+        }
+        let b0 = sb * 8;
+        for t in 0..N {
+            for (j, mn) in dmn.iter().enumerate() {
+                corr[t] += mn * *xs[t].add(b0 + j);
+            }
+        }
+        for c in 0..4 {
+            let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+            let lo = _mm256_and_si256(v, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+            let b = b0 + 2 * c;
+            for t in 0..N {
+                let x0 = _mm256_loadu_si256(qs[t].add(b * QK8) as *const __m256i);
+                let x1 = _mm256_loadu_si256(qs[t].add((b + 1) * QK8) as *const __m256i);
+                // Nibble times value, pairs summed in 16 bits (at most 2 · 15 · 127).
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
+                let s0 = _mm256_set1_ps(dsc[2 * c] * *xd[t].add(b));
+                let s1 = _mm256_set1_ps(dsc[2 * c + 1] * *xd[t].add(b + 1));
+                acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc0[t]);
+                acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc1[t]);
+            }
+        }
+    }
+    for t in 0..N {
+        out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) - corr[t];
+    }
 }
 
 /// Block scales of a run of `nb` blocks: `d_w` (f16 at `stride`-byte steps from `p`)
@@ -290,6 +382,17 @@ int_kernel!(
     18,
     8.0,
     |blk| q4_nibbles(blk),
+    |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), _mm256_set1_epi16(1))
+);
+
+// Q5_0 with AVX2: the five bits unsigned (nibble | high bit · 16, at most 31), so
+// Σ (u - 16) q = Σ u q - 16 Σ q; `vpmaddubsw` pairs stay inside 16 bits (2 · 31 · 127).
+int_kernel!(
+    q5_0_avx2,
+    "avx2,fma,f16c",
+    22,
+    16.0,
+    |blk| _mm256_or_si256(q4_nibbles(blk.add(4)), q5_high_bits(blk)),
     |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), _mm256_set1_epi16(1))
 );
 
