@@ -54,17 +54,27 @@ fn main() {
         }
     }
     let mut files = Vec::new();
-    for dt in [DType::Q4_0, DType::Q8_0] {
-        let rb = dt.bytes_for(cols).unwrap();
+    // Q5_0, Q4_K and Q6_K are read in place (no repacked layout); `COLS` must be a
+    // multiple of 256 for the K types.
+    for dt in [
+        DType::Q4_0,
+        DType::Q8_0,
+        DType::Q5_0,
+        DType::Q4K,
+        DType::Q6K,
+    ] {
+        let Some(rb) = dt.bytes_for(cols) else {
+            continue;
+        };
         let mut wq = vec![0u8; rb * rows];
         for (r, o) in wq.chunks_mut(rb).enumerate() {
             quantize_row(dt, &w[r * cols..(r + 1) * cols], o);
         }
-        let (rt, packed) = repack::repack(dt, &wq, rows, cols).expect("repackable");
-        files.push((dt, rb, wq, rt, packed));
+        let packed = repack::repack(dt, &wq, rows, cols);
+        files.push((dt, rb, wq, packed));
     }
     let mut cases: Vec<Case> = Vec::new();
-    for (dt, rb, wq, rt, packed) in &files {
+    for (dt, rb, wq, packed) in &files {
         for &isa in &isas {
             for n in [1usize, 2, 4] {
                 let a: Vec<&Q8Row> = x[..n].iter().collect();
@@ -89,6 +99,9 @@ fn main() {
                     }),
                     secs: Vec::new(),
                 });
+                let Some((rt, packed)) = packed else {
+                    continue;
+                };
                 let gb = packed.len() / (rows / 8);
                 let a3 = a2.clone();
                 let mut out = [0.0f32; 32];

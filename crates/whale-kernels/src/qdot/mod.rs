@@ -216,7 +216,13 @@ pub fn isa() -> Isa {
 pub fn supports(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4K | DType::Q4_0R8 | DType::Q8_0R8
+        DType::Q4_0
+            | DType::Q5_0
+            | DType::Q8_0
+            | DType::Q4K
+            | DType::Q6K
+            | DType::Q4_0R8
+            | DType::Q8_0R8
     )
 }
 
@@ -415,13 +421,15 @@ mod tests {
     }
 
     #[test]
-    fn q5_0_and_q4_k_paths_equal_the_scalar_twin_and_approximate_f32() {
+    fn q5_0_q4_k_and_q6_k_paths_equal_the_scalar_twin_and_approximate_f32() {
         for (dtype, cols) in [
             (DType::Q5_0, 32),
             (DType::Q5_0, 96),
             (DType::Q5_0, 1408),
             (DType::Q4K, 256),
             (DType::Q4K, 2048),
+            (DType::Q6K, 256),
+            (DType::Q6K, 2048),
         ] {
             let w = lcg(cols, cols as u64 + 3);
             let mut wq = vec![0u8; dtype.bytes_for(cols).unwrap()];
@@ -525,6 +533,48 @@ mod tests {
                     assert!(
                         (got[0] - exact).abs() <= 1e-4,
                         "{isa:?} {qh:x}: {} vs {exact}",
+                        got[0]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q6_k_bit_planes_signs_and_extreme_scales_are_exact() {
+        // Every 6-bit value at 63 or 0 (±32 off the offset), mixed bit planes, and
+        // scales at -128 and 127, against activations at ±1: the sums stay small
+        // enough to be exact in f32 on every path.
+        for (ql, qh, sc) in [
+            (0xFFu8, 0xFFu8, 127i8),
+            (0x00, 0x00, -128),
+            (0x5A, 0xC6, -77),
+        ] {
+            let mut blk = vec![0u8; 210];
+            blk[..128].fill(ql);
+            blk[128..192].fill(qh);
+            for (i, s) in blk[192..208].iter_mut().enumerate() {
+                *s = if i % 3 == 0 {
+                    sc as u8
+                } else {
+                    (-(sc as i16 / 2)) as i8 as u8
+                };
+            }
+            blk[208..].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+            let mut wf = vec![0.0; 256];
+            crate::decode_into(DType::Q6K, &blk, &mut wf);
+            for sign in [1.0f32, -1.0] {
+                let x: Vec<f32> = (0..256)
+                    .map(|i| if i % 5 < 2 { sign } else { -sign })
+                    .collect();
+                let row = Q8Row::from_f32(&x);
+                let exact: f32 = wf.iter().zip(&x).map(|(p, q)| p * q).sum();
+                for isa in isas() {
+                    let mut got = [0.0f32];
+                    dot_rows(isa, DType::Q6K, &blk, None, &[&row], &mut got);
+                    assert!(
+                        (got[0] - exact).abs() <= 1e-3,
+                        "{isa:?} {ql:x} {qh:x}: {} vs {exact}",
                         got[0]
                     );
                 }

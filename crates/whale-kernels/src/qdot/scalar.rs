@@ -11,13 +11,14 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 
 /// Σ over blocks of `d_w · (d_x Σ q_w q_x)` for Q4_0 (`q_w = nibble - 8`), Q5_0
 /// (`q_w = 5 bits - 16`) or Q8_0; Q4_K per 32-value sub-block, its scale and min
-/// applied as ggml defines them.
+/// applied as ggml defines them; Q6_K per 16-value sub-block.
 pub fn dot_rows(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(a) {
         *o = match dtype {
             DType::Q4_0 => q4_0(w, x),
             DType::Q5_0 => q5_0(w, x),
             DType::Q4K => q4_k(w, x),
+            DType::Q6K => q6_k(w, x),
             DType::Q8_0 => q8_0(w, x),
             other => panic!("no integer kernel for {}", other.name()),
         };
@@ -76,6 +77,36 @@ fn q4_k(w: &[u8], x: &Q8Row) -> f32 {
                 .map(|(&v, &xq)| ((v >> shift) & 0x0F) as i32 * xq as i32)
                 .sum();
             acc += d * sc as f32 * (x.d[b] * sum as f32) - dmin * m as f32 * x.s[b];
+        }
+    }
+    acc
+}
+
+/// Q6_K: per super-block `d` and sixteen signed 8-bit scales, one per 16 values;
+/// the 6-bit `u` is a nibble of `ql` with two bits of `qh` above it, and the value
+/// is `d · sc · (u - 32)`. Each activation block meets two scales, summed exactly in
+/// integers: `d d_x Σ_half sc_h Σ (u - 32) q`.
+fn q6_k(w: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (sb, blk) in w.chunks_exact(210).enumerate() {
+        let d = f16_at(blk, 208);
+        for k in 0..8 {
+            // Block k of the super-block: half n of 128 values, quarter kk of it.
+            let (n, kk) = (k / 4, k % 4);
+            let b = sb * 8 + k;
+            let q = &x.qs[b * QK8..(b + 1) * QK8];
+            let mut isum = 0i32;
+            for h in 0..2 {
+                let sc = blk[192 + n * 8 + kk * 2 + h] as i8 as i32;
+                let mut s = 0i32;
+                for l in 16 * h..16 * h + 16 {
+                    let lo = blk[n * 64 + (kk % 2) * 32 + l] >> (4 * (kk / 2)) & 0x0F;
+                    let hi = (blk[128 + n * 32 + l] >> (2 * kk)) & 3;
+                    s += ((lo | hi << 4) as i32 - 32) * q[l] as i32;
+                }
+                isum += sc * s;
+            }
+            acc += d * x.d[b] * isum as f32;
         }
     }
     acc

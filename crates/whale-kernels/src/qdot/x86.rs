@@ -131,6 +131,7 @@ pub fn dot_rows(
         // No VNNI twins yet: the AVX2 kernels run on AVX-512 machines too.
         (Isa::Avx2 | Isa::Avx512Vnni, DType::Q5_0) => go!(q5_0_avx2),
         (Isa::Avx2 | Isa::Avx512Vnni, DType::Q4K) => go!(q4_k_avx2),
+        (Isa::Avx2 | Isa::Avx512Vnni, DType::Q6K) => go!(q6_k_avx2),
         _ => super::scalar::dot_rows(dtype, w, a, out),
     }
 }
@@ -176,13 +177,38 @@ unsafe fn q5_high_bits(qh: *const u8) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
+/// The eight 6-bit scales and eight mins of a Q4_K super-block (its 12 bytes at `q`)
+/// as two u64 of eight bytes, from three little-endian words: scales 0–3 and mins
+/// 0–3 are the low six bits of words 0 and 1; scales and mins 4–7 take a nibble of
+/// word 2 and, above it, the top two bits of word 0 or 1 (see `scale_min_k4`).
+#[inline]
+fn k4_scales_mins(q: &[u8]) -> (u64, u64) {
+    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let sc_hi = (w2 & 0x0F0F_0F0F) | (((w0 >> 6) & 0x0303_0303) << 4);
+    let mn_hi = ((w2 >> 4) & 0x0F0F_0F0F) | (((w1 >> 6) & 0x0303_0303) << 4);
+    let sc = (w0 & 0x3F3F_3F3F) as u64 | (sc_hi as u64) << 32;
+    let mn = (w1 & 0x3F3F_3F3F) as u64 | (mn_hi as u64) << 32;
+    (sc, mn)
+}
+
+/// Eight bytes (a u64, byte `j` in lane `j`) times `f` as eight f32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bytes_times(v: u64, f: f32) -> __m256 {
+    let b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64));
+    _mm256_mul_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(f))
+}
+
 /// Q4_K rows (the common `Q4_K_M` files' main type; ggml layout, read in place): per
-/// super-block the eight 6-bit scales and mins decoded once for all activation rows;
-/// per 64 values one 32-byte load, whose low nibbles are one sub-block and high
-/// nibbles the next. Each sub-block's `vpmaddubsw` + `vpmaddwd` sum meets
-/// `d · sc_j · d_x` in one FMA (even and odd sub-blocks in two chains), and
-/// `dmin · m_j · (d_x Σ q)` is summed on the side and subtracted at the end. `dw` is
-/// unused: a super-block carries two scales and sixteen 6-bit factors, not one f16.
+/// super-block its eight 6-bit scales and mins are unpacked with word operations and
+/// turned into eight f32 lanes, `d · sc_j` and `dmin · m_j`; per activation row one
+/// multiply by the row's eight block scales `d_x` gives every sub-block's factor,
+/// broadcast to it with one lane permute, and one FMA adds `dmin · m_j · (d_x Σ q)`
+/// for all eight. Per 64 values one 32-byte load: its low nibbles are one sub-block
+/// and its high nibbles the next; each sub-block's `vpmaddubsw` + `vpmaddwd` sum meets
+/// its factor in one FMA (even and odd sub-blocks in two chains). `dw` is unused: a
+/// super-block carries two scales and sixteen 6-bit factors, not one f16.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_avx2<const N: usize>(
     w: &[u8],
@@ -193,9 +219,10 @@ unsafe fn q4_k_avx2<const N: usize>(
 ) {
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
+    let lane: [__m256i; 8] = std::array::from_fn(|j| _mm256_set1_epi32(j as i32));
     let mut acc0 = [_mm256_setzero_ps(); N];
     let mut acc1 = [_mm256_setzero_ps(); N];
-    let mut corr = [0.0f32; N];
+    let mut corr = [_mm256_setzero_ps(); N];
     let wp = w.as_ptr();
     // Raw pointers: the caller checked every row's lengths against `nb` super-blocks.
     let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
@@ -204,20 +231,14 @@ unsafe fn q4_k_avx2<const N: usize>(
     for sb in 0..nb {
         let blk = wp.add(sb * 144);
         let half_at = |o: usize| half::f16::from_bits((blk.add(o) as *const u16).read_unaligned());
-        let (d, dmin) = (half_at(0).to_f32(), half_at(2).to_f32());
-        let scales = std::slice::from_raw_parts(blk.add(4), 12);
-        let mut dsc = [0.0f32; 8];
-        let mut dmn = [0.0f32; 8];
-        for j in 0..8 {
-            let (sc, m) = crate::quant::scale_min_k4(j, scales);
-            dsc[j] = d * sc as f32;
-            dmn[j] = dmin * m as f32;
-        }
+        let (sc, mn) = k4_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
+        let dsc = bytes_times(sc, half_at(0).to_f32());
+        let dmn = bytes_times(mn, half_at(2).to_f32());
         let b0 = sb * 8;
+        let mut f = [_mm256_setzero_ps(); N];
         for t in 0..N {
-            for (j, mn) in dmn.iter().enumerate() {
-                corr[t] += mn * *xs[t].add(b0 + j);
-            }
+            f[t] = _mm256_mul_ps(dsc, _mm256_loadu_ps(xd[t].add(b0)));
+            corr[t] = _mm256_fmadd_ps(dmn, _mm256_loadu_ps(xs[t].add(b0)), corr[t]);
         }
         for c in 0..4 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
@@ -230,15 +251,98 @@ unsafe fn q4_k_avx2<const N: usize>(
                 // Nibble times value, pairs summed in 16 bits (at most 2 · 15 · 127).
                 let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);
                 let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
-                let s0 = _mm256_set1_ps(dsc[2 * c] * *xd[t].add(b));
-                let s1 = _mm256_set1_ps(dsc[2 * c + 1] * *xd[t].add(b + 1));
+                let s0 = _mm256_permutevar8x32_ps(f[t], lane[2 * c]);
+                let s1 = _mm256_permutevar8x32_ps(f[t], lane[2 * c + 1]);
                 acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc0[t]);
                 acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc1[t]);
             }
         }
     }
     for t in 0..N {
-        out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) - corr[t];
+        out[t] = hsum(_mm256_sub_ps(_mm256_add_ps(acc0[t], acc1[t]), corr[t]));
+    }
+}
+
+/// Q6_K rows (Q4_K_M files keep the output projection and some down projections
+/// in it; ggml layout, read in place). Per 128 values three 32-byte loads (two of
+/// nibbles, one of high bit pairs) give four blocks of 6-bit `u`; `u - 32` is
+/// signed, so `vpmaddubsw` takes `|u - 32|` against the activations with its sign,
+/// `vpmaddwd` applies the two 16-value scales of the block (lanes 0–7 and 8–15),
+/// and the block's sum meets `d · d_x` in one FMA (two chains by block parity). The
+/// block's two scales come from one byte shuffle of the sixteen, sign-extended; the
+/// eight `d · d_x` of a super-block are one multiply per row, one lane each.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_avx2<const N: usize>(
+    w: &[u8],
+    _dw: Option<&[f32]>,
+    nb: usize,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x30);
+    let m32 = _mm256_set1_epi8(32);
+    let lane: [__m256i; 8] = std::array::from_fn(|j| _mm256_set1_epi32(j as i32));
+    // Block k's two scales, bytes 2k and 2k + 1, each eight times (then to 16 bits).
+    let pick: [__m128i; 8] = std::array::from_fn(|k| {
+        let (a, b) = (2 * k as i64, 2 * k as i64 + 1);
+        _mm_set_epi64x(b * 0x0101_0101_0101_0101, a * 0x0101_0101_0101_0101)
+    });
+    let mut acc = [[_mm256_setzero_ps(); N]; 2];
+    let wp = w.as_ptr();
+    // Raw pointers: the caller checked every row's lengths against `nb` super-blocks.
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let xd: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
+    for sb in 0..nb {
+        let blk = wp.add(sb * 210);
+        let d = half::f16::from_bits((blk.add(208) as *const u16).read_unaligned()).to_f32();
+        let sc = _mm_loadu_si128(blk.add(192) as *const __m128i);
+        let b0 = sb * 8;
+        let dv = _mm256_set1_ps(d);
+        let f: [__m256; N] =
+            std::array::from_fn(|t| _mm256_mul_ps(dv, _mm256_loadu_ps(xd[t].add(b0))));
+        for n in 0..2 {
+            let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+            // 16-bit shifts: the bits kept (0–3, 4–5) never come from the other byte.
+            let u = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                    _mm256_and_si256(qh, m2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                ),
+            ];
+            for (kk, &uk) in u.iter().enumerate() {
+                let ws = _mm256_sub_epi8(uk, m32);
+                let wa = _mm256_abs_epi8(ws);
+                let k = 4 * n + kk;
+                let scv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pick[k]));
+                let b = b0 + k;
+                for t in 0..N {
+                    let x = _mm256_loadu_si256(qs[t].add(b * QK8) as *const __m256i);
+                    // |w| · (x with w's sign) = w · x; pairs at most 2 · 32 · 127.
+                    let p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, ws));
+                    let p = _mm256_madd_epi16(p, scv);
+                    let fk = _mm256_permutevar8x32_ps(f[t], lane[k]);
+                    acc[kk % 2][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), fk, acc[kk % 2][t]);
+                }
+            }
+        }
+    }
+    for t in 0..N {
+        out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
     }
 }
 
@@ -820,5 +924,32 @@ unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     }
     for (o, v) in out.chunks_exact_mut(8).zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn word_unpacked_k4_scales_and_mins_equal_the_bytewise_definition() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2000 {
+            let q: Vec<u8> = (0..12)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 56) as u8
+                })
+                .collect();
+            let (sc, mn) = super::k4_scales_mins(&q);
+            for j in 0..8 {
+                let (s, m) = crate::quant::scale_min_k4(j, &q);
+                assert_eq!(
+                    ((sc >> (8 * j)) as u8, (mn >> (8 * j)) as u8),
+                    (s, m),
+                    "{q:?} {j}"
+                );
+            }
+        }
     }
 }
