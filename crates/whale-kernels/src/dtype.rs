@@ -36,6 +36,9 @@ pub enum DType {
     Q4_0R8,
     /// Q8_0 repacked the same way; 34 bytes per 32 values.
     Q8_0R8,
+    /// Q4_K repacked at load, eight rows interleaved super-block by super-block;
+    /// the same 144 bytes per 256 values.
+    Q4KR8,
 }
 
 impl DType {
@@ -49,7 +52,7 @@ impl DType {
             DType::Q5_0 => (QK, 22),
             DType::Q5_1 => (QK, 24),
             DType::Q8_0 | DType::Q8_0R8 => (QK, 34),
-            DType::Q4K => (QK_K, 144),
+            DType::Q4K | DType::Q4KR8 => (QK_K, 144),
             DType::Q5K => (QK_K, 176),
             DType::Q6K => (QK_K, 210),
         }
@@ -64,7 +67,7 @@ impl DType {
     /// Rows interleaved per group in a repacked type (1 for the file formats).
     pub fn interleave(self) -> usize {
         match self {
-            DType::Q4_0R8 | DType::Q8_0R8 => crate::repack::ROWS,
+            DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 => crate::repack::ROWS,
             _ => 1,
         }
     }
@@ -74,6 +77,7 @@ impl DType {
         match self {
             DType::Q4_0R8 => DType::Q4_0,
             DType::Q8_0R8 => DType::Q8_0,
+            DType::Q4KR8 => DType::Q4K,
             t => t,
         }
     }
@@ -88,7 +92,7 @@ impl DType {
             DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q8_0 | DType::Q8_0R8 => 8,
-            DType::Q4K => 12,
+            DType::Q4K | DType::Q4KR8 => 12,
             DType::Q5K => 13,
             DType::Q6K => 14,
             DType::BF16 => 30,
@@ -130,6 +134,7 @@ impl DType {
             DType::Q6K => "q6_k",
             DType::Q4_0R8 => "q4_0_r8",
             DType::Q8_0R8 => "q8_0_r8",
+            DType::Q4KR8 => "q4_k_r8",
         }
     }
 }
@@ -253,7 +258,7 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         DType::Q4K => blocks(quant::dequant_q4_k),
         DType::Q5K => blocks(quant::dequant_q5_k),
         DType::Q6K => blocks(quant::dequant_q6_k),
-        DType::Q4_0R8 | DType::Q8_0R8 => {
+        DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 => {
             panic!(
                 "decode_into: {} rows are interleaved; use MatRef",
                 dtype.name()

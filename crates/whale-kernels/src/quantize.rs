@@ -370,7 +370,7 @@ pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q5_0 => q5_0,
         DType::Q4K => q4_k,
         DType::Q6K => q6_k,
-        DType::Q4_1 | DType::Q5_1 | DType::Q5K | DType::Q4_0R8 | DType::Q8_0R8 => {
+        DType::Q4_1 | DType::Q5_1 | DType::Q5K | DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 => {
             panic!("whale does not write {}", dtype.name())
         }
     };

@@ -1,4 +1,4 @@
-//! Row-interleaved copies of Q4_0 and Q8_0 weights, made once at load.
+//! Row-interleaved copies of Q4_0, Q8_0 and Q4_K weights, made once at load.
 //!
 //! In a file each row is a run of blocks (an f16 scale, then the quants). Here eight
 //! consecutive rows form a group, stored block by block: for block `b` the eight rows'
@@ -10,7 +10,18 @@
 //! ```
 //!
 //! (for Q4_0 a quant byte `j` holds value `j` in its low nibble and `j + 16` in its high
-//! one, as in the file). A 32-byte load then holds four values of each of eight rows;
+//! one, as in the file). Q4_K is interleaved per 256-value super-block, its header
+//! fields each gathered over the eight rows and its quants as above, per 64 values:
+//!
+//! ```text
+//! Q4_KR8 super-block (1152 B): d[0..8] | dmin[0..8] | scales bytes 0..4 of r0 … r7 |
+//!   bytes 4..8 of r0 … r7 | bytes 8..12 of r0 … r7 |
+//!   c=0, k=0: r0 q[0..4] … r7 q[0..4] | c=0, k=1: r0 q[4..8] … | … | c=3, k=7
+//! ```
+//!
+//! (quant byte `32 c + j` of a row holds value `64 c + j` low and `64 c + 32 + j` high,
+//! as in the file). The scales stay packed: the kernel unpacks them with the same word
+//! operations for all eight rows at once, one 32-bit lane per row. A 32-byte load then holds four values of each of eight rows;
 //! multiplied with four activation values broadcast to every lane it yields partial dot
 //! products of eight rows at once, and one scale multiply and one FMA per block serve
 //! all eight rows (see `qdot`). A group is exactly eight file rows long, so row ranges
@@ -28,16 +39,17 @@ pub fn repacked_type(dtype: DType) -> Option<DType> {
     match dtype {
         DType::Q4_0 => Some(DType::Q4_0R8),
         DType::Q8_0 => Some(DType::Q8_0R8),
+        DType::Q4K => Some(DType::Q4KR8),
         _ => None,
     }
 }
 
 /// Whether a `[rows, cols]` matrix of `dtype` can be repacked.
 pub fn can_repack(dtype: DType, rows: usize, cols: usize) -> bool {
-    repacked_type(dtype).is_some() && rows.is_multiple_of(ROWS) && cols.is_multiple_of(32)
+    repacked_type(dtype).is_some() && rows.is_multiple_of(ROWS) && dtype.bytes_for(cols).is_some()
 }
 
-/// Repacks a `[rows, cols]` matrix of Q4_0 or Q8_0 (file layout) into its interleaved
+/// Repacks a `[rows, cols]` matrix of Q4_0, Q8_0 or Q4_K (file layout) into its interleaved
 /// type; `None` when [`can_repack`] says no. Groups are repacked in parallel.
 pub fn repack(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Option<(DType, Vec<u8>)> {
     repack_pieces(dtype, bytes, rows, cols, usize::MAX, |_| {})
@@ -82,6 +94,15 @@ pub fn repack_pieces(
 /// One group: `src` is eight file rows of `rb` bytes, `dst` the same bytes interleaved.
 fn repack_group(dtype: DType, src: &[u8], rb: usize, dst: &mut [u8]) {
     let bs = dtype.block().1;
+    if dtype == DType::Q4K {
+        for (b, out) in dst.chunks_exact_mut(ROWS * bs).enumerate() {
+            for l in 0..ROWS {
+                let blk = &src[l * rb + b * bs..l * rb + (b + 1) * bs];
+                k4_scatter(blk, l, out);
+            }
+        }
+        return;
+    }
     let qb = bs - 2;
     let nb = rb / bs;
     for b in 0..nb {
@@ -97,9 +118,51 @@ fn repack_group(dtype: DType, src: &[u8], rb: usize, dst: &mut [u8]) {
     }
 }
 
+/// Where byte `i` of a Q4_K file block (144 bytes) of row `lane` sits in its
+/// Q4_KR8 super-block: `d`, `dmin`, the three scale words, then the quants.
+#[inline]
+fn k4_offset(i: usize, lane: usize) -> usize {
+    match i {
+        0..2 => 2 * lane + i,
+        2..4 => 2 * ROWS + 2 * lane + (i - 2),
+        4..16 => 4 * ROWS + 4 * ROWS * ((i - 4) / 4) + 4 * lane + (i - 4) % 4,
+        _ => {
+            let j = i - 16;
+            16 * ROWS + 32 * ROWS * (j / 32) + 4 * ROWS * (j % 32 / 4) + 4 * lane + j % 4
+        }
+    }
+}
+
+/// Writes row `lane`'s Q4_K file block `blk` into its place in a Q4_KR8 super-block.
+fn k4_scatter(blk: &[u8], lane: usize, out: &mut [u8]) {
+    // Runs of four bytes stay together (the offsets are 4-aligned from byte 4 on).
+    out[2 * lane..2 * lane + 2].copy_from_slice(&blk[..2]);
+    out[2 * ROWS + 2 * lane..2 * ROWS + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+    for i in (4..144).step_by(4) {
+        let o = k4_offset(i, lane);
+        out[o..o + 4].copy_from_slice(&blk[i..i + 4]);
+    }
+}
+
+/// Row `lane`'s Q4_K file block (144 bytes) back out of a Q4_KR8 super-block.
+pub fn k4_gather(group_block: &[u8], lane: usize) -> [u8; 144] {
+    let mut blk = [0u8; 144];
+    for (i, v) in blk.iter_mut().enumerate() {
+        *v = group_block[k4_offset(i, lane)];
+    }
+    blk
+}
+
 /// Decodes row `lane` of one group (`group` = all eight rows' bytes) into `out`.
 pub fn decode_row(dtype: DType, group: &[u8], lane: usize, out: &mut [f32]) {
     let bs = dtype.block().1;
+    if dtype == DType::Q4KR8 {
+        assert!(lane < ROWS && group.len() == out.len() / 256 * ROWS * bs);
+        for (sb, y) in group.chunks_exact(ROWS * bs).zip(out.chunks_exact_mut(256)) {
+            crate::quant::dequant_q4_k(&k4_gather(sb, lane), y);
+        }
+        return;
+    }
     let gbs = ROWS * bs;
     assert!(lane < ROWS && group.len() == out.len() / 32 * gbs);
     for (blk, y) in group.chunks_exact(gbs).zip(out.chunks_exact_mut(32)) {
@@ -127,8 +190,8 @@ mod tests {
 
     #[test]
     fn repacked_rows_decode_to_the_file_rows() {
-        for dtype in [DType::Q4_0, DType::Q8_0] {
-            let (rows, cols) = (24, 96);
+        for (dtype, cols) in [(DType::Q4_0, 96), (DType::Q8_0, 96), (DType::Q4K, 512)] {
+            let rows = 24;
             let vals: Vec<f32> = (0..rows * cols)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
                 .collect();
@@ -149,13 +212,15 @@ mod tests {
             assert!(repack(dtype, &q[..q.len() / rows * 4], 4, cols).is_none());
             assert!(MatRef::new(to, &packed[..packed.len() / rows * 4], 4, cols).is_none());
         }
-        assert!(repack(DType::Q4K, &[], 0, 256).is_none());
+        assert!(repack(DType::Q6K, &[], 0, 256).is_none());
+        // Q4_K rows that are not whole super-blocks are never repacked.
+        assert!(!can_repack(DType::Q4K, 8, 1408));
     }
 
     #[test]
     fn repack_in_pieces_matches_whole_and_reports_every_source_byte() {
-        for dtype in [DType::Q4_0, DType::Q8_0] {
-            let (rows, cols) = (40, 64);
+        for (dtype, cols) in [(DType::Q4_0, 64), (DType::Q8_0, 64), (DType::Q4K, 256)] {
+            let rows = 40;
             let vals: Vec<f32> = (0..rows * cols).map(|i| (i % 17) as f32 - 8.0).collect();
             let mut q = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
             crate::quantize::quantize_row(dtype, &vals, &mut q);

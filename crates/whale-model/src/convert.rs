@@ -67,7 +67,7 @@ fn file_type(t: DType) -> u32 {
         DType::Q8_0 | DType::Q8_0R8 => 7,
         DType::Q5_0 => 8,
         DType::Q5_1 => 9,
-        DType::Q4K => 14,
+        DType::Q4K | DType::Q4KR8 => 14,
         DType::Q5K => 16,
         DType::Q6K => 18,
         DType::BF16 => 32,

@@ -223,6 +223,7 @@ pub fn supports(dtype: DType) -> bool {
             | DType::Q6K
             | DType::Q4_0R8
             | DType::Q8_0R8
+            | DType::Q4KR8
     )
 }
 
@@ -285,10 +286,10 @@ pub fn dot_rows(
     }
 }
 
-/// Whether [`dot_group_pair`] has a kernel of its own for `isa` (otherwise it runs
-/// [`dot_group`] twice, and callers gain nothing by pairing groups).
-pub fn pairs_groups(isa: Isa) -> bool {
-    isa == Isa::Avx512Vnni
+/// Whether [`dot_group_pair`] has a kernel of its own for `isa` and `dtype`
+/// (otherwise it runs [`dot_group`] twice, and callers gain nothing by pairing groups).
+pub fn pairs_groups(isa: Isa, dtype: DType) -> bool {
+    isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8)
 }
 
 /// [`dot_group`] for two groups `w0` and `w1` of the same weight (same length) at once:
@@ -296,7 +297,7 @@ pub fn pairs_groups(isa: Isa) -> bool {
 pub fn dot_group_pair(isa: Isa, dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     debug_assert!(a.len() <= 4 && out.len() == 16 * a.len());
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
+    if pairs_groups(isa, dtype) {
         return x86::dot_group_pair(dtype, w0, w1, a, out);
     }
     let n = a.len();
@@ -584,8 +585,11 @@ mod tests {
 
     #[test]
     fn repacked_groups_equal_the_scalar_twin_and_the_file_rows() {
-        for cols in [32, 64, 2048, 1408] {
-            for dtype in [DType::Q4_0, DType::Q8_0] {
+        for cols in [32, 64, 2048, 1408, 256] {
+            for dtype in [DType::Q4_0, DType::Q8_0, DType::Q4K] {
+                if dtype.bytes_for(cols).is_none() {
+                    continue;
+                }
                 let rows = 8;
                 let w = lcg(rows * cols, cols as u64 + 7);
                 let mut wq = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
@@ -654,6 +658,42 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn repacked_q4_k_extremes_do_not_overflow() {
+        // Every nibble 15, every 6-bit scale and min 63 (scale bytes all ones), against
+        // activations at +127 and mixed signs: each row's eight 16-bit partial sums per
+        // sub-block reach 8 · 2 · 15 · 127 = 30480 and must not wrap.
+        let cols = 512;
+        let mut wq = vec![0xFFu8; 8 * DType::Q4K.bytes_for(cols).unwrap()];
+        for (i, b) in wq.chunks_mut(144).enumerate() {
+            b[..2].copy_from_slice(&half::f16::from_f32(1.0 + i as f32 / 8.0).to_le_bytes());
+            b[2..4].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+        }
+        let (to, packed) = crate::repack::repack(DType::Q4K, &wq, 8, cols).unwrap();
+        for x in [
+            vec![1.0f32; cols],
+            (0..cols)
+                .map(|j| if j % 7 < 3 { 1.0 } else { -1.0 })
+                .collect(),
+        ] {
+            let a = Q8Row::from_f32(&x);
+            for l in 0..8 {
+                let mut wf = vec![0.0; cols];
+                crate::decode_into(DType::Q4K, &wq[l * 288..(l + 1) * 288], &mut wf);
+                let exact: f32 = wf.iter().zip(&x).map(|(p, q)| p * q).sum();
+                for isa in isas() {
+                    let mut got = [0.0; 8];
+                    dot_group(isa, to, &packed, &[&a], &mut got);
+                    assert!(
+                        (got[l] - exact).abs() <= 1e-5 * exact.abs().max(1.0),
+                        "{isa:?} lane {l}: {} vs {exact}",
+                        got[l]
+                    );
                 }
             }
         }

@@ -127,10 +127,24 @@ fn q8_0(w: &[u8], x: &Q8Row) -> f32 {
 }
 
 /// The twin of the repacked-group kernels: `out[8 t + l] = w_l · a[t]` for the eight
-/// rows of one Q4_0R8 or Q8_0R8 group ([`crate::repack`] layout). Per block and row the
+/// rows of one Q4_0R8, Q8_0R8 or Q4_KR8 group ([`crate::repack`] layout). Per block and row the
 /// integer dot; Q8_0: times `d_w · d_x`; Q4_0: of the unsigned nibbles, times the
 /// block's multiple `m`, minus `8 m Σ q`, times `d_w`, and the sum times the unit.
 pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
+    if dtype == DType::Q4KR8 {
+        // Q4_KR8: each row's file blocks gathered back, then the file-layout twin.
+        let gbs = 8 * 144;
+        for l in 0..8 {
+            let row: Vec<u8> = w
+                .chunks_exact(gbs)
+                .flat_map(|sb| crate::repack::k4_gather(sb, l))
+                .collect();
+            for (t, x) in a.iter().enumerate() {
+                out[8 * t + l] = q4_k(&row, x);
+            }
+        }
+        return;
+    }
     let (bs, lanes) = match dtype {
         DType::Q4_0R8 => (8 * 18, 4),
         DType::Q8_0R8 => (8 * 34, 8),

@@ -530,12 +530,28 @@ int_kernel!(
 /// VNNI (`vpdpbusd`: four byte products summed into 32 bits in one instruction) or
 /// AVX2 (`vpmaddubsw`, 16-bit sums, `vpmaddwd` to widen).
 pub fn dot_group(isa: Isa, dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
-    if !matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8) {
+    if !matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8) {
         return super::scalar::dot_group(dtype, w, a, out);
     }
     let gbs = group_block_bytes(dtype);
     let nb = w.len() / gbs;
     assert!(w.len() == nb * gbs && out.len() == 8 * a.len() && a.len() <= 4);
+    if dtype == DType::Q4KR8 {
+        // Eight activation blocks per super-block.
+        for x in a {
+            assert!(x.qs.len() >= nb * 256 && x.d.len() >= nb * 8 && x.s.len() >= nb * 8);
+        }
+        match a.len() {
+            // SAFETY: as below (AVX2, FMA and F16C detected at run time; every load
+            // inside `w` and the activation rows by the asserts above).
+            1 => unsafe { q4_k_r8_avx2::<1>(w, nb, a, out) },
+            2 => unsafe { q4_k_r8_avx2::<2>(w, nb, a, out) },
+            3 => unsafe { q4_k_r8_avx2::<3>(w, nb, a, out) },
+            4 => unsafe { q4_k_r8_avx2::<4>(w, nb, a, out) },
+            _ => {}
+        }
+        return;
+    }
     for x in a {
         assert!(x.qs.len() >= nb * QK8 && x.d.len() >= nb);
         assert!(x.sum8.len() >= nb && x.m.len() >= nb && x.neg8.len() >= nb);
@@ -818,6 +834,175 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     }
     for ((o, v), x) in out.chunks_exact_mut(8).zip(acc).zip(a) {
         _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(v, _mm256_set1_ps(x.unit)));
+    }
+}
+
+/// Q4_KR8 ([`crate::repack`] layout): per super-block the eight rows' packed scales
+/// are three 32-byte loads, one 32-bit lane per row, unpacked for all rows at once with
+/// the word operations of [`k4_scales_mins`]; sub-block `j`'s scale then reaches each
+/// row's lane in both 16-bit halves with one byte shuffle. Per 64 values eight 32-byte
+/// loads hold four values of each row: low nibbles meet the even sub-block's four
+/// broadcast activations, high nibbles the odd one's. Per activation row and
+/// sub-block the eight `vpmaddubsw` add up in 16 bits (at most 8 · 2 · 15 · 127 =
+/// 30480), one `vpmaddwd` by the scales gives each row's exact sum, and one FMA by the
+/// block's `d_x` adds it; `d` multiplies the super-block once. The mins: per
+/// sub-block its eight `m` (as f32) times the block's `d_x Σ q`, times `dmin` at the
+/// end of the super-block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (k6, k4, k2) = (
+        _mm256_set1_epi32(0x3F3F_3F3F),
+        _mm256_set1_epi32(0x0F0F_0F0F),
+        _mm256_set1_epi32(0x0303_0303),
+    );
+    // Byte j of every 32-bit lane into both 16-bit halves (a 16-bit scale pair for
+    // `vpmaddwd`), and into the whole lane (a 32-bit min).
+    let pair: [__m256i; 4] = std::array::from_fn(|j| {
+        let j = j as i8;
+        _mm256_setr_epi8(
+            j,
+            -1,
+            j,
+            -1,
+            4 + j,
+            -1,
+            4 + j,
+            -1,
+            8 + j,
+            -1,
+            8 + j,
+            -1,
+            12 + j,
+            -1,
+            12 + j,
+            -1,
+            j,
+            -1,
+            j,
+            -1,
+            4 + j,
+            -1,
+            4 + j,
+            -1,
+            8 + j,
+            -1,
+            8 + j,
+            -1,
+            12 + j,
+            -1,
+            12 + j,
+            -1,
+        )
+    });
+    let one: [__m256i; 4] = std::array::from_fn(|j| {
+        let j = j as i8;
+        _mm256_setr_epi8(
+            j,
+            -1,
+            -1,
+            -1,
+            4 + j,
+            -1,
+            -1,
+            -1,
+            8 + j,
+            -1,
+            -1,
+            -1,
+            12 + j,
+            -1,
+            -1,
+            -1,
+            j,
+            -1,
+            -1,
+            -1,
+            4 + j,
+            -1,
+            -1,
+            -1,
+            8 + j,
+            -1,
+            -1,
+            -1,
+            12 + j,
+            -1,
+            -1,
+            -1,
+        )
+    });
+    let mut acc = [_mm256_setzero_ps(); N];
+    let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
+    let xd: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
+    let xs: [*const f32; N] = std::array::from_fn(|t| a[t].s.as_ptr());
+    let wp = w.as_ptr();
+    for sb in 0..nb {
+        let blk = wp.add(sb * 1152);
+        prefetch_ahead::<18>(blk);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+        let w0 = _mm256_loadu_si256(blk.add(32) as *const __m256i);
+        let w1 = _mm256_loadu_si256(blk.add(64) as *const __m256i);
+        let w2 = _mm256_loadu_si256(blk.add(96) as *const __m256i);
+        // Scales 0–3 and 4–7, mins 0–3 and 4–7: four bytes per row lane.
+        let sc = [
+            _mm256_and_si256(w0, k6),
+            _mm256_or_si256(
+                _mm256_and_si256(w2, k4),
+                _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<6>(w0), k2)),
+            ),
+        ];
+        let mn = [
+            _mm256_and_si256(w1, k6),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi32::<4>(w2), k4),
+                _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<6>(w1), k2)),
+            ),
+        ];
+        let b0 = sb * 8;
+        let mut sum = [_mm256_setzero_ps(); N];
+        let mut corr = [_mm256_setzero_ps(); N];
+        for c in 0..4 {
+            let q = blk.add(128 + 256 * c);
+            let mut s_lo = [_mm256_setzero_si256(); N];
+            let mut s_hi = [_mm256_setzero_si256(); N];
+            for k in 0..8 {
+                let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                for t in 0..N {
+                    let x = qs[t].add((b0 + 2 * c) * QK8);
+                    s_lo[t] = _mm256_add_epi16(s_lo[t], _mm256_maddubs_epi16(lo, bcast4(x, 4 * k)));
+                    s_hi[t] =
+                        _mm256_add_epi16(s_hi[t], _mm256_maddubs_epi16(hi, bcast4(x, 32 + 4 * k)));
+                }
+            }
+            // Sub-blocks 2c and 2c + 1: byte (2c) % 4 and (2c + 1) % 4 of word c / 2.
+            let (j0, j1) = ((2 * c) % 4, (2 * c + 1) % 4);
+            let src_sc = sc[c / 2];
+            let src_mn = mn[c / 2];
+            let sc0 = _mm256_shuffle_epi8(src_sc, pair[j0]);
+            let sc1 = _mm256_shuffle_epi8(src_sc, pair[j1]);
+            let mn0 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(src_mn, one[j0]));
+            let mn1 = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(src_mn, one[j1]));
+            let b = b0 + 2 * c;
+            for t in 0..N {
+                let i0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s_lo[t], sc0));
+                let i1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s_hi[t], sc1));
+                sum[t] = _mm256_fmadd_ps(i0, _mm256_broadcast_ss(&*xd[t].add(b)), sum[t]);
+                sum[t] = _mm256_fmadd_ps(i1, _mm256_broadcast_ss(&*xd[t].add(b + 1)), sum[t]);
+                corr[t] = _mm256_fmadd_ps(mn0, _mm256_broadcast_ss(&*xs[t].add(b)), corr[t]);
+                corr[t] = _mm256_fmadd_ps(mn1, _mm256_broadcast_ss(&*xs[t].add(b + 1)), corr[t]);
+            }
+        }
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(sum[t], d, acc[t]);
+            acc[t] = _mm256_fnmadd_ps(corr[t], dmin, acc[t]);
+        }
+    }
+    for (o, v) in out.chunks_exact_mut(8).zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
     }
 }
 
