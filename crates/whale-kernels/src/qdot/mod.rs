@@ -511,6 +511,31 @@ mod tests {
         }
     }
 
+    /// One block `blk` of `dtype` against activations of ±1 (`plus(i)` picks +1, in
+    /// both signs): every path's dot product equals the decoded block's within `tol`.
+    fn assert_sign_patterns_exact(dtype: DType, blk: &[u8], plus: fn(usize) -> bool, tol: f32) {
+        let cols = dtype.block().0;
+        let mut wf = vec![0.0; cols];
+        crate::decode_into(dtype, blk, &mut wf);
+        for sign in [1.0f32, -1.0] {
+            let x: Vec<f32> = (0..cols)
+                .map(|i| if plus(i) { sign } else { -sign })
+                .collect();
+            let row = Q8Row::from_f32(&x);
+            let exact: f32 = wf.iter().zip(&x).map(|(p, q)| p * q).sum();
+            for isa in isas() {
+                let mut got = [0.0f32];
+                dot_rows(isa, dtype, blk, None, &[&row], &mut got);
+                assert!(
+                    (got[0] - exact).abs() <= tol,
+                    "{isa:?} {dtype:?} {:x?}: {} vs {exact}",
+                    &blk[..8],
+                    got[0]
+                );
+            }
+        }
+    }
+
     #[test]
     fn q5_0_high_bits_and_extremes_are_exact() {
         // Every nibble 15 with every high bit set (31), or 0 with none (0), against
@@ -520,24 +545,7 @@ mod tests {
             blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
             blk[2..6].copy_from_slice(&qh.to_le_bytes());
             blk[6..].fill(qs);
-            let mut wf = vec![0.0; 32];
-            crate::decode_into(DType::Q5_0, &blk, &mut wf);
-            for sign in [1.0f32, -1.0] {
-                let x: Vec<f32> = (0..32)
-                    .map(|i| if i % 3 == 0 { sign } else { -sign })
-                    .collect();
-                let row = Q8Row::from_f32(&x);
-                let exact: f32 = wf.iter().zip(&x).map(|(p, q)| p * q).sum();
-                for isa in isas() {
-                    let mut got = [0.0f32];
-                    dot_rows(isa, DType::Q5_0, &blk, None, &[&row], &mut got);
-                    assert!(
-                        (got[0] - exact).abs() <= 1e-4,
-                        "{isa:?} {qh:x}: {} vs {exact}",
-                        got[0]
-                    );
-                }
-            }
+            assert_sign_patterns_exact(DType::Q5_0, &blk, |i| i % 3 == 0, 1e-4);
         }
     }
 
@@ -562,24 +570,7 @@ mod tests {
                 };
             }
             blk[208..].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
-            let mut wf = vec![0.0; 256];
-            crate::decode_into(DType::Q6K, &blk, &mut wf);
-            for sign in [1.0f32, -1.0] {
-                let x: Vec<f32> = (0..256)
-                    .map(|i| if i % 5 < 2 { sign } else { -sign })
-                    .collect();
-                let row = Q8Row::from_f32(&x);
-                let exact: f32 = wf.iter().zip(&x).map(|(p, q)| p * q).sum();
-                for isa in isas() {
-                    let mut got = [0.0f32];
-                    dot_rows(isa, DType::Q6K, &blk, None, &[&row], &mut got);
-                    assert!(
-                        (got[0] - exact).abs() <= 1e-3,
-                        "{isa:?} {ql:x} {qh:x}: {} vs {exact}",
-                        got[0]
-                    );
-                }
-            }
+            assert_sign_patterns_exact(DType::Q6K, &blk, |i| i % 5 < 2, 1e-3);
         }
     }
 

@@ -837,6 +837,21 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     }
 }
 
+/// A `vpshufb` control that sends byte `j` of each 32-bit lane to the lane's bytes
+/// `k` where `place(k)` is 0, and zeroes the bytes where it is -1.
+#[target_feature(enable = "avx2")]
+unsafe fn lane_byte_shuffle(j: usize, place: impl Fn(usize) -> i8) -> __m256i {
+    let bytes: [i8; 32] = std::array::from_fn(|i| {
+        let lane = (i % 16) / 4 * 4;
+        match place(i % 4) {
+            0 => (lane + j) as i8,
+            _ => -1,
+        }
+    });
+    // SAFETY: `bytes` is 32 readable bytes; the load is unaligned.
+    _mm256_loadu_si256(bytes.as_ptr() as *const __m256i)
+}
+
 /// Q4_KR8 ([`crate::repack`] layout): per super-block the eight rows' packed scales
 /// are three 32-byte loads, one 32-bit lane per row, unpacked for all rows at once with
 /// the word operations of [`k4_scales_mins`]; sub-block `j`'s scale then reaches each
@@ -857,81 +872,11 @@ unsafe fn q4_k_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
         _mm256_set1_epi32(0x0303_0303),
     );
     // Byte j of every 32-bit lane into both 16-bit halves (a 16-bit scale pair for
-    // `vpmaddwd`), and into the whole lane (a 32-bit min).
-    let pair: [__m256i; 4] = std::array::from_fn(|j| {
-        let j = j as i8;
-        _mm256_setr_epi8(
-            j,
-            -1,
-            j,
-            -1,
-            4 + j,
-            -1,
-            4 + j,
-            -1,
-            8 + j,
-            -1,
-            8 + j,
-            -1,
-            12 + j,
-            -1,
-            12 + j,
-            -1,
-            j,
-            -1,
-            j,
-            -1,
-            4 + j,
-            -1,
-            4 + j,
-            -1,
-            8 + j,
-            -1,
-            8 + j,
-            -1,
-            12 + j,
-            -1,
-            12 + j,
-            -1,
-        )
-    });
-    let one: [__m256i; 4] = std::array::from_fn(|j| {
-        let j = j as i8;
-        _mm256_setr_epi8(
-            j,
-            -1,
-            -1,
-            -1,
-            4 + j,
-            -1,
-            -1,
-            -1,
-            8 + j,
-            -1,
-            -1,
-            -1,
-            12 + j,
-            -1,
-            -1,
-            -1,
-            j,
-            -1,
-            -1,
-            -1,
-            4 + j,
-            -1,
-            -1,
-            -1,
-            8 + j,
-            -1,
-            -1,
-            -1,
-            12 + j,
-            -1,
-            -1,
-            -1,
-        )
-    });
+    // `vpmaddwd`), and into the whole lane (a 32-bit min); -1 zeroes a byte.
+    let pair: [__m256i; 4] =
+        std::array::from_fn(|j| lane_byte_shuffle(j, |k| if k % 2 == 0 { 0 } else { -1 }));
+    let one: [__m256i; 4] =
+        std::array::from_fn(|j| lane_byte_shuffle(j, |k| if k == 0 { 0 } else { -1 }));
     let mut acc = [_mm256_setzero_ps(); N];
     let qs: [*const i8; N] = std::array::from_fn(|t| a[t].qs.as_ptr());
     let xd: [*const f32; N] = std::array::from_fn(|t| a[t].d.as_ptr());
