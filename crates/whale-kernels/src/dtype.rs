@@ -39,6 +39,9 @@ pub enum DType {
     /// Q4_K repacked at load, eight rows interleaved super-block by super-block;
     /// the same 144 bytes per 256 values.
     Q4KR8,
+    /// Q5_0 repacked the same way (its high bits rearranged, see [`crate::repack`]);
+    /// 22 bytes per 32 values.
+    Q5_0R8,
 }
 
 impl DType {
@@ -49,7 +52,7 @@ impl DType {
             DType::F16 | DType::BF16 => (1, 2),
             DType::Q4_0 | DType::Q4_0R8 => (QK, 18),
             DType::Q4_1 => (QK, 20),
-            DType::Q5_0 => (QK, 22),
+            DType::Q5_0 | DType::Q5_0R8 => (QK, 22),
             DType::Q5_1 => (QK, 24),
             DType::Q8_0 | DType::Q8_0R8 => (QK, 34),
             DType::Q4K | DType::Q4KR8 => (QK_K, 144),
@@ -67,7 +70,7 @@ impl DType {
     /// Rows interleaved per group in a repacked type (1 for the file formats).
     pub fn interleave(self) -> usize {
         match self {
-            DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 => crate::repack::ROWS,
+            DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 | DType::Q5_0R8 => crate::repack::ROWS,
             _ => 1,
         }
     }
@@ -78,6 +81,7 @@ impl DType {
             DType::Q4_0R8 => DType::Q4_0,
             DType::Q8_0R8 => DType::Q8_0,
             DType::Q4KR8 => DType::Q4K,
+            DType::Q5_0R8 => DType::Q5_0,
             t => t,
         }
     }
@@ -89,7 +93,7 @@ impl DType {
             DType::F16 => 1,
             DType::Q4_0 | DType::Q4_0R8 => 2,
             DType::Q4_1 => 3,
-            DType::Q5_0 => 6,
+            DType::Q5_0 | DType::Q5_0R8 => 6,
             DType::Q5_1 => 7,
             DType::Q8_0 | DType::Q8_0R8 => 8,
             DType::Q4K | DType::Q4KR8 => 12,
@@ -135,6 +139,7 @@ impl DType {
             DType::Q4_0R8 => "q4_0_r8",
             DType::Q8_0R8 => "q8_0_r8",
             DType::Q4KR8 => "q4_k_r8",
+            DType::Q5_0R8 => "q5_0_r8",
         }
     }
 }
@@ -258,7 +263,7 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         DType::Q4K => blocks(quant::dequant_q4_k),
         DType::Q5K => blocks(quant::dequant_q5_k),
         DType::Q6K => blocks(quant::dequant_q6_k),
-        DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 => {
+        DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 | DType::Q5_0R8 => {
             panic!(
                 "decode_into: {} rows are interleaved; use MatRef",
                 dtype.name()

@@ -334,7 +334,13 @@ fn q6_k(x: &[f32], out: &mut [u8]) {
 pub fn can_quantize(dtype: DType) -> bool {
     !matches!(
         dtype,
-        DType::Q4_1 | DType::Q5_1 | DType::Q5K | DType::Q4_0R8 | DType::Q8_0R8
+        DType::Q4_1
+            | DType::Q5_1
+            | DType::Q5K
+            | DType::Q4_0R8
+            | DType::Q8_0R8
+            | DType::Q4KR8
+            | DType::Q5_0R8
     )
 }
 
@@ -370,7 +376,13 @@ pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q5_0 => q5_0,
         DType::Q4K => q4_k,
         DType::Q6K => q6_k,
-        DType::Q4_1 | DType::Q5_1 | DType::Q5K | DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8 => {
+        DType::Q4_1
+        | DType::Q5_1
+        | DType::Q5K
+        | DType::Q4_0R8
+        | DType::Q8_0R8
+        | DType::Q4KR8
+        | DType::Q5_0R8 => {
             panic!("whale does not write {}", dtype.name())
         }
     };

@@ -1,4 +1,4 @@
-//! Row-interleaved copies of Q4_0, Q8_0 and Q4_K weights, made once at load.
+//! Row-interleaved copies of Q4_0, Q5_0, Q8_0 and Q4_K weights, made once at load.
 //!
 //! In a file each row is a run of blocks (an f16 scale, then the quants). Here eight
 //! consecutive rows form a group, stored block by block: for block `b` the eight rows'
@@ -10,7 +10,16 @@
 //! ```
 //!
 //! (for Q4_0 a quant byte `j` holds value `j` in its low nibble and `j + 16` in its high
-//! one, as in the file). Q4_K is interleaved per 256-value super-block, its header
+//! one, as in the file). Q5_0 keeps Q4_0's nibbles and puts each row's 32 high bits
+//! (the file's `qh` word) before them, rearranged ([`q5_spread`]) so that one 32-bit
+//! shift and one mask put the high bits of a 32-byte load's nibbles at bit 4 of
+//! their bytes:
+//!
+//! ```text
+//! Q5_0R8 block (176 B): d[0..8] | spread qh of r0 … r7 (4 B each) | k=0..3 as Q4_0R8
+//! ```
+//!
+//! Q4_K is interleaved per 256-value super-block, its header
 //! fields each gathered over the eight rows and its quants as above, per 64 values:
 //!
 //! ```text
@@ -40,6 +49,7 @@ pub fn repacked_type(dtype: DType) -> Option<DType> {
         DType::Q4_0 => Some(DType::Q4_0R8),
         DType::Q8_0 => Some(DType::Q8_0R8),
         DType::Q4K => Some(DType::Q4KR8),
+        DType::Q5_0 => Some(DType::Q5_0R8),
         _ => None,
     }
 }
@@ -49,7 +59,7 @@ pub fn can_repack(dtype: DType, rows: usize, cols: usize) -> bool {
     repacked_type(dtype).is_some() && rows.is_multiple_of(ROWS) && dtype.bytes_for(cols).is_some()
 }
 
-/// Repacks a `[rows, cols]` matrix of Q4_0, Q8_0 or Q4_K (file layout) into its interleaved
+/// Repacks a `[rows, cols]` matrix of Q4_0, Q5_0, Q8_0 or Q4_K (file layout) into its interleaved
 /// type; `None` when [`can_repack`] says no. Groups are repacked in parallel.
 pub fn repack(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Option<(DType, Vec<u8>)> {
     repack_pieces(dtype, bytes, rows, cols, usize::MAX, |_| {})
@@ -110,12 +120,60 @@ fn repack_group(dtype: DType, src: &[u8], rb: usize, dst: &mut [u8]) {
         for l in 0..ROWS {
             let blk = &src[l * rb + b * bs..l * rb + (b + 1) * bs];
             out[2 * l..2 * l + 2].copy_from_slice(&blk[..2]);
+            // Runs of four bytes: Q5_0's first is its `qh` word.
             for k in 0..qb / 4 {
                 let at = 2 * ROWS + 32 * k + 4 * l;
                 out[at..at + 4].copy_from_slice(&blk[2 + 4 * k..2 + 4 * k + 4]);
             }
+            if dtype == DType::Q5_0 {
+                let at = 2 * ROWS + 4 * l;
+                let qh = u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+                out[at..at + 4].copy_from_slice(&q5_spread(qh).to_le_bytes());
+            }
         }
     }
+}
+
+/// The value whose high bit sits at bit `8 b + p` of a Q5_0R8 spread word: the
+/// value in byte `b` of the 32-byte load `k = p % 4`, low nibble for `p < 4` (value
+/// `4 k + b`), high nibble for `p >= 4` (value `16 + 4 k + b`). Bit `p` of every byte
+/// is then one load's four high bits, one per row byte.
+#[inline]
+fn q5_bit_source(bit: usize) -> usize {
+    let (b, p) = (bit / 8, bit % 8);
+    16 * (p / 4) + 4 * (p % 4) + b
+}
+
+/// Where each bit of each `qh` byte goes in a spread word: `Q5_SPREAD[j][v]` is byte
+/// `j` of `qh` holding `v`, spread (the other bytes zero).
+const Q5_SPREAD: [[u32; 256]; 4] = {
+    let mut t = [[0u32; 256]; 4];
+    let mut bit = 0;
+    while bit < 32 {
+        let src = 16 * (bit % 8 / 4) + 4 * (bit % 4) + bit / 8;
+        let mut v = 0;
+        while v < 256 {
+            if (v >> (src % 8)) & 1 == 1 {
+                t[src / 8][v] |= 1 << bit;
+            }
+            v += 1;
+        }
+        bit += 1;
+    }
+    t
+};
+
+/// A Q5_0 block's `qh` word (bit `i`: value `i`'s high bit) rearranged for Q5_0R8:
+/// four table lookups, one per byte (a bit-by-bit loop made the repack of a
+/// V2-Lite Q5_0 file's 2 GB of down projections take seconds).
+pub fn q5_spread(qh: u32) -> u32 {
+    let b = qh.to_le_bytes();
+    (0..4).fold(0, |t, j| t | Q5_SPREAD[j][b[j] as usize])
+}
+
+/// The inverse of [`q5_spread`].
+pub fn q5_unspread(t: u32) -> u32 {
+    (0..32).fold(0, |qh, bit| qh | ((t >> bit) & 1) << q5_bit_source(bit))
 }
 
 /// Where byte `i` of a Q4_K file block (144 bytes) of row `lane` sits in its
@@ -153,6 +211,20 @@ pub fn k4_gather(group_block: &[u8], lane: usize) -> [u8; 144] {
     blk
 }
 
+/// Row `lane`'s Q5_0 file block (22 bytes) back out of a Q5_0R8 block.
+pub fn q5_gather(group_block: &[u8], lane: usize) -> [u8; 22] {
+    let mut blk = [0u8; 22];
+    blk[..2].copy_from_slice(&group_block[2 * lane..2 * lane + 2]);
+    let at = 2 * ROWS + 4 * lane;
+    let t = u32::from_le_bytes(group_block[at..at + 4].try_into().unwrap());
+    blk[2..6].copy_from_slice(&q5_unspread(t).to_le_bytes());
+    for k in 0..4 {
+        let at = 2 * ROWS + 32 * (k + 1) + 4 * lane;
+        blk[6 + 4 * k..10 + 4 * k].copy_from_slice(&group_block[at..at + 4]);
+    }
+    blk
+}
+
 /// Decodes row `lane` of one group (`group` = all eight rows' bytes) into `out`.
 pub fn decode_row(dtype: DType, group: &[u8], lane: usize, out: &mut [f32]) {
     let bs = dtype.block().1;
@@ -165,6 +237,12 @@ pub fn decode_row(dtype: DType, group: &[u8], lane: usize, out: &mut [f32]) {
     }
     let gbs = ROWS * bs;
     assert!(lane < ROWS && group.len() == out.len() / 32 * gbs);
+    if dtype == DType::Q5_0R8 {
+        for (blk, y) in group.chunks_exact(gbs).zip(out.chunks_exact_mut(32)) {
+            crate::quant::dequant_q5_0(&q5_gather(blk, lane), y);
+        }
+        return;
+    }
     for (blk, y) in group.chunks_exact(gbs).zip(out.chunks_exact_mut(32)) {
         let d = f16::from_le_bytes([blk[2 * lane], blk[2 * lane + 1]]).to_f32();
         for k in 0..(bs - 2) / 4 {
@@ -190,7 +268,12 @@ mod tests {
 
     #[test]
     fn repacked_rows_decode_to_the_file_rows() {
-        for (dtype, cols) in [(DType::Q4_0, 96), (DType::Q8_0, 96), (DType::Q4K, 512)] {
+        for (dtype, cols) in [
+            (DType::Q4_0, 96),
+            (DType::Q5_0, 96),
+            (DType::Q8_0, 96),
+            (DType::Q4K, 512),
+        ] {
             let rows = 24;
             let vals: Vec<f32> = (0..rows * cols)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
@@ -218,8 +301,32 @@ mod tests {
     }
 
     #[test]
+    fn q5_spread_words_put_each_loads_high_bits_in_one_bit_plane() {
+        for qh in [0u32, 1, 0x8000_0001, 0xDEAD_BEEF, 0x0123_4567, u32::MAX] {
+            let t = q5_spread(qh);
+            let by_bits = (0..32).fold(0, |t, bit| t | ((qh >> q5_bit_source(bit)) & 1) << bit);
+            assert_eq!(t, by_bits);
+            assert_eq!(q5_unspread(t), qh);
+            assert_eq!(t.count_ones(), qh.count_ones());
+            // Bit p of byte b: load p % 4, byte b; low nibble (value 4k + b) for
+            // p < 4, high nibble (value 16 + 4k + b) above.
+            for b in 0..4 {
+                for k in 0..4 {
+                    assert_eq!((t >> (8 * b + k)) & 1, (qh >> (4 * k + b)) & 1);
+                    assert_eq!((t >> (8 * b + 4 + k)) & 1, (qh >> (16 + 4 * k + b)) & 1);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn repack_in_pieces_matches_whole_and_reports_every_source_byte() {
-        for (dtype, cols) in [(DType::Q4_0, 64), (DType::Q8_0, 64), (DType::Q4K, 256)] {
+        for (dtype, cols) in [
+            (DType::Q4_0, 64),
+            (DType::Q5_0, 64),
+            (DType::Q8_0, 64),
+            (DType::Q4K, 256),
+        ] {
             let rows = 40;
             let vals: Vec<f32> = (0..rows * cols).map(|i| (i % 17) as f32 - 8.0).collect();
             let mut q = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];

@@ -65,7 +65,7 @@ fn file_type(t: DType) -> u32 {
         DType::Q4_0 | DType::Q4_0R8 => 2,
         DType::Q4_1 => 3,
         DType::Q8_0 | DType::Q8_0R8 => 7,
-        DType::Q5_0 => 8,
+        DType::Q5_0 | DType::Q5_0R8 => 8,
         DType::Q5_1 => 9,
         DType::Q4K | DType::Q4KR8 => 14,
         DType::Q5K => 16,

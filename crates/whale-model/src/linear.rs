@@ -13,7 +13,8 @@ pub(crate) struct Linear {
 
 impl Linear {
     /// A layer over `w`, which the model's repack pass may turn into row-interleaved
-    /// groups when its type has a repacked kernel (Q4_0, Q8_0; see `Tensor::repacked`).
+    /// groups when its type has a repacked kernel (Q4_0, Q5_0, Q8_0, Q4_K; see
+    /// `Tensor::repacked`).
     pub fn new(w: Tensor) -> Self {
         Linear {
             w: Packable::new(w, true),
@@ -71,7 +72,7 @@ impl Linear {
 
 static REPACK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
-/// Whether models loaded from now on repack their Q4_0/Q8_0 weights into
+/// Whether models loaded from now on repack their Q4_0, Q5_0, Q8_0 and Q4_K weights into
 /// row-interleaved groups as they load (the default; `WHALE_NO_REPACK=1` in the
 /// environment turns it off unless this is called). Repacking costs a pass over the
 /// weights and fresh memory for them, and makes the integer products about twice as

@@ -72,7 +72,7 @@ impl DeepseekModel {
     }
 
     /// Builds the model from any tensor source that answers transformers' names, and
-    /// repacks its Q4_0/Q8_0 weights when [`crate::repack_enabled`].
+    /// repacks its Q4_0, Q5_0, Q8_0 and Q4_K weights when [`crate::repack_enabled`].
     pub(crate) fn from_source(st: &dyn TensorSource, cfg: ModelConfig) -> Result<Self, ModelError> {
         let m = Self::build(st, cfg)?;
         if crate::linear::repack_enabled() {

@@ -224,6 +224,7 @@ pub fn supports(dtype: DType) -> bool {
             | DType::Q4_0R8
             | DType::Q8_0R8
             | DType::Q4KR8
+            | DType::Q5_0R8
     )
 }
 
@@ -577,7 +578,7 @@ mod tests {
     #[test]
     fn repacked_groups_equal_the_scalar_twin_and_the_file_rows() {
         for cols in [32, 64, 2048, 1408, 256] {
-            for dtype in [DType::Q4_0, DType::Q8_0, DType::Q4K] {
+            for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::Q4K] {
                 if dtype.bytes_for(cols).is_none() {
                     continue;
                 }
@@ -613,9 +614,14 @@ mod tests {
                     for l in 0..rows {
                         let mut per_row = vec![0.0; n];
                         scalar::dot_rows(dtype, &wq[l * rb..(l + 1) * rb], &a, &mut per_row);
+                        // Q5_0's file twin subtracts its offset `16 d_w d_x Σ q` in
+                        // floats after the sum (the repacked one in integers first):
+                        // the cancellation costs it about one more digit.
+                        let rel = if dtype == DType::Q5_0 { 5e-5 } else { 1e-5 };
                         for t in 0..n {
-                            let tol = 1e-5 * per_row[t].abs().max(1.0);
-                            assert!((want[8 * t + l] - per_row[t]).abs() <= tol, "{dtype:?}");
+                            let (g, f) = (want[8 * t + l], per_row[t]);
+                            let tol = rel * f.abs().max(1.0);
+                            assert!((g - f).abs() <= tol, "{dtype:?} {cols} {n} {l}: {g} vs {f}");
                         }
                     }
                     // A second group: the same rows in reverse order, so its outputs
@@ -628,9 +634,18 @@ mod tests {
                     let (_, packed2) = crate::repack::repack(dtype, &rev, rows, cols).unwrap();
                     let mut want2 = vec![0.0; 8 * n];
                     scalar::dot_group(to, &packed2, &a, &mut want2);
+                    let mut first: Option<Vec<f32>> = None;
                     for isa in isas() {
                         let mut got = vec![0.0; 8 * n];
                         dot_group(isa, to, &packed, &a, &mut got);
+                        // Q4_KR8's and Q5_0R8's SIMD kernels reach the same f32
+                        // operations in the same order: equal bit for bit across ISAs.
+                        if matches!(to, DType::Q4KR8 | DType::Q5_0R8) && isa != Isa::Scalar {
+                            match &first {
+                                Some(f) => assert_eq!(f, &got, "{isa:?} {cols} {n}"),
+                                None => first = Some(got.clone()),
+                            }
+                        }
                         let mut pair = vec![0.0; 16 * n];
                         dot_group_pair(isa, to, &packed, &packed2, &a, &mut pair);
                         for t in 0..n {
@@ -692,10 +707,11 @@ mod tests {
 
     #[test]
     fn repacked_extremes_do_not_overflow() {
-        // Q8_0 weights at -128 and 127, Q4_0 nibbles at 0 and 15, activations at ±127:
-        // the 16-bit partial sums must neither saturate nor wrap.
+        // Q8_0 weights at -128 and 127, Q4_0 nibbles at 0 and 15, Q5_0 values at 0 and
+        // 31, activations at ±127: the 16-bit partial sums must neither saturate nor
+        // wrap.
         let cols = 64;
-        for dtype in [DType::Q8_0, DType::Q4_0] {
+        for dtype in [DType::Q8_0, DType::Q4_0, DType::Q5_0] {
             let bs = dtype.block().1;
             let mut wq = vec![0u8; 8 * dtype.bytes_for(cols).unwrap()];
             for (i, b) in wq.chunks_mut(bs).enumerate() {
@@ -720,7 +736,7 @@ mod tests {
             .into_iter()
             .enumerate()
             {
-                if run == 1 && dtype == DType::Q4_0 {
+                if run == 1 && dtype != DType::Q8_0 {
                     for b in wq.chunks_mut(bs) {
                         b[2..].fill(0xff);
                     }

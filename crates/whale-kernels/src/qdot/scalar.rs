@@ -127,7 +127,7 @@ fn q8_0(w: &[u8], x: &Q8Row) -> f32 {
 }
 
 /// The twin of the repacked-group kernels: `out[8 t + l] = w_l · a[t]` for the eight
-/// rows of one Q4_0R8, Q8_0R8 or Q4_KR8 group ([`crate::repack`] layout). Per block and row the
+/// rows of one Q4_0R8, Q5_0R8, Q8_0R8 or Q4_KR8 group ([`crate::repack`] layout). Per block and row the
 /// integer dot; Q8_0: times `d_w · d_x`; Q4_0: of the unsigned nibbles, times the
 /// block's multiple `m`, minus `8 m Σ q`, times `d_w`, and the sum times the unit.
 pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
@@ -142,6 +142,29 @@ pub fn dot_group(dtype: DType, w: &[u8], a: &[&Q8Row], out: &mut [f32]) {
             for (t, x) in a.iter().enumerate() {
                 out[8 * t + l] = q4_k(&row, x);
             }
+        }
+        return;
+    }
+    if dtype == DType::Q5_0R8 {
+        // Q5_0R8: per block each row's file block gathered back; the exact integer
+        // `Σ (u - 16) q` times `d_w · d_x`, as the SIMD kernels compute it.
+        for (x, o) in a.iter().zip(out.chunks_exact_mut(8)) {
+            let mut acc = [0.0f32; 8];
+            for (b, blk) in w.chunks_exact(8 * 22).enumerate() {
+                let q = &x.qs[b * QK8..(b + 1) * QK8];
+                for (l, accl) in acc.iter_mut().enumerate() {
+                    let f = crate::repack::q5_gather(blk, l);
+                    let qh = u32::from_le_bytes([f[2], f[3], f[4], f[5]]);
+                    let mut sum = 0i32;
+                    for (j, &v) in f[6..].iter().enumerate() {
+                        let lo = (v & 0x0F) as i32 | ((qh >> j) as i32 & 1) << 4;
+                        let hi = (v >> 4) as i32 | ((qh >> (j + 16)) as i32 & 1) << 4;
+                        sum += (lo - 16) * q[j] as i32 + (hi - 16) * q[j + 16] as i32;
+                    }
+                    *accl += sum as f32 * (f16_at(&f, 0) * x.d[b]);
+                }
+            }
+            o.copy_from_slice(&acc);
         }
         return;
     }
