@@ -349,6 +349,7 @@ pub fn can_quantize(dtype: DType) -> bool {
 /// Panics when `x.len()` is not a whole number of blocks, `out` has the wrong
 /// length, or `dtype` is not writable (`can_quantize`); callers check first.
 pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
+    assert!(can_quantize(dtype), "whale does not write {}", dtype.name());
     let (vals, bytes) = dtype.block();
     assert!(x.len().is_multiple_of(vals), "row of {} values", x.len());
     assert_eq!(out.len(), x.len() / vals * bytes);
@@ -376,15 +377,7 @@ pub fn quantize_row(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q5_0 => q5_0,
         DType::Q4K => q4_k,
         DType::Q6K => q6_k,
-        DType::Q4_1
-        | DType::Q5_1
-        | DType::Q5K
-        | DType::Q4_0R8
-        | DType::Q8_0R8
-        | DType::Q4KR8
-        | DType::Q5_0R8 => {
-            panic!("whale does not write {}", dtype.name())
-        }
+        other => unreachable!("can_quantize({}) said yes", other.name()),
     };
     debug_assert!(vals == QK || vals == QK_K);
     for (xb, ob) in x.chunks_exact(vals).zip(out.chunks_exact_mut(bytes)) {

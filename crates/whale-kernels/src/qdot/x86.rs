@@ -1105,20 +1105,45 @@ impl K4R8Words {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0x0F);
+    nibbles_r8_vnni::<N>(w, 144, 1, nb, a, out, |blk, k| {
+        let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
+        (
+            _mm256_and_si256(v, m4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+        )
+    })
+}
+
+/// The loop of the VNNI kernels over 32-value blocks of nibbles (Q4_0R8, Q5_0R8):
+/// per block of `bs` bytes (the eight rows' f16 scales first) `values(blk, k)` gives
+/// load `k`'s unsigned values, low nibbles (values `4k..4k + 4` of each row) and high
+/// ones (`16 + 4k..`); each `vpdpbusd` adds four of their products with the
+/// activations into a row's 32-bit sums, which start the block at `-8 Σ q` times
+/// `offset8` (the values' offset over 8: 1 for Q4_0, 2 for Q5_0). Two chains per row
+/// (low and high nibbles): one chain of eight dependent `vpdpbusd` per block left
+/// the loop waiting on their latency. The exact sum meets `d_w · d_x` in one
+/// multiply and one FMA.
+#[inline(always)]
+unsafe fn nibbles_r8_vnni<const N: usize>(
+    w: &[u8],
+    bs: usize,
+    offset8: i32,
+    nb: usize,
+    a: &[&Q8Row],
+    out: &mut [f32],
+    values: impl Fn(*const u8, usize) -> (__m256i, __m256i),
+) {
     let mut acc = [_mm256_setzero_ps(); N];
     let (qs, ds, ng) = vnni_rows::<N>(a);
     let wp = w.as_ptr();
     for b in 0..nb {
-        let blk = wp.add(b * 144);
+        let blk = wp.add(b * bs);
         prefetch_ahead::<3>(blk);
-        // Two chains per row (low and high nibbles): one chain of eight dependent
-        // `vpdpbusd` per block left the loop waiting on their latency.
-        let mut s: [__m256i; N] = std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b)));
+        let mut s: [__m256i; N] =
+            std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b) * offset8));
         let mut s2 = [_mm256_setzero_si256(); N];
         for k in 0..4 {
-            let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
-            let lo = _mm256_and_si256(v, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+            let (lo, hi) = values(blk, k);
             for t in 0..N {
                 let q = qs[t].add(b * QK8);
                 s[t] = _mm256_dpbusd_epi32(s[t], lo, bcast4(q, 4 * k));
@@ -1172,39 +1197,15 @@ unsafe fn q5_r8_values(blk: *const u8, t: __m256i, k: usize) -> (__m256i, __m256
 }
 
 /// Q5_0R8 (Q5_0 files' expert down projections, whose 1408 columns are not whole
-/// Q4_K super-blocks): [`q4_0_r8_vnni`]'s loop with each nibble's high bit ORed in
+/// Q4_K super-blocks): [`nibbles_r8_vnni`] with each nibble's high bit ORed in
 /// (one shift and one mask of the block's spread high-bit word per load half), the
 /// sums started at `-16 Σ q` (twice [`Q8Row::neg8`]); the exact `Σ (u - 16) q` meets
 /// `d_w · d_x`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q5_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
-    let mut acc = [_mm256_setzero_ps(); N];
-    let (qs, ds, ng) = vnni_rows::<N>(a);
-    let wp = w.as_ptr();
-    for b in 0..nb {
-        let blk = wp.add(b * 176);
-        prefetch_ahead::<3>(blk);
-        let th = _mm256_loadu_si256(blk.add(16) as *const __m256i);
-        let mut s: [__m256i; N] = std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b) << 1));
-        let mut s2 = [_mm256_setzero_si256(); N];
-        for k in 0..4 {
-            let (lo, hi) = q5_r8_values(blk, th, k);
-            for t in 0..N {
-                let q = qs[t].add(b * QK8);
-                s[t] = _mm256_dpbusd_epi32(s[t], lo, bcast4(q, 4 * k));
-                s2[t] = _mm256_dpbusd_epi32(s2[t], hi, bcast4(q, 16 + 4 * k));
-            }
-        }
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-        for t in 0..N {
-            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*ds[t].add(b)));
-            let i = _mm256_add_epi32(s[t], s2[t]);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
-        }
-    }
-    for (o, v) in out.chunks_exact_mut(8).zip(acc) {
-        _mm256_storeu_ps(o.as_mut_ptr(), v);
-    }
+    nibbles_r8_vnni::<N>(w, 176, 2, nb, a, out, |blk, k| {
+        q5_r8_values(blk, _mm256_loadu_si256(blk.add(16) as *const __m256i), k)
+    })
 }
 
 /// [`q5_0_r8_vnni`] on AVX2: `vpmaddubsw` pairs (at most 2 · 31 · 127) summed in 16
