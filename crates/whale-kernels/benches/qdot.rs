@@ -117,7 +117,7 @@ fn main() {
                     secs: Vec::new(),
                 });
                 // Two groups per call (`dot_group_pair`), where the ISA has a kernel for it.
-                if qdot::pairs_groups(isa, *rt) {
+                if qdot::has_pair_kernel(isa, *rt) {
                     let mut out = [0.0f32; 64];
                     cases.push(Case {
                         label: format!(

@@ -184,7 +184,7 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
     let gb = g * w.row_bytes();
     let groups = out / g;
     let isa = qdot::isa();
-    let pairs = qdot::pairs_groups(isa, w.dtype());
+    let pairs = qdot::pairs_groups(isa, w.dtype(), n);
     let per = (groups / (rayon::current_num_threads() * 8)).clamp(1, GROUPS_PER_TASK);
     // Whole pairs per task where the kernels take two groups at once.
     let per = if pairs { per.next_multiple_of(2) } else { per };
@@ -449,7 +449,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
         }
     }
     crate::for_each_dynamic(tasks.into_iter(), |t| {
-        let pairs = qdot::pairs_groups(isa, t.w.dtype());
+        let pairs = qdot::pairs_groups(isa, t.w.dtype(), t.act.map_or(1, |a| a.len()));
         let rb = t.w.row_bytes();
         let bytes = t.w.bytes();
         let rows = t.len;

@@ -288,9 +288,19 @@ pub fn dot_rows(
 }
 
 /// Whether [`dot_group_pair`] has a kernel of its own for `isa` and `dtype`
-/// (otherwise it runs [`dot_group`] twice, and callers gain nothing by pairing groups).
-pub fn pairs_groups(isa: Isa, dtype: DType) -> bool {
-    isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8)
+/// (otherwise it runs [`dot_group`] twice).
+pub fn has_pair_kernel(isa: Isa, dtype: DType) -> bool {
+    isa == Isa::Avx512Vnni && matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8)
+}
+
+/// Whether products of `rows` activation rows should take their groups two at a
+/// time ([`dot_group_pair`]). Q4_KR8 pairs from two rows up: on one row (decode),
+/// streaming from memory, its pair kernel was slower on the Zen 4 VM though faster
+/// in cache (`whale bench -p 512 -n 32` on the synthetic V2-Lite Q4_K, alternated,
+/// pairs at every row count against none: tg 13.6–15.3 against 17.4–19.6 tok/s,
+/// pp512 73–78 against 59–71).
+pub fn pairs_groups(isa: Isa, dtype: DType, rows: usize) -> bool {
+    has_pair_kernel(isa, dtype) && (dtype != DType::Q4KR8 || rows >= 2)
 }
 
 /// [`dot_group`] for two groups `w0` and `w1` of the same weight (same length) at once:
@@ -298,7 +308,7 @@ pub fn pairs_groups(isa: Isa, dtype: DType) -> bool {
 pub fn dot_group_pair(isa: Isa, dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     debug_assert!(a.len() <= 4 && out.len() == 16 * a.len());
     #[cfg(target_arch = "x86_64")]
-    if pairs_groups(isa, dtype) {
+    if has_pair_kernel(isa, dtype) {
         return x86::dot_group_pair(dtype, w0, w1, a, out);
     }
     let n = a.len();
@@ -648,6 +658,12 @@ mod tests {
                         }
                         let mut pair = vec![0.0; 16 * n];
                         dot_group_pair(isa, to, &packed, &packed2, &a, &mut pair);
+                        // Q4_KR8's pair kernel repeats the one-group kernel's operations.
+                        if to == DType::Q4KR8 {
+                            for t in 0..n {
+                                assert_eq!(pair[16 * t..16 * t + 8], got[8 * t..8 * t + 8]);
+                            }
+                        }
                         for t in 0..n {
                             for l in 0..8 {
                                 for (g, w) in [

@@ -601,7 +601,7 @@ fn group_block_bytes(dtype: DType) -> usize {
 /// 5.1 G/s per core), which the one-group kernels leave unused.
 pub fn dot_group_pair(dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mut [f32]) {
     assert!(
-        matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8),
+        matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8 | DType::Q4KR8),
         "dot_group_pair: {} is not a repacked type",
         dtype.name()
     );
@@ -609,8 +609,11 @@ pub fn dot_group_pair(dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mu
     let nb = w0.len() / gbs;
     assert!(w0.len() == nb * gbs && w1.len() == w0.len());
     assert!(out.len() == 16 * a.len() && a.len() <= 4);
+    // Activation blocks per weight block: eight per Q4_K super-block.
+    let sub = dtype.block().0 / QK8;
     for x in a {
-        assert!(x.qs.len() >= nb * QK8 && x.d.len() >= nb && x.neg8.len() >= nb);
+        assert!(x.qs.len() >= nb * sub * QK8 && x.d.len() >= nb * sub && x.s.len() >= nb * sub);
+        assert!(x.neg8.len() >= nb);
     }
     macro_rules! go {
         ($f:ident) => {
@@ -626,10 +629,10 @@ pub fn dot_group_pair(dtype: DType, w0: &[u8], w1: &[u8], a: &[&Q8Row], out: &mu
             }
         };
     }
-    if dtype == DType::Q4_0R8 {
-        go!(q4_0_r8x2_vnni)
-    } else {
-        go!(q8_0_r8x2_vnni)
+    match dtype {
+        DType::Q4_0R8 => go!(q4_0_r8x2_vnni),
+        DType::Q4KR8 => go!(q4_k_r8x2_vnni),
+        _ => go!(q8_0_r8x2_vnni),
     }
 }
 
@@ -715,6 +718,89 @@ unsafe fn q4_0_r8x2_vnni<const N: usize>(
             }
         }
         fold_pair_block(&mut acc, (&s, &s2), scales_pair(b0, b1), &ds, b);
+    }
+    for (o, v) in out.chunks_exact_mut(16).zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), v);
+    }
+}
+
+/// [`q4_k_r8_vnni`] over two groups in 512-bit lanes (see [`dot_group_pair`]): the
+/// same operations in the same order, lanes 0–7 for `w0`'s rows and 8–15 for `w1`'s,
+/// so each equals the one-group kernel bit for bit.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_k_r8x2_vnni<const N: usize>(
+    w0: &[u8],
+    w1: &[u8],
+    nb: usize,
+    a: &[&Q8Row],
+    out: &mut [f32],
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let (k6, k4, k2) = (
+        _mm512_set1_epi32(0x3F3F_3F3F),
+        _mm512_set1_epi32(0x0F0F_0F0F),
+        _mm512_set1_epi32(0x0303_0303),
+    );
+    // Byte j of every 32-bit lane into the whole lane (`vpshufb` works per 128 bits).
+    let one: [__m512i; 4] = std::array::from_fn(|j| {
+        _mm512_broadcast_i64x4(lane_byte_shuffle(j, |k| if k == 0 { 0 } else { -1 }))
+    });
+    let byte_f32 = |v: __m512i, j: usize| _mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, one[j]));
+    let high = |w: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(w), k2));
+    let mut acc = [_mm512_setzero_ps(); N];
+    let (qs, xd, xs) = k4_rows::<N>(a);
+    let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+    for sb in 0..nb {
+        let (g0, g1) = (p0.add(sb * 1152), p1.add(sb * 1152));
+        prefetch_ahead::<18>(g0);
+        prefetch_ahead::<18>(g1);
+        let (v0, v1, v2) = (
+            load_pair(g0.add(32), g1.add(32)),
+            load_pair(g0.add(64), g1.add(64)),
+            load_pair(g0.add(96), g1.add(96)),
+        );
+        let sc = [
+            _mm512_and_si512(v0, k6),
+            _mm512_or_si512(_mm512_and_si512(v2, k4), high(v0)),
+        ];
+        let mn = [
+            _mm512_and_si512(v1, k6),
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(v2), k4), high(v1)),
+        ];
+        let b0 = sb * 8;
+        let mut sum = [_mm512_setzero_ps(); N];
+        let mut corr = [_mm512_setzero_ps(); N];
+        for c in 0..4 {
+            let (q0, q1) = (g0.add(128 + 256 * c), g1.add(128 + 256 * c));
+            let mut s = [[_mm512_setzero_si512(); N]; 2];
+            for k in 0..8 {
+                let v = load_pair(q0.add(32 * k), q1.add(32 * k));
+                let lo = _mm512_and_si512(v, m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                for t in 0..N {
+                    let x = qs[t].add((b0 + 2 * c) * QK8);
+                    s[0][t] = _mm512_dpbusd_epi32(s[0][t], lo, bcast4x16(x, 4 * k));
+                    s[1][t] = _mm512_dpbusd_epi32(s[1][t], hi, bcast4x16(x, 32 + 4 * k));
+                }
+            }
+            let (j0, j1) = ((2 * c) % 4, (2 * c + 1) % 4);
+            let scs = [byte_f32(sc[c / 2], j0), byte_f32(sc[c / 2], j1)];
+            let mns = [byte_f32(mn[c / 2], j0), byte_f32(mn[c / 2], j1)];
+            let b = b0 + 2 * c;
+            for t in 0..N {
+                for h in 0..2 {
+                    let i = _mm512_mul_ps(_mm512_cvtepi32_ps(s[h][t]), scs[h]);
+                    sum[t] = _mm512_fmadd_ps(i, _mm512_set1_ps(*xd[t].add(b + h)), sum[t]);
+                    corr[t] = _mm512_fmadd_ps(mns[h], _mm512_set1_ps(*xs[t].add(b + h)), corr[t]);
+                }
+            }
+        }
+        let d = scales_pair(g0, g1);
+        let dmin = scales_pair(g0.add(16), g1.add(16));
+        for t in 0..N {
+            acc[t] = _mm512_fmadd_ps(sum[t], d, acc[t]);
+            acc[t] = _mm512_fnmadd_ps(corr[t], dmin, acc[t]);
+        }
     }
     for (o, v) in out.chunks_exact_mut(16).zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), v);
