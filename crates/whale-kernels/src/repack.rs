@@ -139,7 +139,7 @@ fn repack_group(dtype: DType, src: &[u8], rb: usize, dst: &mut [u8]) {
 /// `4 k + b`), high nibble for `p >= 4` (value `16 + 4 k + b`). Bit `p` of every byte
 /// is then one load's four high bits, one per row byte.
 #[inline]
-fn q5_bit_source(bit: usize) -> usize {
+const fn q5_bit_source(bit: usize) -> usize {
     let (b, p) = (bit / 8, bit % 8);
     16 * (p / 4) + 4 * (p % 4) + b
 }
@@ -150,7 +150,7 @@ const Q5_SPREAD: [[u32; 256]; 4] = {
     let mut t = [[0u32; 256]; 4];
     let mut bit = 0;
     while bit < 32 {
-        let src = 16 * (bit % 8 / 4) + 4 * (bit % 4) + bit / 8;
+        let src = q5_bit_source(bit);
         let mut v = 0;
         while v < 256 {
             if (v >> (src % 8)) & 1 == 1 {
