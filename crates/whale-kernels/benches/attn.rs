@@ -1,7 +1,7 @@
 //! Absorbed-MLA decode attention at depth: 16 query heads over `n` latent rows of 576
 //! values (DeepSeek-V2-Lite: kv_lora 512 + rope 64), one 64-row page at a time as the
 //! paged cache hands them over (f32 and f16 pages; `cold`: f16 pages that come from
-//! memory, as in a decode step); then expanded-MLA prefill of 512 rows at depth, 16
+//! memory, as in a decode step; then the same as bf16 pages, warm and cold); then expanded-MLA prefill of 512 rows at depth, 16
 //! heads of 192-value keys and 128-value values, as the tiled causal kernel computes
 //! it beside the scores → softmax → weighted-sum composition it replaced.
 //! Run: `cargo bench -p whale-kernels --bench attn` (`TILED_ONLY=1`: the tiled prefill
@@ -21,7 +21,7 @@ fn main() {
     // `TILED_ONLY=1`: only the tiled prefill kernel (quick alternated runs).
     let tiled_only = std::env::var_os("TILED_ONLY").is_some();
     println!(
-        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "rows",
         "scores ms",
         "values ms",
@@ -31,6 +31,10 @@ fn main() {
         "f16 ms",
         "GMAC/s",
         "cold ms",
+        "GMAC/s",
+        "bf16 ms",
+        "GMAC/s",
+        "cold bf16",
         "GMAC/s"
     );
     for n in [1024usize, 4096].into_iter().filter(|_| !tiled_only) {
@@ -69,8 +73,30 @@ fn main() {
             },
             21,
         );
+        // The same pages as bf16 (`vdpbf16ps` where the CPU has AVX-512 BF16), warm
+        // and cold as above.
+        let b16: Vec<half::bf16> = rows.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let pages_b16: Vec<Block> = b16.chunks(64 * l).map(Block::Bf16).collect();
+        let tbf = median_secs(
+            || mqa_blocks(&q, heads, &pages_b16, l, n, c, 0.1, &mut o2),
+            21,
+        );
+        drop(cold_pages);
+        drop(cold);
+        let cold_b: Vec<Vec<half::bf16>> = (0..copies).map(|_| b16.clone()).collect();
+        let cold_bp: Vec<Vec<Block>> = cold_b
+            .iter()
+            .map(|h| h.chunks(64 * l).map(Block::Bf16).collect())
+            .collect();
+        let tcb = median_secs(
+            || {
+                turn = (turn + 1) % copies;
+                mqa_blocks(&q, heads, &cold_bp[turn], l, n, c, 0.1, &mut o2)
+            },
+            21,
+        );
         println!(
-            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
+            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
             ts * 1e3,
             tv * 1e3,
             macs / (ts + tv) / 1e9,
@@ -79,7 +105,11 @@ fn main() {
             th * 1e3,
             macs / th / 1e9,
             tc * 1e3,
-            macs / tc / 1e9
+            macs / tc / 1e9,
+            tbf * 1e3,
+            macs / tbf / 1e9,
+            tcb * 1e3,
+            macs / tcb / 1e9
         );
     }
 

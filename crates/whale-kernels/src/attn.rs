@@ -17,6 +17,46 @@ fn wide() -> bool {
     crate::qdot::isa() == crate::qdot::Isa::Avx512Vnni
 }
 
+/// Whether bf16 cache blocks run the `vdpbf16ps` kernels (AVX-512 BF16 beside the
+/// [`wide`] set). Elsewhere a bf16 block is widened to f32 and computed with the same
+/// roundings (queries and probabilities to bf16 first; bf16 products are exact in
+/// f32), so every CPU computes the same sums up to their order.
+#[inline]
+fn bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| wide() && crate::qdot::x86::has_avx512bf16())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `dst[i]` = `src[i]` rounded to bfloat16 (to nearest, ties to even), as bits.
+fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot() {
+        // SAFETY: `bf16_dot` means AVX-512 F/BW/VL and BF16 were detected; the
+        // lengths agree (asserted above).
+        unsafe { x86::to_bf16(src, dst) };
+        return;
+    }
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = half::bf16::from_f32(v).to_bits();
+    }
+}
+
+/// Each value rounded to bfloat16 in place (kept as f32: what the bf16 kernels
+/// multiply).
+fn round_bf16(v: &mut [f32]) {
+    let mut bits = vec![0u16; v.len()];
+    to_bf16(v, &mut bits);
+    for (x, b) in v.iter_mut().zip(bits) {
+        *x = f32::from_bits((b as u32) << 16);
+    }
+}
+
 /// `scores[h][u] = scale · q[h] · rows[u][..L]` for `H` query vectors `q` (`[H, L]`)
 /// and `n` cache rows of `stride` values; `scores` is `[H, n]`.
 pub fn mqa_scores(
@@ -45,7 +85,7 @@ pub fn mqa_scores(
 /// AVX2 tiles, panels of eight heads interleaved per 16 values for the AVX-512 ones,
 /// in a buffer and from where in it (its first 64-byte boundary, [`crate::align64`]);
 /// `None` where neither kernel runs. [`Packed::get`] is what the kernels read.
-fn packed_queries(q: &[f32], heads: usize) -> Option<Packed> {
+fn packed_queries(q: &[f32], heads: usize) -> Option<Packed<f32>> {
     #[cfg(target_arch = "x86_64")]
     if crate::qdot::isa() != crate::qdot::Isa::Scalar && heads > 0 {
         let l = q.len() / heads;
@@ -62,15 +102,28 @@ fn packed_queries(q: &[f32], heads: usize) -> Option<Packed> {
 }
 
 /// Packed queries: `buf[at..]`, `at` its first 64-byte boundary.
-struct Packed {
-    buf: Vec<f32>,
+struct Packed<T> {
+    buf: Vec<T>,
     at: usize,
 }
 
-impl Packed {
-    fn get(&self) -> &[f32] {
+impl<T> Packed<T> {
+    fn get(&self) -> &[T] {
         &self.buf[self.at..]
     }
+}
+
+/// The queries `[H, L]` rounded to bf16 and packed for the `vdpbf16ps` score kernel
+/// (see `pack_queries_bf16`), where [`bf16_dot`].
+fn packed_queries_bf16(q: &[f32], heads: usize) -> Option<Packed<u16>> {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot() && heads > 0 {
+        let mut buf = Vec::new();
+        let at = x86::pack_queries_bf16(q, heads, q.len() / heads, &mut buf);
+        return Some(Packed { buf, at });
+    }
+    let _ = (q, heads);
+    None
 }
 
 /// [`mqa_scores`] with the queries already packed by [`packed_queries`].
@@ -224,6 +277,9 @@ struct Running {
     out: Vec<f32>,
     /// One block's scores, `[H, n]` (scratch kept across the blocks a task runs).
     s: Vec<f32>,
+    /// One bf16 block's probabilities as bf16 bits, `[H, n rounded up to even]`
+    /// (scratch, as `s`).
+    pb: Vec<u16>,
 }
 
 impl Running {
@@ -233,19 +289,23 @@ impl Running {
             sum: vec![0.0; heads],
             out: vec![0.0; heads * c],
             s: Vec::new(),
+            pb: Vec::new(),
         }
     }
 
     /// Folds the first `n` rows (of `stride` values) of `block` into the state: their
     /// scores, then per head the old sums rescaled to the new maximum, then their
     /// weighted values added in place (no per-block buffers). The AVX-512 kernels read
-    /// an f16 block where it lies, and ask for the `next` block's rows to be fetched
-    /// meanwhile; elsewhere an f16 block is widened into [`WIDE`] first.
+    /// an f16 or bf16 block where it lies, and ask for the `next` block's rows to be
+    /// fetched meanwhile; elsewhere the block is widened into [`WIDE`] first. For a
+    /// bf16 block `q` holds the queries rounded to bf16 (`qb`: packed for
+    /// `vdpbf16ps`, where it runs), and the probabilities are rounded to bf16 before
+    /// they weigh the rows.
     #[allow(clippy::too_many_arguments)]
     fn add_block(
         &mut self,
         q: &[f32],
-        qt: Option<&[f32]>,
+        (qt, qb): (Option<&[f32]>, Option<&[u16]>),
         heads: usize,
         (block, next): (&Block<'_>, Option<&Block<'_>>),
         stride: usize,
@@ -254,43 +314,88 @@ impl Running {
     ) {
         self.s.resize(heads * n, 0.0);
         #[cfg(target_arch = "x86_64")]
-        if let (true, Some(qt)) = (wide(), qt) {
+        if wide() {
             let l = q.len() / heads;
             // SAFETY: `wide` means AVX-512 F/BW/VL (with AVX2, FMA and F16C) were
-            // detected, and `qt` holds the queries packed by `pack_queries512`; the
-            // kernels assert their bounds.
+            // detected; `qt` holds the queries packed by `pack_queries512`, and `qb`
+            // exists only where AVX-512 BF16 was detected too, holding them packed by
+            // `pack_queries_bf16`; the kernels assert their bounds.
             unsafe {
-                match (block, next) {
-                    (Block::F32(r), Some(Block::F32(x))) => {
-                        self.add_rows512(qt, heads, l, (r, x), stride, n, scale)
+                match (block, next, qt, qb) {
+                    (Block::Bf16(r), next, _, Some(qb)) => {
+                        let x = match next {
+                            Some(Block::Bf16(x)) => x,
+                            _ => &[][..],
+                        };
+                        return self.add_rows_bf16(qb, heads, l, (r, x), stride, n, scale);
                     }
-                    (Block::F32(r), _) => {
-                        self.add_rows512(qt, heads, l, (r, &[]), stride, n, scale)
+                    (Block::F32(r), Some(Block::F32(x)), Some(qt), _) => {
+                        return self.add_rows512(qt, heads, l, (r, x), stride, n, scale)
                     }
-                    (Block::F16(r), Some(Block::F16(x))) => {
-                        self.add_rows512(qt, heads, l, (r, x), stride, n, scale)
+                    (Block::F32(r), _, Some(qt), _) => {
+                        return self.add_rows512(qt, heads, l, (r, &[]), stride, n, scale)
                     }
-                    (Block::F16(r), _) => {
-                        self.add_rows512(qt, heads, l, (r, &[]), stride, n, scale)
+                    (Block::F16(r), Some(Block::F16(x)), Some(qt), _) => {
+                        return self.add_rows512(qt, heads, l, (r, x), stride, n, scale)
                     }
+                    (Block::F16(r), _, Some(qt), _) => {
+                        return self.add_rows512(qt, heads, l, (r, &[]), stride, n, scale)
+                    }
+                    _ => {}
                 }
             }
-            return;
         }
-        let _ = next;
+        let _ = (next, qb);
+        let round = matches!(block, Block::Bf16(_));
         let mut add = |rows: &[f32]| {
             scores_with(q, qt, heads, rows, stride, n, scale, &mut self.s);
             self.softmax_step(heads, n);
+            if round {
+                round_bf16(&mut self.s);
+            }
             values_add(&self.s, heads, n, rows, stride, 0, n, &mut self.out);
         };
         match block {
             Block::F32(r) => add(r),
-            Block::F16(_) => WIDE.with_borrow_mut(|wide| {
+            Block::F16(_) | Block::Bf16(_) => WIDE.with_borrow_mut(|wide| {
                 wide.resize(n * stride, 0.0);
                 block.write_f32(wide);
                 add(wide)
             }),
         }
+    }
+
+    /// [`Self::add_block`] on the `vdpbf16ps` kernels: `rows` read in place, `next`
+    /// prefetched meanwhile; the probabilities rounded to bf16 pairs for the
+    /// weighted sum.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 were detected; `qb` holds the queries packed by
+    /// `pack_queries_bf16` (the kernels assert every other bound).
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_rows_bf16(
+        &mut self,
+        qb: &[u16],
+        heads: usize,
+        l: usize,
+        (rows, next): (&[half::bf16], &[half::bf16]),
+        stride: usize,
+        n: usize,
+        scale: f32,
+    ) {
+        x86::scores_bf16(qb, heads, l, (rows, next), stride, &mut self.s, scale);
+        self.softmax_step(heads, n);
+        let np = n.next_multiple_of(2);
+        self.pb.clear();
+        self.pb.resize(heads * np, 0);
+        for h in 0..heads {
+            x86::to_bf16(
+                &self.s[h * n..(h + 1) * n],
+                &mut self.pb[h * np..h * np + n],
+            );
+        }
+        x86::values_bf16(&self.pb, heads, np, n, rows, stride, &mut self.out)
     }
 
     /// [`Self::add_block`] on the AVX-512 kernels: `rows` (f16 or f32) read in place,
@@ -379,6 +484,11 @@ pub enum Block<'a> {
     F32(&'a [f32]),
     /// IEEE half-precision values (half the memory and the bytes read per step).
     F16(&'a [half::f16]),
+    /// bfloat16 values (as much memory as f16, with f32's range and an 8-bit
+    /// significand): attention over them multiplies in bf16 (`vdpbf16ps` where the
+    /// CPU has AVX-512 BF16), with the queries and probabilities rounded to bf16 and
+    /// every sum in f32.
+    Bf16(&'a [half::bf16]),
 }
 
 impl Block<'_> {
@@ -387,6 +497,7 @@ impl Block<'_> {
         match self {
             Block::F32(r) => r.len(),
             Block::F16(r) => r.len(),
+            Block::Bf16(r) => r.len(),
         }
     }
 
@@ -412,6 +523,12 @@ impl Block<'_> {
                 // call per eight values: 10% of a depth-4096 decode token in `perf`
                 // before the inline loop above.
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(&r[..len], out)
+            }
+            // Exact: a bf16 is an f32's upper half (a loop the compiler vectorises).
+            Block::Bf16(r) => {
+                for (o, v) in out.iter_mut().zip(&r[..len]) {
+                    *o = f32::from_bits((v.to_bits() as u32) << 16);
+                }
             }
         }
     }
@@ -444,9 +561,47 @@ pub fn mqa_blocks(
     scale: f32,
     out: &mut [f32],
 ) {
+    mqa_blocks_on(q, heads, blocks, stride, visible, c, scale, out, bf16_dot())
+}
+
+/// [`mqa_blocks`], with bf16 blocks on the `vdpbf16ps` kernels only where `vdpbf16`
+/// (which the caller has detected; the tests compare both ways).
+#[allow(clippy::too_many_arguments)]
+fn mqa_blocks_on(
+    q: &[f32],
+    heads: usize,
+    blocks: &[Block<'_>],
+    stride: usize,
+    visible: usize,
+    c: usize,
+    scale: f32,
+    out: &mut [f32],
+    vdpbf16: bool,
+) {
     assert_eq!(out.len(), heads * c);
     let per = blocks.first().map_or(1, |b| (b.len() / stride).max(1));
-    let qt = packed_queries(q, heads);
+    // bf16 blocks (a cache's blocks share one type): queries rounded to bf16, packed
+    // for `vdpbf16ps` where it runs; elsewhere rounded in f32 for the f32 kernels.
+    let bf16 = matches!(blocks.first(), Some(Block::Bf16(_)));
+    let qb = if bf16 && vdpbf16 {
+        packed_queries_bf16(q, heads)
+    } else {
+        None
+    };
+    let rounded;
+    let q = if bf16 && qb.is_none() {
+        let mut r = q.to_vec();
+        round_bf16(&mut r);
+        rounded = r;
+        &rounded[..]
+    } else {
+        q
+    };
+    let qt = if qb.is_some() {
+        None
+    } else {
+        packed_queries(q, heads)
+    };
     let fold = |mut acc: Running, (bi, rows): (usize, &Block<'_>)| -> Running {
         let u0 = bi * per;
         let n = (rows.len() / stride).min(visible.saturating_sub(u0));
@@ -456,7 +611,7 @@ pub fn mqa_blocks(
         let next = blocks.get(bi + 1);
         acc.add_block(
             q,
-            qt.as_ref().map(Packed::get),
+            (qt.as_ref().map(Packed::get), qb.as_ref().map(Packed::get)),
             heads,
             (rows, next),
             stride,
@@ -901,6 +1056,278 @@ mod x86 {
         }
     }
 
+    /// The same 512 bits as 32 bf16 lanes (a change of type only).
+    #[inline(always)]
+    fn bh(x: __m512i) -> __m512bh {
+        // SAFETY: both are plain 64-byte vectors; every bit pattern is valid in both.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
+    }
+
+    /// `dst[i]` = `src[i]` rounded to bfloat16 (`vcvtneps2bf16`: to nearest, ties to
+    /// even), as bits; sixteen values per instruction, the tail masked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len());
+        let n = src.len();
+        let mut i = 0;
+        while i < n {
+            let k = crate::first_lanes((n - i).min(16));
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                k,
+                src.as_ptr().add(i),
+            )));
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, k, b);
+            i += 16;
+        }
+    }
+
+    /// Packs `q` (`[H, L]`) rounded to bf16 for [`scores_bf16`]: per panel of [`QH`]
+    /// heads, per 32 values, the panel's heads one after another (`[H/8][L/32][8][32]`,
+    /// rounded up with zeros), from the buffer's first 64-byte boundary, which it
+    /// returns.
+    pub fn pack_queries_bf16(q: &[f32], heads: usize, l: usize, out: &mut Vec<u16>) -> usize {
+        let chunks = l.div_ceil(32);
+        out.clear();
+        out.resize(heads.div_ceil(QH) * chunks * QH * 32 + 31, 0);
+        let a = out.as_ptr().align_offset(64).min(31);
+        let mut row = vec![0u16; l];
+        for h in 0..heads {
+            super::to_bf16(&q[h * l..(h + 1) * l], &mut row);
+            let (g, t) = (h / QH, h % QH);
+            for (ci, src) in row.chunks(32).enumerate() {
+                let at = a + ((g * chunks + ci) * QH + t) * 32;
+                out[at..at + src.len()].copy_from_slice(src);
+            }
+        }
+        a
+    }
+
+    /// [`scores_dot512`] on bf16 rows and queries (`[H, n]` out): `vdpbf16ps` does 32
+    /// multiply-adds per instruction where an f32 FMA does 16. A tile of two rows by
+    /// eight queries keeps sixteen sums; each step loads 32 values (one cache line) of
+    /// both rows and the eight queries' matching 32. `qp` holds the queries packed by
+    /// [`pack_queries_bf16`], from the offset it returned; `next` (the following
+    /// block's rows, possibly none) is fetched towards L2 meanwhile.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn scores_bf16(
+        qp: &[u16],
+        heads: usize,
+        l: usize,
+        (rows, next): (&[half::bf16], &[half::bf16]),
+        stride: usize,
+        out: &mut [f32],
+        scale: f32,
+    ) {
+        const R: usize = 2;
+        let n = out.len() / heads;
+        let chunks = l.div_ceil(32);
+        assert!(
+            qp.len() >= heads.div_ceil(QH) * chunks * QH * 32
+                && l <= stride
+                && rows.len() >= n * stride
+        );
+        let vs = _mm512_set1_ps(scale);
+        let tail = ((1u64 << (l % 32)) - 1) as __mmask32;
+        let mut tmp = [0.0f32; 16];
+        let rows = rows.as_ptr() as *const u16;
+        let next_len = next.len();
+        let next = next.as_ptr() as *const u16;
+        for g in 0..heads.div_ceil(QH) {
+            let (h0, hn) = (g * QH, (heads - g * QH).min(QH));
+            let panel = qp.as_ptr().add(g * chunks * QH * 32);
+            for k in (0..n).step_by(R) {
+                let kr = (n - k).min(R);
+                let r0 = rows.add(k * stride);
+                let r1 = r0.add((kr - 1) * stride);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                let mut step = |x0: __m512i, x1: __m512i, qc: *const u16| {
+                    let (x0, x1) = (bh(x0), bh(x1));
+                    for t in 0..QH {
+                        let qv = bh(_mm512_loadu_si512(qc.add(t * 32) as *const _));
+                        acc[t] = _mm512_dpbf16_ps(acc[t], x0, qv);
+                        acc[QH + t] = _mm512_dpbf16_ps(acc[QH + t], x1, qv);
+                    }
+                };
+                // As in `scores_dot512`: the next tile's rows towards L1, the next
+                // block's towards L2 (a step reads one line of each row). Wrapping
+                // arithmetic: past the last tile or block these addresses are
+                // neither formed by `add` nor read.
+                let (n0, n1) = (r1.wrapping_add(stride), r1.wrapping_add(2 * stride));
+                let ahead = k + R < n;
+                let far = (k + R) * stride <= next_len;
+                let (f0, f1) = (
+                    next.wrapping_add(k * stride),
+                    next.wrapping_add((k + kr - 1) * stride),
+                );
+                let mut j = 0;
+                while j + 32 <= l {
+                    if ahead {
+                        _mm_prefetch::<_MM_HINT_T0>(n0.wrapping_add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(n1.wrapping_add(j) as *const i8);
+                    }
+                    if far {
+                        _mm_prefetch::<_MM_HINT_T1>(f0.wrapping_add(j) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(f1.wrapping_add(j) as *const i8);
+                    }
+                    step(
+                        _mm512_loadu_si512(r0.add(j) as *const _),
+                        _mm512_loadu_si512(r1.add(j) as *const _),
+                        panel.add(j * QH),
+                    );
+                    j += 32;
+                }
+                if j < l {
+                    step(
+                        _mm512_maskz_loadu_epi16(tail, r0.add(j) as *const i16),
+                        _mm512_maskz_loadu_epi16(tail, r1.add(j) as *const i16),
+                        panel.add(j * QH),
+                    );
+                }
+                _mm512_storeu_ps(tmp.as_mut_ptr(), _mm512_mul_ps(hsum16(&acc), vs));
+                for i in 0..kr {
+                    for t in 0..hn {
+                        out[(h0 + t) * n + k + i] = tmp[i * QH + t];
+                    }
+                }
+            }
+        }
+    }
+
+    /// `acc[h] += Σ_{u < n} p[h][u] · rows[u][..C]` on bf16 rows and probabilities
+    /// (`pb`: `[H, np]` bf16 bits, `np` even, zero past `n`): `vdpbf16ps` sums two rows
+    /// per instruction, so two rows' 32 columns are interleaved (`vpunpck{l,h}wd`)
+    /// into pairs and each head's two probabilities broadcast as one pair. Eight
+    /// heads by 32 columns in sixteen registers across the rows; the interleave puts
+    /// columns in a lane order that is undone once per 32 columns, when the sums are
+    /// stored. A column remainder is masked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn values_bf16(
+        pb: &[u16],
+        heads: usize,
+        np: usize,
+        n: usize,
+        rows: &[half::bf16],
+        stride: usize,
+        acc: &mut [f32],
+    ) {
+        let c = acc.len() / heads;
+        assert!(
+            c <= stride
+                && n <= np
+                && np.is_multiple_of(2)
+                && pb.len() >= heads * np
+                && rows.len() >= n * stride
+        );
+        for h0 in (0..heads).step_by(8) {
+            let args = (pb, np, n, rows, stride, h0, c, acc.as_mut_ptr());
+            match heads - h0 {
+                1 => values_heads_bf16::<1>(args),
+                2 => values_heads_bf16::<2>(args),
+                3 => values_heads_bf16::<3>(args),
+                4 => values_heads_bf16::<4>(args),
+                5 => values_heads_bf16::<5>(args),
+                6 => values_heads_bf16::<6>(args),
+                7 => values_heads_bf16::<7>(args),
+                _ => values_heads_bf16::<8>(args),
+            }
+        }
+    }
+
+    /// `HN` heads from `h0` of [`values_bf16`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::type_complexity)]
+    unsafe fn values_heads_bf16<const HN: usize>(
+        (pb, np, n, rows, stride, h0, c, ap): (
+            &[u16],
+            usize,
+            usize,
+            &[half::bf16],
+            usize,
+            usize,
+            usize,
+            *mut f32,
+        ),
+    ) {
+        // `vpunpcklwd` of two rows' 32 columns gives, in 32-bit lane `4L + i`, column
+        // `8L + i` of both (L the 128-bit lane); `vpunpckhwd` column `8L + 4 + i`.
+        // `LO`/`HI` gather the stored sums into that order, `BACK0`/`BACK1` return
+        // columns 0–15 and 16–31 from it.
+        let lo_cols: [i32; 16] = std::array::from_fn(|k| (8 * (k / 4) + k % 4) as i32);
+        let hi_cols: [i32; 16] = std::array::from_fn(|k| lo_cols[k] + 4);
+        let back = |from: usize| -> [i32; 16] {
+            std::array::from_fn(|i| {
+                let (l, r) = ((from + i) / 8, (from + i) % 8);
+                (if r < 4 { 4 * l + r } else { 16 + 4 * l + r - 4 }) as i32
+            })
+        };
+        let (lo_idx, hi_idx) = (
+            _mm512_loadu_si512(lo_cols.as_ptr() as *const _),
+            _mm512_loadu_si512(hi_cols.as_ptr() as *const _),
+        );
+        let (b0, b1) = (back(0), back(16));
+        let (back0, back1) = (
+            _mm512_loadu_si512(b0.as_ptr() as *const _),
+            _mm512_loadu_si512(b1.as_ptr() as *const _),
+        );
+        let rp = rows.as_ptr() as *const u16;
+        let pp: [*const u16; HN] = std::array::from_fn(|t| pb.as_ptr().add((h0 + t) * np));
+        let mut j = 0;
+        while j < c {
+            let w = (c - j).min(32);
+            let m32 = (u64::MAX >> (64 - w)) as __mmask32;
+            let (ma, mb) = (
+                crate::first_lanes(w.min(16)),
+                crate::first_lanes(w.saturating_sub(16)),
+            );
+            let at = |t: usize| ap.add((h0 + t) * c + j);
+            let mut v0: [__m512; HN] = std::array::from_fn(|t| {
+                let (a, b) = (
+                    _mm512_maskz_loadu_ps(ma, at(t)),
+                    _mm512_maskz_loadu_ps(mb, at(t).add(16)),
+                );
+                _mm512_permutex2var_ps(a, lo_idx, b)
+            });
+            let mut v1: [__m512; HN] = std::array::from_fn(|t| {
+                let (a, b) = (
+                    _mm512_maskz_loadu_ps(ma, at(t)),
+                    _mm512_maskz_loadu_ps(mb, at(t).add(16)),
+                );
+                _mm512_permutex2var_ps(a, hi_idx, b)
+            });
+            let mut u = 0;
+            while u < n {
+                let a = _mm512_maskz_loadu_epi16(m32, rp.add(u * stride + j) as *const i16);
+                let b = if u + 1 < n {
+                    _mm512_maskz_loadu_epi16(m32, rp.add((u + 1) * stride + j) as *const i16)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let (lo, hi) = (
+                    bh(_mm512_unpacklo_epi16(a, b)),
+                    bh(_mm512_unpackhi_epi16(a, b)),
+                );
+                for t in 0..HN {
+                    let pair = (pp[t].add(u) as *const i32).read_unaligned();
+                    let p = bh(_mm512_set1_epi32(pair));
+                    v0[t] = _mm512_dpbf16_ps(v0[t], lo, p);
+                    v1[t] = _mm512_dpbf16_ps(v1[t], hi, p);
+                }
+                u += 2;
+            }
+            for t in 0..HN {
+                _mm512_mask_storeu_ps(at(t), ma, _mm512_permutex2var_ps(v0[t], back0, v1[t]));
+                _mm512_mask_storeu_ps(
+                    at(t).add(16),
+                    mb,
+                    _mm512_permutex2var_ps(v0[t], back1, v1[t]),
+                );
+            }
+            j += 32;
+        }
+    }
+
     /// `acc[h] += Σ_{u0 ≤ u < u1} probs[h][u] · rows[u][..C]`: sixteen columns (one cache
     /// line of each row) of four heads held in eight registers across the rows, so six
     /// loads feed eight FMAs; an eight-column tail as four heads by one.
@@ -1026,6 +1453,184 @@ mod tests {
                 *g,
                 vals[i * 16..(i + 1) * 16].iter().sum::<f32>(),
                 "lane {i}"
+            );
+        }
+    }
+
+    /// Values rounded to bf16, as bits and as the f32 they stand for.
+    fn bf16_of(v: &[f32]) -> (Vec<half::bf16>, Vec<f32>) {
+        let b: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let f = b.iter().map(|x| x.to_f32()).collect();
+        (b, f)
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        // Normal values of every magnitude and both signs, ties, zeros, infinities
+        // and NaNs. (Subnormals are left out: `vcvtneps2bf16` treats them as zero.)
+        let mut vals: Vec<f32> = (0..4000)
+            .map(|i| {
+                f32::from_bits(0x0080_0000 + (i as u32).wrapping_mul(0x0009_e3b7) % 0x7f00_0000)
+            })
+            .flat_map(|x| [x, -x])
+            .collect();
+        vals.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::INFINITY,
+            -f32::INFINITY,
+        ]);
+        vals.extend([f32::NAN, f32::MAX, f32::MIN_POSITIVE]);
+        for len in [vals.len(), 17, 16, 5, 0] {
+            let src = &vals[..len];
+            let mut got = vec![0u16; len];
+            to_bf16(src, &mut got);
+            for (g, &x) in got.iter().zip(src) {
+                let w = half::bf16::from_f32(x);
+                assert!(
+                    *g == w.to_bits() || (x.is_nan() && half::bf16::from_bits(*g).is_nan()),
+                    "{x:e}: {g:#06x} vs {:#06x}",
+                    w.to_bits()
+                );
+            }
+        }
+        let mut b = vec![0.0f32; 3];
+        Block::Bf16(&[
+            half::bf16::from_f32(1.5),
+            half::bf16::from_f32(-2.0),
+            half::bf16::MAX,
+        ])
+        .write_f32(&mut b);
+        assert_eq!(b, [1.5, -2.0, half::bf16::MAX.to_f32()]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_kernels_match_their_scalar_twins() {
+        if !crate::qdot::x86::has_avx512bf16() {
+            return;
+        }
+        // Head counts with partial panels, row lengths with a 32-value tail, odd row
+        // counts, column counts with a masked remainder; V2's 576/512 too.
+        for (heads, l, stride, c, n) in [
+            (5, 40, 52, 40, 7),
+            (16, 576, 576, 512, 64),
+            (21, 72, 72, 24, 33),
+            (8, 32, 32, 32, 1),
+            (3, 576, 576, 512, 2),
+        ] {
+            let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (_, qr) = bf16_of(&q);
+            let raw: Vec<f32> = (0..n * stride)
+                .map(|i| (i as f32 * 0.11).cos() * 2.5)
+                .collect();
+            let (rows, rf) = bf16_of(&raw);
+            // Scores: Σ bf16(q) · row, each product exact, summed in f64 here.
+            let mut buf = Vec::new();
+            let a = x86::pack_queries_bf16(&q, heads, l, &mut buf);
+            let mut s = vec![0.0f32; heads * n];
+            // SAFETY: AVX-512 F/BW/VL and BF16 were detected; the kernel asserts its
+            // bounds.
+            unsafe { x86::scores_bf16(&buf[a..], heads, l, (&rows, &[]), stride, &mut s, 0.5) };
+            for h in 0..heads {
+                for u in 0..n {
+                    let terms = (0..l).map(|j| qr[h * l + j] as f64 * rf[u * stride + j] as f64);
+                    let (want, mag) = terms.fold((0.0, 0.0), |(w, m), t| (w + t, m + t.abs()));
+                    let got = s[h * n + u] as f64;
+                    assert!(
+                        (got - 0.5 * want).abs() <= 1e-6 * mag,
+                        "scores {heads}x{l} n={n} h={h} u={u}: {got} vs {}",
+                        0.5 * want
+                    );
+                }
+            }
+            // Values: Σ bf16(p) · row onto what `acc` held.
+            let np = n.next_multiple_of(2);
+            let p: Vec<f32> = (0..heads * n)
+                .map(|i| ((i as f32 * 0.29).sin() + 1.1) * 0.4)
+                .collect();
+            let mut pb = vec![0u16; heads * np];
+            for h in 0..heads {
+                for u in 0..n {
+                    pb[h * np + u] = half::bf16::from_f32(p[h * n + u]).to_bits();
+                }
+            }
+            let start: Vec<f32> = (0..heads * c).map(|i| i as f32 * 0.01).collect();
+            let mut acc = start.clone();
+            // SAFETY: as above.
+            unsafe { x86::values_bf16(&pb, heads, np, n, &rows, stride, &mut acc) };
+            for h in 0..heads {
+                for j in 0..c {
+                    let terms = (0..n).map(|u| {
+                        half::bf16::from_bits(pb[h * np + u]).to_f32() as f64
+                            * rf[u * stride + j] as f64
+                    });
+                    let (want, mag) = terms.fold((start[h * c + j] as f64, 0.0), |(w, m), t| {
+                        (w + t, m + t.abs())
+                    });
+                    let got = acc[h * c + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * (mag + start[h * c + j].abs() as f64),
+                        "values {heads}x{c} n={n} h={h} j={j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_blocks_attend_as_their_rounded_f32_twin() {
+        // The `vdpbf16ps` path (where this CPU has it) against the portable one, which
+        // rounds the queries and probabilities to bf16 and runs the f32 kernels; and
+        // both against f32 attention over the same bf16 rows, within bf16's precision.
+        for (heads, l, stride, c, n, visible) in [
+            (16, 576, 576, 512, 300, 300),
+            (5, 40, 52, 40, 150, 131),
+            (21, 72, 72, 64, 64, 1),
+        ] {
+            let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
+            let raw: Vec<f32> = (0..n * stride)
+                .map(|i| (i as f32 * 0.13).cos() * 1.5)
+                .collect();
+            let (rows, rf) = bf16_of(&raw);
+            let blocks: Vec<Block> = rows.chunks(64 * stride).map(Block::Bf16).collect();
+            let f32_blocks: Vec<Block> = rf.chunks(64 * stride).map(Block::F32).collect();
+            let scale = 1.0 / (l as f32).sqrt();
+            let mut outs = Vec::new();
+            for vdpbf16 in [true, false] {
+                let mut o = vec![0.0; heads * c];
+                mqa_blocks_on(
+                    &q, heads, &blocks, stride, visible, c, scale, &mut o, vdpbf16,
+                );
+                outs.push(o);
+            }
+            let mut exact = vec![0.0; heads * c];
+            mqa_blocks(
+                &q,
+                heads,
+                &f32_blocks,
+                stride,
+                visible,
+                c,
+                scale,
+                &mut exact,
+            );
+            for ((a, b), e) in outs[0].iter().zip(&outs[1]).zip(&exact) {
+                assert!(
+                    (a - b).abs() <= 2e-6 * e.abs().max(1.0),
+                    "{heads}x{l} n={visible}: {a} vs {b}"
+                );
+                assert!(
+                    (a - e).abs() <= 2e-2 * e.abs().max(0.1),
+                    "{heads}x{l}: {a} vs f32 {e}"
+                );
+            }
+            let twin_off = outs[1].iter().zip(&exact).any(|(b, e)| b != e);
+            assert!(
+                twin_off || visible == 1,
+                "the twin rounds (it differs from f32)"
             );
         }
     }

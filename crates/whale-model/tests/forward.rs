@@ -72,10 +72,34 @@ fn check_f32_fixture(name: &str) {
         exp.greedy,
         "{name}: greedy continuation with an f16 cache"
     );
+
+    // The bf16 cache: latents rounded to 8 significant bits, and decode attention
+    // multiplying in bf16 (queries and probabilities rounded too). Fed a token at a
+    // time, so every position runs the absorbed decode over the cache, against
+    // transformers' logits at that position.
+    folder.model.set_kv_type(whale_model::KvType::Bf16);
+    let mut cache = folder.model.new_cache();
+    let mut rel = 0.0f32;
+    for (i, &t) in exp.tokens.iter().enumerate() {
+        let row = folder
+            .model
+            .forward(&[t], &mut cache, Logits::Last)
+            .unwrap();
+        rel = rel.max(max_abs_diff(&row, &exp.logits[i..i + 1]) / scale);
+    }
+    eprintln!("{name}: bf16 cache, token by token: max |logit error| / max |logit| = {rel:.3e}");
+    assert!(
+        rel < BF16_CACHE_BOUND,
+        "{name}: bf16 cache logits differ by {rel}"
+    );
 }
 
 /// Largest logit error, relative to the largest logit, that the f16 cache may add.
 const F16_CACHE_BOUND: f32 = 2e-3;
+
+/// The same for the bf16 cache and its bf16 attention (three fewer significant bits
+/// than f16: about eight times the rounding).
+const BF16_CACHE_BOUND: f32 = 1.6e-2;
 
 #[test]
 fn v2_lite_checkpoint_style_matches_transformers() {

@@ -61,8 +61,8 @@ fn logits_prints_one_row_per_position() {
     let exp = expected("v2");
     let dir = fixture("v2");
     // An f32 cache computes what transformers computes to rounding; the default f16
-    // cache rounds the latents (bounded in tests/forward.rs).
-    for (kv, bound) in [("f32", 1e-4), ("f16", 2e-2)] {
+    // cache rounds the latents, the bf16 one more so (bounded in tests/forward.rs).
+    for (kv, bound) in [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1)] {
         let (ok, out, err) = whale(&[
             "logits",
             "--model",

@@ -15,6 +15,11 @@ pub fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// AVX-512 BF16 (`vdpbf16ps`, `vcvtne2ps2bf16`) beside the VNNI set.
+pub fn has_avx512bf16() -> bool {
+    has_avx512vnni() && is_x86_feature_detected!("avx512bf16")
+}
+
 /// AVX-512 F/BW/VL/VNNI on top of AVX2.
 pub fn has_avx512vnni() -> bool {
     has_avx2()
