@@ -3,6 +3,8 @@
 #
 #   bench/compare_llama_cpp.sh                 Q4_0 and Q8_0, depths 0 and 4096 (about an hour on 2 cores)
 #   TYPES="q4_0" DEPTHS="0" bench/compare_llama_cpp.sh
+#   KV=bf16 FIGS=tg TYPES=q4_0 DEPTHS=4096 bench/compare_llama_cpp.sh   both engines' caches in bf16, generation only
+#   KV=bf16 LLAMA_KV=f16 ...                   whale's cache in bf16 against llama.cpp's in f16
 #   bench/compare_llama_cpp.sh --build-only    just build llama-bench / llama-server
 #
 # Builds llama.cpp's own llama-bench from the llama-cpp-python source distribution (the llama.cpp
@@ -27,6 +29,9 @@ TYPES=${TYPES:-"q4_0 q8_0"}
 DEPTHS=${DEPTHS:-"0 4096"}
 PP=${PP:-512}
 TG=${TG:-128}
+FIGS=${FIGS:-"pp tg"}    # which figures: pp, tg or both
+KV=${KV:-f16}            # both engines' cache type: whale --kv-type, llama-bench -ctk/-ctv (f16 is both defaults)
+LLAMA_KV=${LLAMA_KV:-$KV} # llama.cpp's alone, where it should differ
 REPS=${REPS:-2}          # rounds at depth 0
 DEEP_REPS=${DEEP_REPS:-1} # at depth > 0 (each run refills its cache: a round at 4096 is ~25 minutes)
 SRC=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
@@ -63,11 +68,11 @@ bandwidth() { # $1 type, $2 depth, $3 round
   echo "{\"engine\":\"machine\",\"type\":\"$1\",\"depth\":$2,\"round\":$3,\"row\":$(cargo bench -q -p whale-kernels --bench bandwidth --manifest-path "$ROOT/Cargo.toml" 2>/dev/null | tail -1)}" >> "$OUT"
 }
 llama() { # $1 type, $2 model, $3 depth, $4 round, $5 fa, then llama-bench's -p/-n
-  "$BUILD/bin/llama-bench" -m "$2" -d "$3" -t "$THREADS" -fa "$5" -r 1 -o jsonl "${@:6}" \
+  "$BUILD/bin/llama-bench" -m "$2" -d "$3" -t "$THREADS" -fa "$5" -ctk "$LLAMA_KV" -ctv "$LLAMA_KV" -r 1 -o jsonl "${@:6}" \
     | sed "s/^/{\"engine\":\"llama.cpp\",\"type\":\"$1\",\"round\":$4,\"row\":/; s/\$/}/" >> "$OUT"
 }
 whale() { # $1 type, $2 model, $3 depth, $4 round, then whale bench's -p/-n
-  "$WHALE" bench --model "$2" --depth "$3" --threads "$THREADS" -r 1 --json "${@:5}" \
+  "$WHALE" bench --model "$2" --depth "$3" --threads "$THREADS" --kv-type "$KV" -r 1 --json "${@:5}" \
     | sed "s/^/{\"engine\":\"whale\",\"type\":\"$1\",\"round\":$4,\"row\":/; s/\$/}/" >> "$OUT"
 }
 for T in $TYPES; do
@@ -76,7 +81,7 @@ for T in $TYPES; do
   for D in $DEPTHS; do
     R=$REPS; [ "$D" -gt 0 ] && R=$DEEP_REPS
     for ((i = 1; i <= R; i++)); do
-      for FIG in pp tg; do
+      for FIG in $FIGS; do
         if [ "$FIG" = pp ]; then ARGS=(-p "$PP" -n 0); else ARGS=(-p 0 -n "$TG"); fi
         echo "== $T depth $D round $i/$R $FIG: llama-bench fa off, whale, llama-bench fa on ($(date -u +%H:%M))" >&2
         llama "$T" "$MODEL" "$D" "$i" 0 "${ARGS[@]}"

@@ -12,7 +12,8 @@ use common::{best_secs, median_secs};
 
 use rayon::prelude::*;
 use whale_kernels::{
-    causal_attention, mqa_blocks, mqa_scores, mqa_values, softmax_inplace, Block, Rows,
+    causal_attention, causal_attention_bf16, mqa_blocks, mqa_scores, mqa_values, softmax_inplace,
+    Block, Rows,
 };
 
 fn main() {
@@ -115,8 +116,15 @@ fn main() {
 
     println!();
     println!(
-        "{:>6} {:>6} {:>14} {:>10} {:>14} {:>10}",
-        "rows", "depth", "composed ms", "GMAC/s", "tiled best ms", "GMAC/s"
+        "{:>6} {:>6} {:>14} {:>10} {:>14} {:>10} {:>14} {:>10}",
+        "rows",
+        "depth",
+        "composed ms",
+        "GMAC/s",
+        "tiled best ms",
+        "GMAC/s",
+        "bf16 best ms",
+        "GMAC/s"
     );
     let (heads, d, dv) = (16usize, 192usize, 128usize);
     for (t, past) in [(512usize, 0usize), (512, 4096)] {
@@ -162,12 +170,31 @@ fn main() {
             },
             7,
         );
+        // The same in bf16 (`vdpbf16ps` tiles where the CPU has AVX-512 BF16).
+        let bf16 = best_secs(
+            || {
+                (0..heads).into_par_iter().for_each(|_| {
+                    let mut o = vec![0.0f32; t * dv];
+                    causal_attention_bf16(
+                        &q,
+                        &[Rows::dense(&k, d)],
+                        Rows::dense(&v, dv),
+                        past,
+                        scale,
+                        &mut o,
+                    );
+                })
+            },
+            7,
+        );
         println!(
-            "{t:>6} {past:>6} {:>14.1} {:>10.2} {:>14.1} {:>10.2}",
+            "{t:>6} {past:>6} {:>14.1} {:>10.2} {:>14.1} {:>10.2} {:>14.1} {:>10.2}",
             composed * 1e3,
             macs / composed / 1e9,
             tiled * 1e3,
-            macs / tiled / 1e9
+            macs / tiled / 1e9,
+            bf16 * 1e3,
+            macs / bf16 / 1e9
         );
     }
 }

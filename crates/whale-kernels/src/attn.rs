@@ -22,7 +22,7 @@ fn wide() -> bool {
 /// roundings (queries and probabilities to bf16 first; bf16 products are exact in
 /// f32), so every CPU computes the same sums up to their order.
 #[inline]
-fn bf16_dot() -> bool {
+pub(crate) fn bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -33,7 +33,7 @@ fn bf16_dot() -> bool {
 }
 
 /// `dst[i]` = `src[i]` rounded to bfloat16 (to nearest, ties to even), as bits.
-fn to_bf16(src: &[f32], dst: &mut [u16]) {
+pub(crate) fn to_bf16(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     if bf16_dot() {
@@ -649,7 +649,7 @@ fn mqa_blocks_on(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use crate::attn_prefill::x86::tile_6x16;
+    use crate::attn_prefill::x86::{bh, tile_6x16};
     use crate::attn_prefill::MR;
     use std::arch::x86_64::*;
 
@@ -1054,13 +1054,6 @@ mod x86 {
             }
             j += 16;
         }
-    }
-
-    /// The same 512 bits as 32 bf16 lanes (a change of type only).
-    #[inline(always)]
-    fn bh(x: __m512i) -> __m512bh {
-        // SAFETY: both are plain 64-byte vectors; every bit pattern is valid in both.
-        unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
     }
 
     /// `dst[i]` = `src[i]` rounded to bfloat16 (`vcvtneps2bf16`: to nearest, ties to

@@ -29,7 +29,7 @@ pub mod repack;
 pub mod simd_f32;
 
 pub use attn::{mqa_blocks, mqa_scores, mqa_values, Block};
-pub use attn_prefill::{causal_attention, Rows};
+pub use attn_prefill::{causal_attention, causal_attention_bf16, Rows};
 pub use dtype::{decode_into, DType, MatRef};
 pub use matmul::{
     axpy_row, matmul, matmul_many, matmul_quantized, matmul_t_vec, matmul_with, matvec_many,

@@ -12,7 +12,7 @@
 //!
 //! Values are stored as [`KvType`] says: f16 (llama.cpp's default cache type too)
 //! halves the memory and the bytes a decode step reads; bf16 takes as little and lets
-//! decode attention multiply in bf16 (`vdpbf16ps`, twice the f32 rate where the CPU
+//! attention (decode and prefill) multiply in bf16 (`vdpbf16ps`, twice the f32 rate where the CPU
 //! has AVX-512 BF16), at bf16's precision; f32 keeps the forward pass's values bit
 //! for bit.
 
@@ -30,9 +30,9 @@ pub enum KvType {
     /// IEEE half precision: 2 bytes per value (V2-Lite: 31 KB per token).
     F16,
     /// bfloat16: 2 bytes per value, an 8-bit significand (f16 has 11) with f32's
-    /// range; decode attention over it multiplies in bf16 (queries and
-    /// probabilities rounded to bf16, sums in f32), as DeepSeek's own bf16 inference
-    /// and llama.cpp's `-ctk bf16` do.
+    /// range; attention over it multiplies in bf16 (decode: queries and
+    /// probabilities rounded to bf16; prefill: the expanded keys and values too; sums
+    /// in f32), as DeepSeek's own bf16 inference and llama.cpp's `-ctk bf16` do.
     Bf16,
     /// f32: 4 bytes per value, exactly what the forward pass computed.
     #[default]

@@ -21,8 +21,8 @@ use rayon::prelude::*;
 use std::cell::OnceCell;
 use whale_kernels::qdot::Q8Row;
 use whale_kernels::{
-    causal_attention, matmul_quantized, matmul_t_vec, matmul_with, quantize_rows, rmsnorm_inplace,
-    Block, Rows,
+    causal_attention, causal_attention_bf16, matmul_quantized, matmul_t_vec, matmul_with,
+    quantize_rows, rmsnorm_inplace, Block, Rows,
 };
 
 /// Which MLA formulation to run.
@@ -373,7 +373,9 @@ impl Mla {
             let (cache, ts) = &segs[si];
             let n = past + *ts;
             let qs = &q[first * nh * qk..(first + *ts) * nh * qk];
-            let heads = self.expanded(qs, *ts, past, &cache.gather(layer, n), n);
+            // A bf16 cache makes attention multiply in bf16 here too, as decode does.
+            let bf16 = cache.kv_type() == crate::KvType::Bf16;
+            let heads = self.expanded(qs, *ts, past, &cache.gather(layer, n), n, bf16);
             for (hi, ho) in heads.iter().enumerate() {
                 for ti in 0..*ts {
                     let at = (first + ti) * nh * v + hi * v;
@@ -530,8 +532,16 @@ impl Mla {
     /// Per head `[T, V]` outputs by the expanded form: every latent decompressed to its
     /// heads' keys and values (a group of heads at a time past `expanded_bytes`), then
     /// causal attention per head (heads in parallel) in the tiled kernel, which reads
-    /// each head's rows where they lie.
-    fn expanded(&self, q: &[f32], t: usize, past: usize, kv: &[f32], n: usize) -> Vec<Vec<f32>> {
+    /// each head's rows where they lie (in bf16 where `bf16`: [`causal_attention_bf16`]).
+    fn expanded(
+        &self,
+        q: &[f32],
+        t: usize,
+        past: usize,
+        kv: &[f32],
+        n: usize,
+        bf16: bool,
+    ) -> Vec<Vec<f32>> {
         let (nh, p, r, v, c) = (
             self.n_head,
             self.nope,
@@ -581,7 +591,11 @@ impl Mla {
                 ];
                 let values = x.rows(x.v, j, v);
                 let mut out = vec![0.0f32; t * v];
-                causal_attention(&qs, &keys, values, past, self.scale, &mut out);
+                if bf16 {
+                    causal_attention_bf16(&qs, &keys, values, past, self.scale, &mut out);
+                } else {
+                    causal_attention(&qs, &keys, values, past, self.scale, &mut out);
+                }
                 out
             }));
         }

@@ -92,6 +92,20 @@ fn check_f32_fixture(name: &str) {
         rel < BF16_CACHE_BOUND,
         "{name}: bf16 cache logits differ by {rel}"
     );
+    // The whole prompt at once in the expanded form: its tiled attention multiplies
+    // in bf16 over a bf16 cache too.
+    folder.model.set_mla_mode(whale_model::MlaMode::Expanded);
+    let all_bf16 = folder
+        .model
+        .forward(&exp.tokens, &mut folder.model.new_cache(), Logits::All)
+        .unwrap();
+    folder.model.set_mla_mode(whale_model::MlaMode::Auto);
+    let rel = max_abs_diff(&all_bf16, &exp.logits) / scale;
+    eprintln!("{name}: bf16 cache, expanded prefill: max |logit error| / max |logit| = {rel:.3e}");
+    assert!(
+        rel < BF16_CACHE_BOUND,
+        "{name}: bf16 cache, expanded prefill logits differ by {rel}"
+    );
 }
 
 /// Largest logit error, relative to the largest logit, that the f16 cache may add.

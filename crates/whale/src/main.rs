@@ -152,9 +152,9 @@ struct ModelArg {
     #[arg(long)]
     model: Option<PathBuf>,
     /// How the latent cache stores values: f16 (half the memory and the bytes a decode
-    /// step reads; llama.cpp's default too), bf16 (as small; decode attention then
-    /// multiplies in bf16, about twice as fast on CPUs with AVX-512 BF16, with three
-    /// fewer significant bits than f16) or f32 (the forward pass's values bit for bit).
+    /// step reads; llama.cpp's default too), bf16 (as small; attention then multiplies
+    /// in bf16, in decode and prefill, about twice as fast on CPUs with AVX-512 BF16,
+    /// with three fewer significant bits than f16) or f32 (the forward pass's values bit for bit).
     #[arg(long, default_value = "f16")]
     kv_type: whale_model::KvType,
 }
