@@ -154,39 +154,28 @@ fn main() {
                 3,
             )
         };
-        let tiled = best_secs(
-            || {
-                (0..heads).into_par_iter().for_each(|_| {
-                    let mut o = vec![0.0f32; t * dv];
-                    causal_attention(
-                        &q,
-                        &[Rows::dense(&k, d)],
-                        Rows::dense(&v, dv),
-                        past,
-                        scale,
-                        &mut o,
-                    );
-                })
-            },
-            7,
-        );
-        // The same in bf16 (`vdpbf16ps` tiles where the CPU has AVX-512 BF16).
-        let bf16 = best_secs(
-            || {
-                (0..heads).into_par_iter().for_each(|_| {
-                    let mut o = vec![0.0f32; t * dv];
-                    causal_attention_bf16(
-                        &q,
-                        &[Rows::dense(&k, d)],
-                        Rows::dense(&v, dv),
-                        past,
-                        scale,
-                        &mut o,
-                    );
-                })
-            },
-            7,
-        );
+        // The tiled kernel in f32, and in bf16 (`vdpbf16ps` tiles where the CPU has
+        // AVX-512 BF16), each best of seven.
+        type Causal = fn(&[f32], &[Rows<'_>], Rows<'_>, usize, f32, &mut [f32]);
+        let time = |kernel: Causal| {
+            best_secs(
+                || {
+                    (0..heads).into_par_iter().for_each(|_| {
+                        let mut o = vec![0.0f32; t * dv];
+                        kernel(
+                            &q,
+                            &[Rows::dense(&k, d)],
+                            Rows::dense(&v, dv),
+                            past,
+                            scale,
+                            &mut o,
+                        );
+                    })
+                },
+                7,
+            )
+        };
+        let (tiled, bf16) = (time(causal_attention), time(causal_attention_bf16));
         println!(
             "{t:>6} {past:>6} {:>14.1} {:>10.2} {:>14.1} {:>10.2} {:>14.1} {:>10.2}",
             composed * 1e3,
