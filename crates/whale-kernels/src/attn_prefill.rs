@@ -557,10 +557,65 @@ pub(crate) mod x86 {
     /// `perf` both wait on the key and value loads, which come from L2.
     pub(crate) struct Avx512;
 
-    /// `NP` panels of 16 keys at once (see [`Avx512`]).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores512<const NP: usize>(
+    /// What a 512-bit tile multiplies, each kept in 32-bit slots: f32 values (one
+    /// per lane, FMA) or bf16 pairs (two per lane, `vdpbf16ps`).
+    trait Slots {
+        /// A vector of slots.
+        type V: Copy;
+        /// Values per slot.
+        const PER: usize;
+        /// Sixteen slots from `p`.
+        unsafe fn load(p: *const f32) -> Self::V;
+        /// The slot at `p` in every lane.
+        unsafe fn splat(p: *const f32) -> Self::V;
+        /// `acc` plus the lane-wise products of `x` and `y` (a pair's two summed).
+        unsafe fn madd(acc: __m512, x: Self::V, y: Self::V) -> __m512;
+    }
+
+    /// f32 slots ([`Avx512`]).
+    struct F32s;
+
+    impl Slots for F32s {
+        type V = __m512;
+        const PER: usize = 1;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m512 {
+            _mm512_set1_ps(*p)
+        }
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, x: __m512, y: __m512) -> __m512 {
+            _mm512_fmadd_ps(x, y, acc)
+        }
+    }
+
+    /// bf16 pair slots ([`Bf16`], `super::pair_slot`).
+    struct Pairs;
+
+    impl Slots for Pairs {
+        type V = __m512bh;
+        const PER: usize = 2;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512bh {
+            bh(_mm512_castps_si512(_mm512_loadu_ps(p)))
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m512bh {
+            bh(_mm512_castps_si512(_mm512_set1_ps(*p)))
+        }
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, x: __m512bh, y: __m512bh) -> __m512 {
+            _mm512_dpbf16_ps(acc, x, y)
+        }
+    }
+
+    /// [`Tile::scores`] on 512-bit slots: `NP` panels of 16 keys at once, `d` slots
+    /// per key (inlined into each feature-enabled tile).
+    #[inline(always)]
+    unsafe fn scores512<S: Slots, const NP: usize>(
         a: *const f32,
         kt: *const f32,
         d: usize,
@@ -569,12 +624,11 @@ pub(crate) mod x86 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); NP]; MR];
         for j in 0..d {
-            let k: [__m512; NP] =
-                std::array::from_fn(|p| _mm512_loadu_ps(kt.add((p * d + j) * 16)));
+            let k: [S::V; NP] = std::array::from_fn(|p| S::load(kt.add((p * d + j) * 16)));
             for (i, row) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*a.add(j * MR + i));
+                let x = S::splat(a.add(j * MR + i));
                 for (y, kp) in row.iter_mut().zip(&k) {
-                    *y = _mm512_fmadd_ps(x, *kp, *y);
+                    *y = S::madd(*y, x, *kp);
                 }
             }
         }
@@ -586,19 +640,38 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `NC` vectors of 16 columns from `j` (see [`Avx512`]).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    /// [`scores512`] for `panels` panels.
+    #[inline(always)]
+    unsafe fn scores512_panels<S: Slots>(
+        a: *const f32,
+        kt: *const f32,
+        panels: usize,
+        d: usize,
+        scale: f32,
+        out: *mut f32,
+    ) {
+        match panels {
+            4 => scores512::<S, 4>(a, kt, d, scale, out),
+            3 => scores512::<S, 3>(a, kt, d, scale, out),
+            2 => scores512::<S, 2>(a, kt, d, scale, out),
+            _ => scores512::<S, 1>(a, kt, d, scale, out),
+        }
+    }
+
+    /// [`Tile::values`] on 512-bit slots, `NC` vectors of 16 columns: `steps` slots of
+    /// the probabilities (`p`, rows `KB / S::PER` slots apart) against as many value rows
+    /// (`vstride` slots apart).
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn values512<const NC: usize>(
+    unsafe fn values512<S: Slots, const NC: usize>(
         o: *mut f32,
         dv: usize,
         mr: usize,
         alpha: &[f32],
-        s: *const f32,
+        p: *const f32,
         v: *const f32,
         vstride: usize,
-        kn: usize,
+        steps: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NC]; MR];
         for (i, row) in acc.iter_mut().enumerate().take(mr) {
@@ -607,13 +680,13 @@ pub(crate) mod x86 {
                 *y = _mm512_mul_ps(_mm512_loadu_ps(o.add(i * dv + c * 16)), al);
             }
         }
-        for u in 0..kn {
+        for u in 0..steps {
             let vp = v.add(u * vstride);
-            let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(vp.add(c * 16)));
+            let vv: [S::V; NC] = std::array::from_fn(|c| S::load(vp.add(c * 16)));
             for (i, row) in acc.iter_mut().enumerate() {
-                let p = _mm512_set1_ps(*s.add(i * KB + u));
+                let pu = S::splat(p.add(i * (KB / S::PER) + u));
                 for (y, x) in row.iter_mut().zip(&vv) {
-                    *y = _mm512_fmadd_ps(p, *x, *y);
+                    *y = S::madd(*y, pu, *x);
                 }
             }
         }
@@ -621,6 +694,32 @@ pub(crate) mod x86 {
             for (c, y) in row.iter().enumerate() {
                 _mm512_storeu_ps(o.add(i * dv + c * 16), *y);
             }
+        }
+    }
+
+    /// [`values512`] over all `dv` columns, 64 at a time.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn values512_cols<S: Slots>(
+        o: *mut f32,
+        dv: usize,
+        mr: usize,
+        alpha: &[f32],
+        p: *const f32,
+        v: *const f32,
+        vstride: usize,
+        steps: usize,
+    ) {
+        let mut j = 0;
+        while j < dv {
+            let (o, v) = (o.add(j), v.add(j));
+            match (dv - j) / 16 {
+                1 => values512::<S, 1>(o, dv, mr, alpha, p, v, vstride, steps),
+                2 => values512::<S, 2>(o, dv, mr, alpha, p, v, vstride, steps),
+                3 => values512::<S, 3>(o, dv, mr, alpha, p, v, vstride, steps),
+                _ => values512::<S, 4>(o, dv, mr, alpha, p, v, vstride, steps),
+            }
+            j += 64;
         }
     }
 
@@ -635,12 +734,7 @@ pub(crate) mod x86 {
             scale: f32,
             out: *mut f32,
         ) {
-            match panels {
-                4 => scores512::<4>(a, kt, d, scale, out),
-                3 => scores512::<3>(a, kt, d, scale, out),
-                2 => scores512::<2>(a, kt, d, scale, out),
-                _ => scores512::<1>(a, kt, d, scale, out),
-            }
+            scores512_panels::<F32s>(a, kt, panels, d, scale, out)
         }
 
         #[inline]
@@ -655,17 +749,7 @@ pub(crate) mod x86 {
             vstride: usize,
             kn: usize,
         ) {
-            let mut j = 0;
-            while j < dv {
-                let (o, v) = (o.add(j), v.add(j));
-                match (dv - j) / 16 {
-                    1 => values512::<1>(o, dv, mr, alpha, s, v, vstride, kn),
-                    2 => values512::<2>(o, dv, mr, alpha, s, v, vstride, kn),
-                    3 => values512::<3>(o, dv, mr, alpha, s, v, vstride, kn),
-                    _ => values512::<4>(o, dv, mr, alpha, s, v, vstride, kn),
-                }
-                j += 64;
-            }
+            values512_cols::<F32s>(o, dv, mr, alpha, s, v, vstride, kn)
         }
     }
 
@@ -735,89 +819,10 @@ pub(crate) mod x86 {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
     }
 
-    /// bf16 pair slots (see `pair_slot`) from `p` as a vector of bf16 lanes.
-    #[inline(always)]
-    unsafe fn pairs(p: *const f32) -> __m512bh {
-        bh(_mm512_castps_si512(_mm512_loadu_ps(p)))
-    }
-
-    /// One bf16 pair slot in every lane.
-    #[inline(always)]
-    unsafe fn pair_everywhere(p: *const f32) -> __m512bh {
-        bh(_mm512_castps_si512(_mm512_set1_ps(*p)))
-    }
-
     /// The [`Avx512`] shapes on bf16 pairs (`vdpbf16ps`): six rows × up to 64 keys or
     /// columns, each step a pair of values of the queries and keys, or a pair of
     /// rows of the probabilities and values.
     pub(crate) struct Bf16;
-
-    /// `NP` panels of 16 keys at once (see [`Bf16`]): `a` and `kt` in pair slots.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn scores_bf16<const NP: usize>(
-        a: *const f32,
-        kt: *const f32,
-        dk: usize,
-        scale: f32,
-        out: *mut f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
-        for j in 0..dk {
-            let k: [__m512bh; NP] = std::array::from_fn(|p| pairs(kt.add((p * dk + j) * 16)));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let x = pair_everywhere(a.add(j * MR + i));
-                for (y, kp) in row.iter_mut().zip(&k) {
-                    *y = _mm512_dpbf16_ps(*y, x, *kp);
-                }
-            }
-        }
-        let sc = _mm512_set1_ps(scale);
-        for (i, row) in acc.iter().enumerate() {
-            for (p, y) in row.iter().enumerate() {
-                _mm512_storeu_ps(out.add(i * KB + p * 16), _mm512_mul_ps(*y, sc));
-            }
-        }
-    }
-
-    /// `NC` vectors of 16 columns (see [`Bf16`]): `pp` the probabilities in pair
-    /// slots (`[MR][KB/2]`), `v` the value pairs (`vstride` slots apart).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn values_bf16<const NC: usize>(
-        o: *mut f32,
-        dv: usize,
-        mr: usize,
-        alpha: &[f32],
-        pp: *const f32,
-        v: *const f32,
-        vstride: usize,
-        kn: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NC]; MR];
-        for (i, row) in acc.iter_mut().enumerate().take(mr) {
-            let al = _mm512_set1_ps(alpha[i]);
-            for (c, y) in row.iter_mut().enumerate() {
-                *y = _mm512_mul_ps(_mm512_loadu_ps(o.add(i * dv + c * 16)), al);
-            }
-        }
-        for u in 0..kn.div_ceil(2) {
-            let vp = v.add(u * vstride);
-            let vv: [__m512bh; NC] = std::array::from_fn(|c| pairs(vp.add(c * 16)));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let p = pair_everywhere(pp.add(i * (KB / 2) + u));
-                for (y, x) in row.iter_mut().zip(&vv) {
-                    *y = _mm512_dpbf16_ps(*y, p, *x);
-                }
-            }
-        }
-        for (i, row) in acc.iter().enumerate().take(mr) {
-            for (c, y) in row.iter().enumerate() {
-                _mm512_storeu_ps(o.add(i * dv + c * 16), *y);
-            }
-        }
-    }
 
     impl Tile for Bf16 {
         fn slots(d: usize) -> usize {
@@ -847,12 +852,7 @@ pub(crate) mod x86 {
             scale: f32,
             out: *mut f32,
         ) {
-            match panels {
-                4 => scores_bf16::<4>(a, kt, dk, scale, out),
-                3 => scores_bf16::<3>(a, kt, dk, scale, out),
-                2 => scores_bf16::<2>(a, kt, dk, scale, out),
-                _ => scores_bf16::<1>(a, kt, dk, scale, out),
-            }
+            scores512_panels::<Pairs>(a, kt, panels, dk, scale, out)
         }
 
         #[inline]
@@ -878,18 +878,8 @@ pub(crate) mod x86 {
                     pp[i * KB / 2 + u] = super::pair_slot(b[0], b[1]);
                 }
             }
-            let mut j = 0;
-            while j < dv {
-                let (o, v) = (o.add(j), v.add(j));
-                let pp = pp.as_ptr();
-                match (dv - j) / 16 {
-                    1 => values_bf16::<1>(o, dv, mr, alpha, pp, v, vstride, kn),
-                    2 => values_bf16::<2>(o, dv, mr, alpha, pp, v, vstride, kn),
-                    3 => values_bf16::<3>(o, dv, mr, alpha, pp, v, vstride, kn),
-                    _ => values_bf16::<4>(o, dv, mr, alpha, pp, v, vstride, kn),
-                }
-                j += 64;
-            }
+            let p = pp.as_ptr();
+            values512_cols::<Pairs>(o, dv, mr, alpha, p, v, vstride, kn.div_ceil(2))
         }
     }
 
