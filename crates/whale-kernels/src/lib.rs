@@ -16,6 +16,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod amx;
 mod attn;
 mod attn_prefill;
 mod dtype;

@@ -37,6 +37,10 @@ pub fn matmul_with(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32], exact: boo
         return;
     }
     if !exact && qdot::supports(w.dtype()) && inp.is_multiple_of(qdot::QK8) {
+        // Prompt-sized products on AMX tiles where the CPU has them.
+        if n >= crate::amx::MIN_ROWS && crate::amx::matmul(x, n, w, y) {
+            return;
+        }
         matmul_q8(x, n, w, y);
         return;
     }

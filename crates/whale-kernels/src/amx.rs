@@ -1,0 +1,623 @@
+//! Prefill-sized products on Intel AMX tiles (`tdpbf16ps`), where the CPU has them
+//! (Sapphire Rapids and later Xeons).
+//!
+//! One `tdpbf16ps` multiplies a 16 × 32 bf16 tile by a 32 × 16 one into 16 × 16 f32
+//! sums: 8192 multiply-adds, against 16 × 2 for a 512-bit FMA. Quantised weights
+//! have no bf16 form, so a product decodes each panel of 32 weight rows to bf16 once
+//! (the tile's pair layout, [`pack_panel`]) and passes every activation row over it;
+//! the activations are rounded to bf16 once per product. Block scales are applied in
+//! the decode, so the tiles sum whole rows in f32 and nothing per block remains for
+//! vector code, unlike an int8 product (`tdpbssd`), whose sums would need each
+//! block's two scales applied to every 16 × 16 result (four times the vector work of
+//! the decode at 48 rows, and growing with the rows).
+//!
+//! Arithmetic: weights are `(q - 8) · d` (Q4_0) or `q · d` (Q8_0) computed exactly in
+//! f32 and rounded to bf16 (a relative error of at most 2⁻⁹); activations are rounded
+//! to bf16 the same way; the products are exact in f32 and summed in f32. llama.cpp's
+//! integer path rounds activations to 8-bit blocks instead, an error of up to half a
+//! step of 1/127 of the block's largest value.
+//!
+//! `WHALE_AMX=0` (or `WHALE_SCALAR`, or `WHALE_ISA=avx2`) keeps the integer kernels.
+
+use crate::dtype::MatRef;
+use crate::DType;
+
+/// Rows of a tile: activation rows of an A tile, weight rows of a B tile.
+const TR: usize = 16;
+/// Values of the shared dimension per tile step (32 bf16, 64 bytes a row).
+const TK: usize = 32;
+/// Weight rows of a panel: two B tiles, each met by two A tiles per step.
+const PANEL: usize = 2 * TR;
+/// Panels decoded at once (a task): each pair of A tiles then meets all of them while
+/// it is in L2, so the activations stream from L3 once per four panels, not once per
+/// panel (a 512-row prompt's activations of 2048 values are 2 MB).
+const SET: usize = 4;
+
+/// Fewest activation rows for which [`matmul`] runs on the tiles: with fewer, one
+/// A tile is mostly padding and the integer kernels, which need no decode, are as fast.
+pub const MIN_ROWS: usize = 32;
+
+/// Process-wide switch under [`available`] ([`set_allowed`]).
+static ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets [`matmul`] use the tiles (the default) or not, for the whole process: tests
+/// and benches compare the two paths in one process.
+pub fn set_allowed(on: bool) {
+    ALLOWED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether this CPU and kernel let the process use AMX tiles with bf16 (checked and
+/// requested once; `WHALE_AMX=0` says no) and [`set_allowed`] has not said no.
+pub fn available() -> bool {
+    ALLOWED.load(std::sync::atomic::Ordering::Relaxed) && detected()
+}
+
+/// [`available`] without the switch.
+fn detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            std::env::var("WHALE_AMX").map_or(true, |v| v != "0")
+                && crate::qdot::isa() == crate::qdot::Isa::Avx512Vnni
+                && crate::qdot::x86::has_avx512bf16()
+                && x86::request_tiles()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether [`pack_panel`] has a vector decode for `dtype`; the others decode row by
+/// row in scalar code, which costs more than the tiles save.
+pub fn fast_decode(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8)
+}
+
+/// `y = x · Wᵀ` (`x` `[n, in]`, `w` `[out, in]`, `y` `[n, out]`) on AMX tiles, split
+/// over panels of weight rows. Returns `false`, leaving `y` alone, where AMX is not
+/// [`available`] or `w` has no vector decode ([`fast_decode`]).
+///
+/// # Panics
+/// If the lengths disagree with the dimensions.
+pub fn matmul(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) -> bool {
+    if !available() || !fast_decode(w.dtype()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        product(x, n, w, y);
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX is x86-64 only")
+}
+
+/// `x` (`[n, k]`) rounded to bf16 in A tiles, into `a`: per 16 rows, per 32 values
+/// (zeros past `k`), the 16 rows' 64 bytes one after another ([`act_index`]). Rows
+/// `kp · 2` bytes apart would put a tile's 16 rows in one L1 set (a 4 KB stride for
+/// 2048 values) and each step's loads would miss. The rows that round `n` up to 16
+/// are left as they were: each row of sums depends on its own row of `a` only, and
+/// those sums are never read.
+fn activations(x: &[f32], n: usize, k: usize, kp: usize, a: &mut Vec<u16>) {
+    grow(a, n.next_multiple_of(TR) * kp);
+    let mut row = vec![0u16; kp];
+    for (m, src) in x.chunks_exact(k).enumerate().take(n) {
+        crate::attn::to_bf16(src, &mut row[..k]);
+        for (c, piece) in row.chunks_exact(TK).enumerate() {
+            let at = act_index(m, c * TK, kp);
+            a[at..at + TK].copy_from_slice(piece);
+        }
+    }
+}
+
+/// `v` at least `len` long (zero-filling only what it grows by).
+fn grow(v: &mut Vec<u16>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+}
+
+thread_local! {
+    /// Each thread's activation tiles, reused: a prompt's products would otherwise
+    /// allocate and zero megabytes per weight (13% of a 512-token prefill's samples
+    /// were `memset`).
+    static ACTS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's decoded panels, reused likewise.
+    static PANELS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Index in [`activations`] of value `c` of row `m`.
+#[inline]
+fn act_index(m: usize, c: usize, kp: usize) -> usize {
+    (m / TR) * kp * TR + (c / TK) * TK * TR + (m % TR) * TK + c % TK
+}
+
+/// Index in a panel buffer ([`pack_panel`]) of value `c` of the panel's row `i`, for
+/// a shared dimension padded to `kp`: two sub-panels of 16 rows, each `[kp/2][16][2]`
+/// (a B tile per 32 values: pairs of neighbouring values of each row, row after row).
+#[inline]
+fn panel_index(i: usize, c: usize, kp: usize) -> usize {
+    (i / TR) * kp * TR + (c / 2) * 2 * TR + (i % TR) * 2 + c % 2
+}
+
+/// Rows `r0..r0 + rows` of `w` (`rows <= 32`) decoded to bf16 into `buf` in the
+/// tile layout of [`panel_index`]; rows past `rows` and values past `w.cols()` are
+/// zero. Q4_0R8 and Q8_0R8 decode eight rows at a time in vector code where AMX is
+/// [`available`]; this is also their scalar twin.
+pub fn pack_panel(w: MatRef<'_>, r0: usize, rows: usize, kp: usize, buf: &mut [u16]) {
+    let k = w.cols();
+    assert!(rows <= PANEL && r0 + rows <= w.rows() && kp >= k && kp.is_multiple_of(TK));
+    assert_eq!(
+        buf.len(),
+        PANEL * kp,
+        "pack_panel: buffer of the wrong length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() && fast_decode(w.dtype()) && r0.is_multiple_of(8) && rows.is_multiple_of(8) {
+        // SAFETY: AVX-512 F/BW/VL/BF16 were detected (`available`); the bounds were
+        // asserted above and the kernel writes only inside `buf`.
+        unsafe { x86::pack_r8(w, r0, rows, kp, buf) };
+        zero_padding(rows, k, kp, buf);
+        return;
+    }
+    pack_rows(w, r0, rows, kp, buf);
+}
+
+/// The scalar decode of [`pack_panel`].
+pub fn pack_rows(w: MatRef<'_>, r0: usize, rows: usize, kp: usize, buf: &mut [u16]) {
+    let k = w.cols();
+    let mut row = vec![0.0f32; k];
+    let mut bits = vec![0u16; k];
+    for i in 0..rows {
+        w.row_into(r0 + i, &mut row);
+        for (d, &v) in bits.iter_mut().zip(&row) {
+            *d = half::bf16::from_f32(v).to_bits();
+        }
+        for (c, &b) in bits.iter().enumerate() {
+            buf[panel_index(i, c, kp)] = b;
+        }
+    }
+    zero_padding(rows, k, kp, buf);
+}
+
+/// Zeroes what the decode leaves: values `k..kp` of every row (a reused buffer
+/// holds old values there, which could be NaN, and NaN times a zero activation is
+/// NaN), and the rows from `rows` to the end of their B tile (their sums are never
+/// read; zeroed so the buffer says what it holds).
+fn zero_padding(rows: usize, k: usize, kp: usize, buf: &mut [u16]) {
+    for i in 0..PANEL {
+        let from = if i < rows { k } else { 0 };
+        if i >= rows.next_multiple_of(TR) {
+            break;
+        }
+        for c in from..kp {
+            buf[panel_index(i, c, kp)] = 0;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn product(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
+    let (out, k) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n * k, "amx::matmul: x has the wrong length");
+    assert_eq!(y.len(), n * out, "amx::matmul: y has the wrong length");
+    if n == 0 || out == 0 {
+        return;
+    }
+    let kp = k.next_multiple_of(TK);
+    // Taken out of the thread's slot, not borrowed: while this thread waits for the
+    // pool it may run another product (a MoE layer's experts run in parallel), which
+    // then finds the slot empty and grows a buffer of its own.
+    let mut a = ACTS.take();
+    activations(x, n, k, kp, &mut a);
+    let dst = x86::Out(y.as_mut_ptr());
+    crate::for_each_dynamic(0..out.div_ceil(SET * PANEL), |t| {
+        let mut buf = PANELS.take();
+        grow(&mut buf, SET * PANEL * kp);
+        let buf_len = SET * PANEL * kp;
+        let r0 = t * SET * PANEL;
+        let rows = (SET * PANEL).min(out - r0);
+        for (p, b) in buf[..buf_len].chunks_exact_mut(PANEL * kp).enumerate() {
+            if p * PANEL < rows {
+                pack_panel(w, r0 + p * PANEL, PANEL.min(rows - p * PANEL), kp, b);
+            }
+        }
+        // SAFETY: AMX was granted (`available`, checked by the caller); `a` holds
+        // `n` rounded up to 16 rows of `kp` values and `buf` a set of panels, the
+        // ones under `rows` packed; the task writes only columns `r0..r0 + rows`
+        // of `y` (`[n, out]`), which no other task owns, while `y` stays borrowed
+        // for this whole call.
+        unsafe { x86::panel_product(&a, n, kp, &buf[..buf_len], rows, dst, out, r0) };
+        PANELS.set(buf);
+    });
+    ACTS.set(a);
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::{panel_index, MatRef, PANEL, SET, TK, TR};
+    use crate::DType;
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Asks Linux for the AMX tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`), after checking CPUID for AMX-TILE and AMX-BF16.
+    pub(super) fn request_tiles() -> bool {
+        // CPUID leaf 7 exists on every CPU that reaches here (AVX-512 was detected).
+        let l7 = __cpuid_count(7, 0);
+        let (bf16, tile) = (l7.edx >> 22 & 1 == 1, l7.edx >> 24 & 1 == 1);
+        if !(bf16 && tile) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments; it changes only which
+        // register state the kernel saves for this process.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    }
+
+    /// The output's base pointer, shared by tasks that write disjoint columns.
+    #[derive(Clone, Copy)]
+    pub(super) struct Out(pub(super) *mut f32);
+    // SAFETY: written only at the columns one task owns (see `super::product`), and
+    // the borrow it came from outlives the parallel loop.
+    unsafe impl Send for Out {}
+    // SAFETY: as above.
+    unsafe impl Sync for Out {}
+
+    /// A tile configuration (palette 1): all eight tiles 16 rows of 64 bytes. tmm0–3
+    /// hold sums, tmm4–5 activations, tmm6–7 weights.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    impl Config {
+        fn full() -> Config {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            for t in 0..8 {
+                c[16 + 2 * t] = 64;
+                c[48 + t] = TR as u8;
+            }
+            Config(c)
+        }
+    }
+
+    /// `y[m][r0 + j] = a[m] · row j of the panels` for the `n` activation rows `a`
+    /// (bf16 A tiles, `kp` values, rows rounded up to 16) and the `rows` weight rows
+    /// of a set of panels (`buf`, one panel after another): per pair of A tiles, every
+    /// panel.
+    ///
+    /// # Safety
+    /// AMX tile data was granted ([`request_tiles`]); `a` holds
+    /// `n.next_multiple_of(16)` rows of `kp` values, `buf` `4 · 32 · kp` with the
+    /// panels under `rows` packed; `y` points at an `[n, out]` buffer with
+    /// `r0 + rows <= out`, columns `r0..r0 + rows` of which no other thread touches
+    /// during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel_product(
+        a: &[u16],
+        n: usize,
+        kp: usize,
+        buf: &[u16],
+        rows: usize,
+        y: Out,
+        out: usize,
+        r0: usize,
+    ) {
+        debug_assert!(a.len() >= n.next_multiple_of(TR) * kp && buf.len() == SET * PANEL * kp);
+        debug_assert!(rows <= SET * PANEL);
+        let cfg = Config::full();
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let mut c = Sums([0.0; PANEL * PANEL]);
+        for m0 in (0..n).step_by(PANEL) {
+            let two_a = n - m0 > TR;
+            let am = a.as_ptr().add(m0 * kp);
+            for p in 0..rows.div_ceil(PANEL) {
+                let b = buf.as_ptr().add(p * PANEL * kp);
+                let cols = PANEL.min(rows - p * PANEL);
+                match (two_a, cols > TR) {
+                    (true, true) => steps::<true, true>(am, kp, b, &mut c),
+                    (true, false) => steps::<true, false>(am, kp, b, &mut c),
+                    (false, true) => steps::<false, true>(am, kp, b, &mut c),
+                    (false, false) => steps::<false, false>(am, kp, b, &mut c),
+                }
+                for i in 0..(n - m0).min(PANEL) {
+                    let dst = y.0.add((m0 + i) * out + r0 + p * PANEL);
+                    std::ptr::copy_nonoverlapping(c.0.as_ptr().add(i * PANEL), dst, cols);
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// A 32 × 32 block of sums, as the tiles store them.
+    #[repr(C, align(64))]
+    struct Sums([f32; PANEL * PANEL]);
+
+    /// The sums of one or two A tiles (`TA`) of rows from `a` against one or two B
+    /// tiles (`TB`) of the panel, over all `kp` values, stored into `c`.
+    #[inline(always)]
+    unsafe fn steps<const TA: bool, const TB: bool>(
+        a: *const u16,
+        kp: usize,
+        b: *const u16,
+        c: &mut Sums,
+    ) {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for kb in 0..kp / TK {
+            let a0 = a.add(kb * TK * TR);
+            let b0 = b.add(kb * TK * TR);
+            asm!(
+                "tileloadd tmm4, [{a} + {t}*1]",
+                "tileloadd tmm6, [{b} + {t}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                a = in(reg) a0, b = in(reg) b0, t = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+            if TB {
+                asm!(
+                    "tileloadd tmm7, [{b} + {t}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    b = in(reg) b0.add(kp * TR), t = in(reg) 64usize,
+                    options(nostack, readonly)
+                );
+            }
+            if TA {
+                asm!(
+                    "tileloadd tmm5, [{a} + {t}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    a = in(reg) a0.add(TR * kp), t = in(reg) 64usize,
+                    options(nostack, readonly)
+                );
+                if TB {
+                    asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                }
+            }
+        }
+        let p = c.0.as_mut_ptr();
+        let s = PANEL * 4;
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) p,
+            c1 = in(reg) p.add(TR),
+            c2 = in(reg) p.add(TR * PANEL),
+            c3 = in(reg) p.add(TR * PANEL + TR),
+            s = in(reg) s,
+            options(nostack)
+        );
+    }
+
+    /// `lanes` of 32 quant bytes (four values of each of eight rows, `q` as stored in
+    /// a repacked block) times the rows' scales, rounded to bf16: 16 pairs, row `r`'s
+    /// first two values in pair `2r`, its last two in pair `2r + 1`. `lo`/`hi` hold
+    /// rows 0–3 / 4–7's scales four lanes each, `olo`/`ohi` the offsets to add
+    /// (`-8 · d` for Q4_0, zero for Q8_0).
+    #[inline(always)]
+    unsafe fn to_pairs<const SIGNED: bool>(
+        q: __m256i,
+        (lo, hi): (__m512, __m512),
+        (olo, ohi): (__m512, __m512),
+    ) -> __m512i {
+        let (q0, q1) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+        let (x0, x1) = if SIGNED {
+            (_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1))
+        } else {
+            (_mm512_cvtepu8_epi32(q0), _mm512_cvtepu8_epi32(q1))
+        };
+        // (q - 8) · d and q · d are exact in f32 (at most 15 significant bits), so
+        // the fused form rounds nothing; the only rounding is to bf16. (A zero value
+        // comes out +0 where the scalar twin's (q - 8) · d gives -0 for d < 0.)
+        let f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x0), lo, olo);
+        let f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x1), hi, ohi);
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(f1, f0))
+    }
+
+    /// A repacked block's eight scales as (rows 0–3, rows 4–7) four lanes each;
+    /// zeros for a null block.
+    #[inline(always)]
+    unsafe fn scales(blk: *const u8) -> (__m512, __m512) {
+        if blk.is_null() {
+            return (_mm512_setzero_ps(), _mm512_setzero_ps());
+        }
+        let d = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)));
+        let lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let hi = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+        (_mm512_permutexvar_ps(lo, d), _mm512_permutexvar_ps(hi, d))
+    }
+
+    /// The 32 quant bytes at `at` past a repacked block's scales; zeros for a null block.
+    #[inline(always)]
+    unsafe fn quants(blk: *const u8, at: usize) -> __m256i {
+        if blk.is_null() {
+            return _mm256_setzero_si256();
+        }
+        _mm256_loadu_si256(blk.add(2 * 8 + at) as *const __m256i)
+    }
+
+    /// Stores pair rows `j` and `j + 1` of a B tile from two groups' [`to_pairs`]:
+    /// the even pairs of both (first values of the rows) then the odd ones.
+    #[inline(always)]
+    unsafe fn put(out: *mut __m512i, j: usize, z0: __m512i, z1: __m512i) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        _mm512_storeu_si512(out.add(j), _mm512_permutex2var_epi32(z0, even, z1));
+        _mm512_storeu_si512(out.add(j + 1), _mm512_permutex2var_epi32(z0, odd, z1));
+    }
+
+    /// [`super::pack_panel`] for Q4_0R8 and Q8_0R8: rows `r0..r0 + rows` (whole
+    /// groups) decoded block by block, two groups (a B tile's 16 rows) at a time.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/BF16; `r0` and `rows` multiples of 8 with `rows <= 32` and
+    /// `r0 + rows <= w.rows()`; `buf` of `32 · kp` values with `kp >= w.cols()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+    pub(super) unsafe fn pack_r8(
+        w: MatRef<'_>,
+        r0: usize,
+        rows: usize,
+        kp: usize,
+        buf: &mut [u16],
+    ) {
+        let dtype = w.dtype();
+        let gb = 8 * w.row_bytes();
+        let bs = 8 * dtype.block().1;
+        let blocks = w.cols() / TK;
+        let bytes = w.bytes();
+        debug_assert!(buf.len() == PANEL * kp && r0 + rows <= w.rows());
+        let nib = _mm256_set1_epi8(0x0F);
+        for s in 0..rows.div_ceil(TR) {
+            let g0 = r0 / 8 + 2 * s;
+            // The second group of the B tile, or none (its rows zero) past the panel.
+            let g1 = (2 * s + 1 < rows / 8).then_some(g0 + 1);
+            let sub = buf.as_mut_ptr().add(panel_index(TR * s, 0, kp));
+            for b in 0..blocks {
+                let blk0 = bytes.as_ptr().add(g0 * gb + b * bs);
+                // A null second block reads as zeros (`quants`, `scales`).
+                let blk1 = g1.map_or(std::ptr::null(), |g| bytes.as_ptr().add(g * gb + b * bs));
+                let (d0, d1) = (scales(blk0), scales(blk1));
+                let out = sub.add(b * TK * TR) as *mut __m512i;
+                if dtype == DType::Q4_0R8 {
+                    let m8 = _mm512_set1_ps(-8.0);
+                    let o0 = (_mm512_mul_ps(d0.0, m8), _mm512_mul_ps(d0.1, m8));
+                    let o1 = (_mm512_mul_ps(d1.0, m8), _mm512_mul_ps(d1.1, m8));
+                    for k in 0..4 {
+                        let (q0, q1) = (quants(blk0, 32 * k), quants(blk1, 32 * k));
+                        let l0 = to_pairs::<false>(_mm256_and_si256(q0, nib), d0, o0);
+                        let l1 = to_pairs::<false>(_mm256_and_si256(q1, nib), d1, o1);
+                        put(out, 2 * k, l0, l1);
+                        let h0 = _mm256_and_si256(_mm256_srli_epi16::<4>(q0), nib);
+                        let h1 = _mm256_and_si256(_mm256_srli_epi16::<4>(q1), nib);
+                        let (h0, h1) =
+                            (to_pairs::<false>(h0, d0, o0), to_pairs::<false>(h1, d1, o1));
+                        put(out, 8 + 2 * k, h0, h1);
+                    }
+                } else {
+                    let z = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    for k in 0..8 {
+                        let (q0, q1) = (quants(blk0, 32 * k), quants(blk1, 32 * k));
+                        put(
+                            out,
+                            2 * k,
+                            to_pairs::<true>(q0, d0, z),
+                            to_pairs::<true>(q1, d1, z),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weight(dtype: DType, rows: usize, cols: usize, seed: u32) -> (DType, Vec<u8>) {
+        let mut s = seed;
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 9) as f32 / (1u32 << 23) as f32 - 0.5) * 0.2
+            })
+            .collect();
+        let mut q = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
+        crate::quantize::quantize_row(dtype, &vals, &mut q);
+        crate::repack::repack(dtype, &q, rows, cols).unwrap()
+    }
+
+    fn data(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 2.0)
+            .collect()
+    }
+
+    /// The vector decode equals the scalar twin bit for bit, for whole and partial
+    /// panels and both types.
+    #[test]
+    fn vector_decode_equals_scalar_twin() {
+        if !available() {
+            eprintln!("AMX not available: vector decode not tested");
+            return;
+        }
+        for dtype in [DType::Q4_0, DType::Q8_0] {
+            let (rows, cols) = (56, 96);
+            let (rt, bytes) = weight(dtype, rows, cols, 7);
+            let w = MatRef::new(rt, &bytes, rows, cols).unwrap();
+            for kp in [96, 128] {
+                for (r0, n) in [(0, 32), (32, 24), (48, 8), (8, 16)] {
+                    let mut v = vec![0xFFFFu16; PANEL * kp];
+                    let mut s = vec![0xFFFFu16; PANEL * kp];
+                    // Padding the kernels never write must start zero.
+                    for i in 0..PANEL {
+                        for c in cols..kp {
+                            v[panel_index(i, c, kp)] = 0;
+                            s[panel_index(i, c, kp)] = 0;
+                        }
+                    }
+                    pack_panel(w, r0, n, kp, &mut v);
+                    pack_rows(w, r0, n, kp, &mut s);
+                    // Only the tiles the kernel reads need to agree, -0 and +0 alike.
+                    let used = n.next_multiple_of(TR) * kp;
+                    let z = |b: &u16| if *b == 0x8000 { 0 } else { *b };
+                    let (v, s): (Vec<u16>, Vec<u16>) = (
+                        v[..used].iter().map(z).collect(),
+                        s[..used].iter().map(z).collect(),
+                    );
+                    assert_eq!(v, s, "{dtype:?} r0 {r0} rows {n} kp {kp}");
+                }
+            }
+        }
+    }
+
+    /// Tiles against a direct f64 sum of the same bf16-rounded operands.
+    #[test]
+    fn tile_products_equal_rounded_direct_sums() {
+        if !available() {
+            eprintln!("AMX not available: tile products not tested");
+            return;
+        }
+        for dtype in [DType::Q4_0, DType::Q8_0] {
+            for (n, out, k) in [(16, 32, 64), (37, 56, 96), (70, 200, 256), (5, 8, 32)] {
+                let (rt, bytes) = weight(dtype, out, k, n as u32);
+                let w = MatRef::new(rt, &bytes, out, k).unwrap();
+                let x = data(n * k, out as f32);
+                let mut y = vec![f32::NAN; n * out];
+                assert!(matmul(&x, n, w, &mut y));
+                let bf = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+                let wf = w.to_f32();
+                for t in 0..n {
+                    for o in 0..out {
+                        let (mut sum, mut mag) = (0.0f64, 0.0f64);
+                        for c in 0..k {
+                            let p = bf(x[t * k + c]) * bf(wf[o * k + c]);
+                            sum += p;
+                            mag += p.abs();
+                        }
+                        let got = y[t * out + o] as f64;
+                        assert!(
+                            (got - sum).abs() <= 1e-6 * mag + 1e-12,
+                            "{dtype:?} n {n} out {out} k {k} [{t}][{o}]: {got} vs {sum}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
