@@ -25,6 +25,10 @@ ENGINES=${ENGINES:-"whale llama-server"}
 PER=()
 [ -n "${PER_TOKEN:-}" ] && PER=(--per-token)
 SERVER=$CACHE/build-0.3.36/bin/llama-server
+# The build compare_llama_cpp.sh makes on a CPU with AMX tiles (see there why).
+if grep -qw amx_tile /proc/cpuinfo && [ "${LLAMA_AMX:-0}" != 1 ]; then
+  SERVER=$CACHE/build-0.3.36-noamx/bin/llama-server
+fi
 [ -x "$SERVER" ] || "$ROOT/bench/compare_llama_cpp.sh" --build-only
 if [ -z "${WHALE:-}" ]; then
   cargo build --release -p whale --manifest-path "$ROOT/Cargo.toml" -q

@@ -4,7 +4,7 @@
 //! an attention projection and the dense layer over a 512-token prompt, and a routed
 //! expert's gate and down products over the ~48 tokens a 512-token prompt routes to
 //! each expert. Run: `cargo bench -p whale-kernels --bench amx` (`ROUNDS=n`,
-//! default 10; `TYPE=q4_0|q8_0`, default q4_0). Prints nothing useful without AMX.
+//! default 10; `TYPE=q4_0|q8_0|q5_0|q4_k`, default q4_0). Prints nothing useful without AMX.
 
 use std::time::Instant;
 use whale_kernels::quantize::quantize_row;
@@ -17,6 +17,8 @@ fn main() {
         .unwrap_or(10);
     let dtype = match std::env::var("TYPE").as_deref() {
         Ok("q8_0") => DType::Q8_0,
+        Ok("q5_0") => DType::Q5_0,
+        Ok("q4_k") => DType::Q4K,
         _ => DType::Q4_0,
     };
     if !amx::available() {
@@ -41,6 +43,9 @@ fn main() {
         (1408, 2048, 16),
         (1408, 2048, 128),
     ] {
+        if inp % dtype.block().0 != 0 {
+            continue;
+        }
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((i % 977) as f32 * 0.013).sin() * 0.1)
             .collect();
@@ -60,6 +65,24 @@ fn main() {
             let t = Instant::now();
             assert!(amx::matmul(&x, n, m, &mut y));
             times[1].push(t.elapsed().as_secs_f64());
+        }
+        if n == 48 {
+            // The decode alone, one thread: every panel of the weight once.
+            let kp = inp;
+            let mut buf = vec![0u16; 32 * kp];
+            let mut best = f64::MAX;
+            for _ in 0..rounds {
+                let t = Instant::now();
+                for r0 in (0..out).step_by(32) {
+                    amx::pack_panel(m, r0, 32.min(out - r0), kp, &mut buf);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "  decode of {out} x {inp}: {:.3} ms, {:.3} ns per value (one thread)",
+                best * 1e3,
+                best * 1e9 / (out * inp) as f64
+            );
         }
         let stats = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);

@@ -71,7 +71,10 @@ fn detected() -> bool {
 /// Whether [`pack_panel`] has a vector decode for `dtype`; the others decode row by
 /// row in scalar code, which costs more than the tiles save.
 pub fn fast_decode(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0R8 | DType::Q8_0R8)
+    matches!(
+        dtype,
+        DType::Q4_0R8 | DType::Q8_0R8 | DType::Q5_0R8 | DType::Q4KR8
+    )
 }
 
 /// `y = x · Wᵀ` (`x` `[n, in]`, `w` `[out, in]`, `y` `[n, out]`) on AMX tiles, split
@@ -404,16 +407,17 @@ pub(crate) mod x86 {
         );
     }
 
-    /// `lanes` of 32 quant bytes (four values of each of eight rows, `q` as stored in
-    /// a repacked block) times the rows' scales, rounded to bf16: 16 pairs, row `r`'s
-    /// first two values in pair `2r`, its last two in pair `2r + 1`. `lo`/`hi` hold
-    /// rows 0–3 / 4–7's scales four lanes each, `olo`/`ohi` the offsets to add
-    /// (`-8 · d` for Q4_0, zero for Q8_0).
+    /// 32 quant values of a repacked block (four of each of eight rows, row `r`'s at
+    /// bytes `4r..4r + 4`, unsigned unless `SIGNED`) times their row's scale plus its
+    /// offset, rounded to bf16: 16 pairs, row `r`'s first two values in pair `2r`, its
+    /// last two in pair `2r + 1`. `s` holds rows 0–3's and rows 4–7's scales four
+    /// lanes each ([`spread`]), `o` the offsets (`-8 d` for Q4_0, `-16 d` for Q5_0,
+    /// zero for Q8_0, `-dmin · m` for Q4_K).
     #[inline(always)]
     unsafe fn to_pairs<const SIGNED: bool>(
         q: __m256i,
-        (lo, hi): (__m512, __m512),
-        (olo, ohi): (__m512, __m512),
+        s: (__m512, __m512),
+        o: (__m512, __m512),
     ) -> __m512i {
         let (q0, q1) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
         let (x0, x1) = if SIGNED {
@@ -421,34 +425,41 @@ pub(crate) mod x86 {
         } else {
             (_mm512_cvtepu8_epi32(q0), _mm512_cvtepu8_epi32(q1))
         };
-        // (q - 8) · d and q · d are exact in f32 (at most 15 significant bits), so
-        // the fused form rounds nothing; the only rounding is to bf16. (A zero value
-        // comes out +0 where the scalar twin's (q - 8) · d gives -0 for d < 0.)
-        let f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x0), lo, olo);
-        let f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x1), hi, ohi);
+        // Every product here is exact in f32 (a 4–8 bit quant times a scale of at
+        // most 17 significant bits), so the fused add rounds once, as the scalar
+        // twin's `q · s - m` does; for Q4_0/Q5_0/Q8_0 nothing rounds before bf16. (A
+        // zero value comes out +0 where the twin's (q - 8) · d gives -0 for d < 0.)
+        let f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x0), s.0, o.0);
+        let f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x1), s.1, o.1);
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(f1, f0))
     }
 
-    /// A repacked block's eight scales as (rows 0–3, rows 4–7) four lanes each;
-    /// zeros for a null block.
+    /// Eight row values (one per lane) as (rows 0–3, rows 4–7), four lanes each.
     #[inline(always)]
-    unsafe fn scales(blk: *const u8) -> (__m512, __m512) {
-        if blk.is_null() {
-            return (_mm512_setzero_ps(), _mm512_setzero_ps());
-        }
-        let d = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)));
+    unsafe fn spread(v: __m256) -> (__m512, __m512) {
+        let v = _mm512_castps256_ps512(v);
         let lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
         let hi = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
-        (_mm512_permutexvar_ps(lo, d), _mm512_permutexvar_ps(hi, d))
+        (_mm512_permutexvar_ps(lo, v), _mm512_permutexvar_ps(hi, v))
     }
 
-    /// The 32 quant bytes at `at` past a repacked block's scales; zeros for a null block.
+    /// The eight f16 values at `p` as f32.
     #[inline(always)]
-    unsafe fn quants(blk: *const u8, at: usize) -> __m256i {
-        if blk.is_null() {
-            return _mm256_setzero_si256();
-        }
-        _mm256_loadu_si256(blk.add(2 * 8 + at) as *const __m256i)
+    unsafe fn halves(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// `v · c`, lane by lane, for a spread pair.
+    #[inline(always)]
+    unsafe fn times(v: (__m512, __m512), c: f32) -> (__m512, __m512) {
+        let c = _mm512_set1_ps(c);
+        (_mm512_mul_ps(v.0, c), _mm512_mul_ps(v.1, c))
+    }
+
+    /// The 32 bytes at `p`.
+    #[inline(always)]
+    unsafe fn load32(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
     }
 
     /// Stores pair rows `j` and `j + 1` of a B tile from two groups' [`to_pairs`]:
@@ -461,13 +472,16 @@ pub(crate) mod x86 {
         _mm512_storeu_si512(out.add(j + 1), _mm512_permutex2var_epi32(z0, odd, z1));
     }
 
-    /// [`super::pack_panel`] for Q4_0R8 and Q8_0R8: rows `r0..r0 + rows` (whole
-    /// groups) decoded block by block, two groups (a B tile's 16 rows) at a time.
+    /// [`super::pack_panel`] for the repacked types: rows `r0..r0 + rows` (whole
+    /// groups) decoded block by block, two groups (a B tile's 16 rows) at a time. A
+    /// B tile with one group decodes that group twice; `pack_panel` then zeroes the
+    /// second copy.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL/BF16; `r0` and `rows` multiples of 8 with `rows <= 32` and
-    /// `r0 + rows <= w.rows()`; `buf` of `32 · kp` values with `kp >= w.cols()`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+    /// AVX-512 F/BW/VL/BF16 and F16C; `w` repacked ([`super::fast_decode`]); `r0` and
+    /// `rows` multiples of 8 with `rows <= 32` and `r0 + rows <= w.rows()`; `buf` of
+    /// `32 · kp` values with `kp >= w.cols()`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn pack_r8(
         w: MatRef<'_>,
         r0: usize,
@@ -477,49 +491,115 @@ pub(crate) mod x86 {
     ) {
         let dtype = w.dtype();
         let gb = 8 * w.row_bytes();
-        let bs = 8 * dtype.block().1;
         let blocks = w.cols() / TK;
         let bytes = w.bytes();
         debug_assert!(buf.len() == PANEL * kp && r0 + rows <= w.rows());
         let nib = _mm256_set1_epi8(0x0F);
         for s in 0..rows.div_ceil(TR) {
-            let g0 = r0 / 8 + 2 * s;
-            // The second group of the B tile, or none (its rows zero) past the panel.
-            let g1 = (2 * s + 1 < rows / 8).then_some(g0 + 1);
+            let g0 = bytes.as_ptr().add((r0 / 8 + 2 * s) * gb);
+            let g1 = if 2 * s + 1 < rows / 8 { g0.add(gb) } else { g0 };
             let sub = buf.as_mut_ptr().add(panel_index(TR * s, 0, kp));
-            for b in 0..blocks {
-                let blk0 = bytes.as_ptr().add(g0 * gb + b * bs);
-                // A null second block reads as zeros (`quants`, `scales`).
-                let blk1 = g1.map_or(std::ptr::null(), |g| bytes.as_ptr().add(g * gb + b * bs));
-                let (d0, d1) = (scales(blk0), scales(blk1));
-                let out = sub.add(b * TK * TR) as *mut __m512i;
-                if dtype == DType::Q4_0R8 {
-                    let m8 = _mm512_set1_ps(-8.0);
-                    let o0 = (_mm512_mul_ps(d0.0, m8), _mm512_mul_ps(d0.1, m8));
-                    let o1 = (_mm512_mul_ps(d1.0, m8), _mm512_mul_ps(d1.1, m8));
-                    for k in 0..4 {
-                        let (q0, q1) = (quants(blk0, 32 * k), quants(blk1, 32 * k));
-                        let l0 = to_pairs::<false>(_mm256_and_si256(q0, nib), d0, o0);
-                        let l1 = to_pairs::<false>(_mm256_and_si256(q1, nib), d1, o1);
-                        put(out, 2 * k, l0, l1);
-                        let h0 = _mm256_and_si256(_mm256_srli_epi16::<4>(q0), nib);
-                        let h1 = _mm256_and_si256(_mm256_srli_epi16::<4>(q1), nib);
-                        let (h0, h1) =
-                            (to_pairs::<false>(h0, d0, o0), to_pairs::<false>(h1, d1, o1));
-                        put(out, 8 + 2 * k, h0, h1);
-                    }
-                } else {
-                    let z = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                    for k in 0..8 {
-                        let (q0, q1) = (quants(blk0, 32 * k), quants(blk1, 32 * k));
-                        put(
-                            out,
-                            2 * k,
-                            to_pairs::<true>(q0, d0, z),
-                            to_pairs::<true>(q1, d1, z),
-                        );
+            let tile = |b: usize| sub.add(b * TK * TR) as *mut __m512i;
+            match dtype {
+                DType::Q4_0R8 | DType::Q5_0R8 => {
+                    let q5 = dtype == DType::Q5_0R8;
+                    let bs = if q5 { 176 } else { 144 };
+                    let off = if q5 { -16.0 } else { -8.0 };
+                    for b in 0..blocks {
+                        let (p0, p1) = (g0.add(b * bs), g1.add(b * bs));
+                        let (d0, d1) = (spread(halves(p0)), spread(halves(p1)));
+                        let (o0, o1) = (times(d0, off), times(d1, off));
+                        let (t0, t1) = (load32(p0.add(16)), load32(p1.add(16)));
+                        for k in 0..4 {
+                            let ((l0, h0), (l1, h1)) = if q5 {
+                                (
+                                    crate::qdot::x86::q5_r8_values(p0, t0, k),
+                                    crate::qdot::x86::q5_r8_values(p1, t1, k),
+                                )
+                            } else {
+                                let (v0, v1) =
+                                    (load32(p0.add(16 + 32 * k)), load32(p1.add(16 + 32 * k)));
+                                let hi = |v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                                (
+                                    (_mm256_and_si256(v0, nib), hi(v0)),
+                                    (_mm256_and_si256(v1, nib), hi(v1)),
+                                )
+                            };
+                            let out = tile(b);
+                            put(
+                                out,
+                                2 * k,
+                                to_pairs::<false>(l0, d0, o0),
+                                to_pairs::<false>(l1, d1, o1),
+                            );
+                            put(
+                                out,
+                                8 + 2 * k,
+                                to_pairs::<false>(h0, d0, o0),
+                                to_pairs::<false>(h1, d1, o1),
+                            );
+                        }
                     }
                 }
+                DType::Q8_0R8 => {
+                    let z = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    for b in 0..blocks {
+                        let (p0, p1) = (g0.add(b * 272), g1.add(b * 272));
+                        let (d0, d1) = (spread(halves(p0)), spread(halves(p1)));
+                        for k in 0..8 {
+                            let (v0, v1) =
+                                (load32(p0.add(16 + 32 * k)), load32(p1.add(16 + 32 * k)));
+                            put(
+                                tile(b),
+                                2 * k,
+                                to_pairs::<true>(v0, d0, z),
+                                to_pairs::<true>(v1, d1, z),
+                            );
+                        }
+                    }
+                }
+                DType::Q4KR8 => {
+                    let k4 = crate::qdot::x86::K4R8Words::new();
+                    for sb in 0..blocks / 8 {
+                        let (p0, p1) = (g0.add(sb * 1152), g1.add(sb * 1152));
+                        let (sc0, mn0) = k4.scales_mins(p0);
+                        let (sc1, mn1) = k4.scales_mins(p1);
+                        let (dd0, dd1) = (halves(p0), halves(p1));
+                        let (dm0, dm1) = (halves(p0.add(16)), halves(p1.add(16)));
+                        for j in 0..8 {
+                            // Sub-block j: d · scale and -dmin · min per row.
+                            let sv = |sc: &[__m256i; 2], d: __m256| {
+                                spread(_mm256_mul_ps(d, k4.byte_f32(sc[j / 4], j % 4)))
+                            };
+                            let ov = |mn: &[__m256i; 2], dm: __m256| {
+                                let m = k4.mins_f32(mn[j / 4], j % 4, j % 4)[0];
+                                spread(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dm, m)))
+                            };
+                            let (s0, s1) = (sv(&sc0, dd0), sv(&sc1, dd1));
+                            let (o0, o1) = (ov(&mn0, dm0), ov(&mn1, dm1));
+                            let c = j / 2;
+                            let out = tile(sb * 8 + j);
+                            for k in 0..8 {
+                                let at = 128 + 256 * c + 32 * k;
+                                let (v0, v1) = (load32(p0.add(at)), load32(p1.add(at)));
+                                let (v0, v1) = if j % 2 == 0 {
+                                    (v0, v1)
+                                } else {
+                                    (_mm256_srli_epi16::<4>(v0), _mm256_srli_epi16::<4>(v1))
+                                };
+                                let (v0, v1) =
+                                    (_mm256_and_si256(v0, nib), _mm256_and_si256(v1, nib));
+                                put(
+                                    out,
+                                    2 * k,
+                                    to_pairs::<false>(v0, s0, o0),
+                                    to_pairs::<false>(v1, s1, o1),
+                                );
+                            }
+                        }
+                    }
+                }
+                other => unreachable!("pack_r8: {} is not a repacked type", other.name()),
             }
         }
     }
@@ -556,11 +636,16 @@ mod tests {
             eprintln!("AMX not available: vector decode not tested");
             return;
         }
-        for dtype in [DType::Q4_0, DType::Q8_0] {
-            let (rows, cols) = (56, 96);
+        for (dtype, cols) in [
+            (DType::Q4_0, 96),
+            (DType::Q8_0, 96),
+            (DType::Q5_0, 96),
+            (DType::Q4K, 512),
+        ] {
+            let rows = 56;
             let (rt, bytes) = weight(dtype, rows, cols, 7);
             let w = MatRef::new(rt, &bytes, rows, cols).unwrap();
-            for kp in [96, 128] {
+            for kp in [cols, cols + 32] {
                 for (r0, n) in [(0, 32), (32, 24), (48, 8), (8, 16)] {
                     let mut v = vec![0xFFFFu16; PANEL * kp];
                     let mut s = vec![0xFFFFu16; PANEL * kp];
@@ -593,8 +678,8 @@ mod tests {
             eprintln!("AMX not available: tile products not tested");
             return;
         }
-        for dtype in [DType::Q4_0, DType::Q8_0] {
-            for (n, out, k) in [(16, 32, 64), (37, 56, 96), (70, 200, 256), (5, 8, 32)] {
+        for dtype in [DType::Q4_0, DType::Q8_0, DType::Q5_0, DType::Q4K] {
+            for (n, out, k) in [(16, 32, 256), (37, 56, 512), (70, 200, 256), (5, 8, 256)] {
                 let (rt, bytes) = weight(dtype, out, k, n as u32);
                 let w = MatRef::new(rt, &bytes, out, k).unwrap();
                 let x = data(n * k, out as f32);

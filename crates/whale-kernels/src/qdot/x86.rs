@@ -1093,7 +1093,7 @@ fn k4_rows<const N: usize>(a: &[&Q8Row]) -> ([*const i8; N], [*const f32; N], [*
 /// eight rows' packed 6-bit scales and mins (one 32-bit lane per row, the word
 /// operations of [`k4_scales_mins`]) and the byte shuffles that move byte `j` of
 /// each lane into the whole lane.
-struct K4R8Words {
+pub(crate) struct K4R8Words {
     k6: __m256i,
     k4: __m256i,
     k2: __m256i,
@@ -1102,7 +1102,7 @@ struct K4R8Words {
 
 impl K4R8Words {
     #[inline(always)]
-    unsafe fn new() -> Self {
+    pub(crate) unsafe fn new() -> Self {
         Self {
             k6: _mm256_set1_epi32(0x3F3F_3F3F),
             k4: _mm256_set1_epi32(0x0F0F_0F0F),
@@ -1114,7 +1114,7 @@ impl K4R8Words {
     /// A super-block's scales 0–3 and 4–7 and mins 0–3 and 4–7, four bytes per row
     /// lane, from its three 32-byte words at `blk + 32`.
     #[inline(always)]
-    unsafe fn scales_mins(&self, blk: *const u8) -> ([__m256i; 2], [__m256i; 2]) {
+    pub(crate) unsafe fn scales_mins(&self, blk: *const u8) -> ([__m256i; 2], [__m256i; 2]) {
         let w0 = _mm256_loadu_si256(blk.add(32) as *const __m256i);
         let w1 = _mm256_loadu_si256(blk.add(64) as *const __m256i);
         let w2 = _mm256_loadu_si256(blk.add(96) as *const __m256i);
@@ -1138,13 +1138,13 @@ impl K4R8Words {
 
     /// Byte `j` of each row lane of `v` as f32.
     #[inline(always)]
-    unsafe fn byte_f32(&self, v: __m256i, j: usize) -> __m256 {
+    pub(crate) unsafe fn byte_f32(&self, v: __m256i, j: usize) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, self.one[j]))
     }
 
     /// The mins of sub-blocks `j0` and `j1` of a word of mins.
     #[inline(always)]
-    unsafe fn mins_f32(&self, mn: __m256i, j0: usize, j1: usize) -> [__m256; 2] {
+    pub(crate) unsafe fn mins_f32(&self, mn: __m256i, j0: usize, j1: usize) -> [__m256; 2] {
         [self.byte_f32(mn, j0), self.byte_f32(mn, j1)]
     }
 
@@ -1275,7 +1275,7 @@ unsafe fn q5_high(t: __m256i, p: usize, m10: __m256i) -> __m256i {
 /// A Q5_0R8 load's low and high nibbles with their high bits: the unsigned 5-bit
 /// values `u` of four values of each of the eight rows (`u - 16` is the weight).
 #[inline(always)]
-unsafe fn q5_r8_values(blk: *const u8, t: __m256i, k: usize) -> (__m256i, __m256i) {
+pub(crate) unsafe fn q5_r8_values(blk: *const u8, t: __m256i, k: usize) -> (__m256i, __m256i) {
     let (m4, m10) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
     let v = _mm256_loadu_si256(blk.add(48 + 32 * k) as *const __m256i);
     (
