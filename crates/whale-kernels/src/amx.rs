@@ -200,6 +200,56 @@ fn zero_padding(rows: usize, k: usize, kp: usize, buf: &mut [u16]) {
     }
 }
 
+/// Causal attention of one head (`crate::attn_prefill`'s bf16 form) on tiles: the
+/// `t` query rows `q` (`[t, d]`, positions `past..past + t`) against keys `kt` packed
+/// in bf16 pairs (panels of 16 keys, `d / 2` slots each: sixteen slots are a B tile)
+/// and values `vt` paired by rows (`[keys / 2][dv]`: sixteen pair rows of sixteen
+/// columns are a B tile), both zero-padded to a multiple of 32 keys. Per 32 query
+/// rows and 32 keys: scores on four tiles, the online softmax in vector code, the
+/// probabilities rounded to bf16 into two A tiles, their products with the values
+/// on tiles 32 columns at a time, and the running output rescaled and added to in
+/// vector code. Queries, keys, values and probabilities are rounded to bf16 and
+/// every sum is f32, as the `vdpbf16ps` tiles compute.
+///
+/// # Panics
+/// Without AMX, or if `d` or `dv` is not a multiple of 32, or the buffers are short.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn causal(
+    q: &[f32],
+    t: usize,
+    kt: &[f32],
+    vt: &[f32],
+    d: usize,
+    dv: usize,
+    past: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let keys = (past + t).next_multiple_of(2 * TR);
+    assert!(available() && d.is_multiple_of(TK) && dv.is_multiple_of(TK));
+    assert!(q.len() == t * d && out.len() == t * dv);
+    assert!(kt.len() >= keys * d / 2 && vt.len() >= keys / 2 * dv);
+    let mut a = ACTS.take();
+    activations(q, t, d, d, &mut a);
+    // SAFETY: AMX and AVX-512 BF16 were granted (`available`); `a` holds `t` rounded
+    // up to 16 query rows as A tiles, `kt` and `vt` every block of 32 keys up to
+    // `keys` (asserted above), `out` `t` rows of `dv`.
+    unsafe {
+        x86::causal(
+            &a,
+            t,
+            kt.as_ptr() as *const u32,
+            vt.as_ptr() as *const u32,
+            (d, dv),
+            past,
+            scale,
+            out,
+        )
+    };
+    ACTS.set(a);
+}
+
 #[cfg(target_arch = "x86_64")]
 fn product(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
     let (out, k) = (w.rows(), w.cols());
@@ -403,6 +453,192 @@ pub(crate) mod x86 {
             c2 = in(reg) p.add(TR * PANEL),
             c3 = in(reg) p.add(TR * PANEL + TR),
             s = in(reg) s,
+            options(nostack)
+        );
+    }
+
+    /// [`super::causal`] after the packing: `a` the query rows as A tiles, `kt` and
+    /// `vt` the key and value pairs.
+    ///
+    /// # Safety
+    /// As [`super::causal`] checks: AMX tile data granted, AVX-512 F/BW/VL/BF16, and
+    /// every buffer as long as the sizes say.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn causal(
+        a: &[u16],
+        t: usize,
+        kt: *const u32,
+        vt: *const u32,
+        (d, dv): (usize, usize),
+        past: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        const R: usize = 2 * TR;
+        let cfg = Config::full();
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let sl = d / 2;
+        let mut s = Sums([0.0; PANEL * PANEL]);
+        let mut ob = Sums([0.0; PANEL * PANEL]);
+        let mut p = ProbTiles([0; 2 * TR * TK]);
+        let mut o = vec![0.0f32; R * dv];
+        let (mut m, mut l, mut alpha) = ([f32::NEG_INFINITY; R], [0.0f32; R], [1.0f32; R]);
+        let t64 = 64usize;
+        let vstride = dv * 4;
+        for r0 in (0..t).step_by(R) {
+            let rows = (t - r0).min(R);
+            let two = rows > TR;
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            o.fill(0.0);
+            let qa = a.as_ptr().add(r0 * d);
+            for kb in (0..past + r0 + rows).step_by(R) {
+                // Scores of the rows against keys kb..kb + 32 (two panels of 16).
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                let k0 = kt.add(kb / TR * sl * TR);
+                let k1 = k0.add(sl * TR);
+                for dt in 0..d / TK {
+                    asm!(
+                        "tileloadd tmm4, [{a} + {s}*1]",
+                        "tileloadd tmm6, [{b} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{c} + {s}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        a = in(reg) qa.add(dt * TK * TR),
+                        b = in(reg) k0.add(dt * TR * TR),
+                        c = in(reg) k1.add(dt * TR * TR),
+                        s = in(reg) t64,
+                        options(nostack, readonly)
+                    );
+                    if two {
+                        asm!(
+                            "tileloadd tmm5, [{a} + {s}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a = in(reg) qa.add(TR * d + dt * TK * TR),
+                            s = in(reg) t64,
+                            options(nostack, readonly)
+                        );
+                    }
+                }
+                store4(&mut s);
+                // Online softmax per row: probabilities into the A tiles.
+                for i in 0..if two { R } else { TR } {
+                    let prow = p.0.as_mut_ptr().add(i * TK);
+                    let vis = if i < rows {
+                        (past + r0 + i + 1).saturating_sub(kb).min(R)
+                    } else {
+                        0
+                    };
+                    if vis == 0 {
+                        alpha[i] = 1.0;
+                        std::ptr::write_bytes(prow, 0, TK);
+                        continue;
+                    }
+                    // Scaled scores, -inf where the row cannot see (exp gives 0 there).
+                    let row = s.0.as_mut_ptr().add(i * PANEL);
+                    let (sc, ninf) = (_mm512_set1_ps(scale), _mm512_set1_ps(f32::NEG_INFINITY));
+                    let k0 = crate::first_lanes(vis.min(TR));
+                    let k1 = crate::first_lanes(vis.saturating_sub(TR));
+                    let x0 = _mm512_mask_mul_ps(ninf, k0, _mm512_loadu_ps(row), sc);
+                    let x1 = _mm512_mask_mul_ps(ninf, k1, _mm512_loadu_ps(row.add(TR)), sc);
+                    _mm512_storeu_ps(row, x0);
+                    _mm512_storeu_ps(row.add(TR), x1);
+                    let mnew = m[i].max(_mm512_reduce_max_ps(_mm512_max_ps(x0, x1)));
+                    alpha[i] = crate::simd_f32::exp(m[i] - mnew);
+                    let sum =
+                        crate::simd_f32::exp_sum(std::slice::from_raw_parts_mut(row, R), mnew);
+                    l[i] = l[i] * alpha[i] + sum;
+                    m[i] = mnew;
+                    let pb =
+                        _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row.add(TR)), _mm512_loadu_ps(row));
+                    _mm512_storeu_si512(
+                        prow as *mut __m512i,
+                        std::mem::transmute::<__m512bh, __m512i>(pb),
+                    );
+                }
+                // o = o · alpha + p · v, 32 columns at a time.
+                let vb = vt.add(kb / 2 * dv);
+                for c0 in (0..dv).step_by(PANEL) {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                    asm!(
+                        "tileloadd tmm4, [{a} + {s}*1]",
+                        "tileloadd tmm6, [{b} + {v}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{c} + {v}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        a = in(reg) p.0.as_ptr(),
+                        b = in(reg) vb.add(c0),
+                        c = in(reg) vb.add(c0 + TR),
+                        s = in(reg) t64,
+                        v = in(reg) vstride,
+                        options(nostack, readonly)
+                    );
+                    if two {
+                        asm!(
+                            "tileloadd tmm5, [{a} + {s}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a = in(reg) p.0.as_ptr().add(TR * TK),
+                            s = in(reg) t64,
+                            options(nostack, readonly)
+                        );
+                    }
+                    store4(&mut ob);
+                    for (i, &a) in alpha.iter().enumerate().take(rows) {
+                        let al = _mm512_set1_ps(a);
+                        for h in 0..2 {
+                            let op = o.as_mut_ptr().add(i * dv + c0 + 16 * h);
+                            let x = _mm512_loadu_ps(ob.0.as_ptr().add(i * PANEL + 16 * h));
+                            _mm512_storeu_ps(op, _mm512_fmadd_ps(_mm512_loadu_ps(op), al, x));
+                        }
+                    }
+                }
+            }
+            for i in 0..rows {
+                let inv = 1.0 / l[i];
+                for (dst, &x) in out[(r0 + i) * dv..(r0 + i + 1) * dv]
+                    .iter_mut()
+                    .zip(&o[i * dv..(i + 1) * dv])
+                {
+                    *dst = x * inv;
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// Two A tiles of probabilities: 32 rows of 32 bf16.
+    #[repr(C, align(64))]
+    struct ProbTiles([u16; 2 * TR * TK]);
+
+    /// tmm0–3 into a 32 × 32 block (tmm0 top left, tmm1 top right, tmm2 bottom left).
+    #[inline(always)]
+    unsafe fn store4(c: &mut Sums) {
+        let p = c.0.as_mut_ptr();
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) p,
+            c1 = in(reg) p.add(TR),
+            c2 = in(reg) p.add(TR * PANEL),
+            c3 = in(reg) p.add(TR * PANEL + TR),
+            s = in(reg) PANEL * 4,
             options(nostack)
         );
     }

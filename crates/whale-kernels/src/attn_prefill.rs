@@ -137,6 +137,21 @@ pub fn causal_attention_bf16(
     scale: f32,
     out: &mut [f32],
 ) {
+    bf16_on(q, k_parts, v, past, scale, out, true)
+}
+
+/// [`causal_attention_bf16`], on AMX tiles (`crate::amx`) where `tiles` and the CPU
+/// has them and `D` and `Dv` are multiples of 32, else with `vdpbf16ps`: both round
+/// the same values to bf16 and sum in f32.
+pub(crate) fn bf16_on(
+    q: &[f32],
+    k_parts: &[Rows<'_>],
+    v: Rows<'_>,
+    past: usize,
+    scale: f32,
+    out: &mut [f32],
+    tiles: bool,
+) {
     let d: usize = k_parts.iter().map(|p| p.len).sum();
     let dv = v.len;
     assert!(d > 0 && dv > 0 && q.len().is_multiple_of(d));
@@ -144,11 +159,23 @@ pub fn causal_attention_bf16(
     let n = past + t;
     assert!(k_parts.iter().all(|p| p.holds(n)) && v.holds(n) && out.len() == t * dv);
     #[cfg(target_arch = "x86_64")]
+    if t > 0 && tiles && crate::amx::available() && d.is_multiple_of(32) && dv.is_multiple_of(32) {
+        KT.with_borrow_mut(|kt| {
+            VT.with_borrow_mut(|vt| {
+                // Keys and values padded with zeros to whole blocks of 32 keys.
+                let a = pack_keys_bf16(k_parts, n, d, 32, kt);
+                let b = pack_values_bf16(v, n, 32, vt);
+                crate::amx::causal(q, t, &kt[a..], &vt[b..], d, dv, past, scale, out);
+            })
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if t > 0 && crate::attn::bf16_dot() && dv.is_multiple_of(16) {
         KT.with_borrow_mut(|kt| {
             VT.with_borrow_mut(|vt| {
-                let a = pack_keys_bf16(k_parts, n, d, kt);
-                let b = pack_values_bf16(v, n, vt);
+                let a = pack_keys_bf16(k_parts, n, d, 1, kt);
+                let b = pack_values_bf16(v, n, 1, vt);
                 let pairs = Rows {
                     data: &vt[b..],
                     stride: dv,
@@ -163,6 +190,7 @@ pub fn causal_attention_bf16(
         });
         return;
     }
+    let _ = tiles;
     causal_attention(q, k_parts, v, past, scale, out)
 }
 
@@ -175,10 +203,17 @@ fn pair_slot(lo: u16, hi: u16) -> f32 {
 
 /// [`pack_keys`] for the bf16 tiles: panels of 16 keys, each key's values rounded to
 /// bf16 and paired (`2j`, `2j + 1`) into slots, `kt[a + (p·S + j)·16 + c]` slot `j` of
-/// key `p·16 + c` (`S = ⌈D/2⌉`; zeros past `N` and past `D`). Returns `a`, the buffer's
+/// key `p·16 + c` (`S = ⌈D/2⌉`; zeros past `N`, up to a multiple of `pad` keys, and
+/// past `D`). Sixteen slots of a panel are an AMX B tile. Returns `a`, the buffer's
 /// first 64-byte boundary.
-fn pack_keys_bf16(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) -> usize {
-    let (panels, sl) = (n.div_ceil(16), d.div_ceil(2));
+fn pack_keys_bf16(
+    k_parts: &[Rows<'_>],
+    n: usize,
+    d: usize,
+    pad: usize,
+    kt: &mut Vec<f32>,
+) -> usize {
+    let (panels, sl) = (n.next_multiple_of(pad).div_ceil(16), d.div_ceil(2));
     let a = crate::resize_aligned(kt, panels * sl * 16);
     let kt = &mut kt[a..a + panels * sl * 16];
     let (mut row, mut bits) = (vec![0.0f32; 2 * sl], vec![0u16; 2 * sl]);
@@ -204,15 +239,20 @@ fn pack_keys_bf16(k_parts: &[Rows<'_>], n: usize, d: usize, kt: &mut Vec<f32>) -
 }
 
 /// The `N` value rows rounded to bf16 and paired by rows: `vt[a + i·Dv + c]` holds
-/// rows `2i` and `2i + 1` of column `c` (row `N` zero where `N` is odd). Returns `a`,
-/// the buffer's first 64-byte boundary.
-fn pack_values_bf16(v: Rows<'_>, n: usize, vt: &mut Vec<f32>) -> usize {
+/// rows `2i` and `2i + 1` of column `c` (zero rows past `N`, up to a multiple of
+/// `pad`). Returns `a`, the buffer's first 64-byte boundary.
+fn pack_values_bf16(v: Rows<'_>, n: usize, pad: usize, vt: &mut Vec<f32>) -> usize {
     let dv = v.len;
-    let a = crate::resize_aligned(vt, n.div_ceil(2) * dv);
-    let vt = &mut vt[a..a + n.div_ceil(2) * dv];
+    let pairs = n.next_multiple_of(pad).div_ceil(2);
+    let a = crate::resize_aligned(vt, pairs * dv);
+    let vt = &mut vt[a..a + pairs * dv];
     let (mut b0, mut b1) = (vec![0u16; dv], vec![0u16; dv]);
     for (i, slots) in vt.chunks_exact_mut(dv).enumerate() {
-        crate::attn::to_bf16(v.row(2 * i), &mut b0);
+        if 2 * i < n {
+            crate::attn::to_bf16(v.row(2 * i), &mut b0);
+        } else {
+            b0.fill(0);
+        }
         if 2 * i + 1 < n {
             crate::attn::to_bf16(v.row(2 * i + 1), &mut b1);
         } else {
@@ -1158,6 +1198,89 @@ mod tests {
                 "bf16 where the CPU has it, else f32"
             );
             let _ = differs;
+        }
+    }
+
+    /// The AMX tiles (`crate::amx::causal`) against the direct loop on bf16-rounded
+    /// inputs, and against the `vdpbf16ps` tiles: partial blocks of 32 rows and of 32
+    /// keys, cached rows, two key parts meeting inside a tile.
+    #[test]
+    fn amx_tiles_equal_the_direct_loop_on_rounded_inputs() {
+        if !crate::amx::available() {
+            eprintln!("AMX not available: attention tiles not tested");
+            return;
+        }
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        for &(t, past, d, dv) in &[
+            (1, 0, 32, 32),
+            (7, 3, 64, 32),
+            (16, 0, 32, 64),
+            (40, 0, 64, 96),
+            (53, 70, 192, 128),
+            (130, 200, 192, 128),
+        ] {
+            let n = past + t;
+            let (q, k, v) = (data(t * d, 1.5), data(n * d, 2.5), data(n * dv, 3.5));
+            let scale = 1.0 / (d as f32).sqrt();
+            let d1 = d / 2 + 3;
+            let k2: Vec<f32> = (0..n)
+                .flat_map(|u| k[u * d + d1..(u + 1) * d].to_vec())
+                .collect();
+            let parts = [
+                Rows {
+                    data: &k,
+                    stride: d,
+                    offset: 0,
+                    len: d1,
+                },
+                Rows::dense(&k2, d - d1),
+            ];
+            let mut want = vec![0.0f32; t * dv];
+            let (qr, kr, vr) = (round(&q), round(&k), round(&v));
+            causal_portable(
+                &qr,
+                t,
+                &[Rows::dense(&kr, d)],
+                Rows::dense(&vr, dv),
+                past,
+                scale,
+                &mut want,
+            );
+            let (mut tiles, mut vdp) = (vec![f32::NAN; t * dv], vec![f32::NAN; t * dv]);
+            bf16_on(
+                &q,
+                &parts,
+                Rows::dense(&v, dv),
+                past,
+                scale,
+                &mut tiles,
+                true,
+            );
+            bf16_on(
+                &q,
+                &parts,
+                Rows::dense(&v, dv),
+                past,
+                scale,
+                &mut vdp,
+                false,
+            );
+            for (i, ((a, b), c)) in tiles.iter().zip(&want).zip(&vdp).enumerate() {
+                assert!(
+                    (a - b).abs() <= 4e-3 * b.abs().max(1.0),
+                    "t={t} past={past} d={d} dv={dv} [{i}]: {a} vs {b}"
+                );
+                // Blocks of 32 keys against 64: probabilities rounded against other
+                // running maxima, so not the same bits.
+                assert!(
+                    (a - c).abs() <= 8e-3 * c.abs().max(1.0),
+                    "t={t} past={past} d={d} dv={dv} [{i}]: tiles {a} vs vdpbf16ps {c}"
+                );
+            }
         }
     }
 
