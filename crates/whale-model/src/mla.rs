@@ -18,7 +18,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::{Packable, Tensor};
 use rayon::prelude::*;
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use whale_kernels::qdot::Q8Row;
 use whale_kernels::{
     causal_attention, causal_attention_bf16, matmul_quantized, matmul_t_vec, matmul_with,
@@ -90,7 +90,8 @@ impl KvUp {
         v: usize,
         c: usize,
     ) -> Expanded {
-        let mut buf = vec![0.0f32; n * hn * (p + v)];
+        // Every path below writes all of it.
+        let mut buf = scratch(n * hn * (p + v));
         let split = ((0, hn * p, p), (n * hn * p, hn * v, v));
         let (k_at, v_at) = match self {
             KvUp::Fused(w) => {
@@ -106,15 +107,20 @@ impl KvUp {
                 // The group's heads at once, in the integer kernels, over latents
                 // quantised once for both weights and every group (per product and
                 // group before: eight passes over 4.6k rows per layer at depth 4096).
+                // On AMX tiles where the CPU has them (a prompt's rows, or all the
+                // cached rows at depth), else the same quantised latents for both.
                 let (k, vv) = buf.split_at_mut(n * hn * p);
-                let acts = lat_q8.get_or_init(|| quantize_rows(lat, c));
+                let tiles = n >= whale_kernels::amx::MIN_ROWS;
                 let wk = w_uk.get().mat().row_range(h0 * p, hn * p);
-                if !matmul_quantized(acts, wk, k) {
-                    matmul_with(lat, n, wk, k, false);
-                }
                 let wv = v_b.get().rows(h0 * v, hn * v, c);
-                if !matmul_quantized(acts, wv.mat(), vv) {
-                    matmul_with(lat, n, wv.mat(), vv, false);
+                for (w, out) in [(wk, k), (wv.mat(), vv)] {
+                    if tiles && whale_kernels::amx::matmul(lat, n, w, out) {
+                        continue;
+                    }
+                    let acts = lat_q8.get_or_init(|| quantize_rows(lat, c));
+                    if !matmul_quantized(acts, w, out) {
+                        matmul_with(lat, n, w, out, false);
+                    }
                 }
                 split
             }
@@ -157,12 +163,48 @@ impl KvUp {
     }
 }
 
+thread_local! {
+    /// Large scratch buffers of the expanded form, reused between head groups and
+    /// layers: at depth 4096 each group's keys and values are ~19 MB and the latents
+    /// ~9 MB, and fresh ones cost a page fault and a page zeroing per 4 KB (12% of a
+    /// pp512 at depth 4096 in `perf`, `clear_page_erms`).
+    static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` floats from this thread's [`SCRATCH`] (or a new one): its
+/// values are whatever the last user left, so every caller overwrites all of it.
+fn scratch(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH
+        .with_borrow_mut(|pool| {
+            let i = (0..pool.len()).max_by_key(|&i| pool[i].capacity())?;
+            Some(pool.swap_remove(i))
+        })
+        .unwrap_or_default();
+    v.resize(len, 0.0);
+    v
+}
+
+/// Returns a [`scratch`] buffer to this thread's pool (at most four kept).
+fn give_back(v: Vec<f32>) {
+    SCRATCH.with_borrow_mut(|pool| {
+        if pool.len() < 4 {
+            pool.push(v);
+        }
+    });
+}
+
 /// Decompressed latents of [`KvUp::expand`]: `k` and `v` are (start, row stride, step
 /// from one head to the next) of each head's `k_nope` and values in `buf`.
 struct Expanded {
     buf: Vec<f32>,
     k: (usize, usize, usize),
     v: (usize, usize, usize),
+}
+
+impl Drop for Expanded {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.buf));
+    }
 }
 
 impl Expanded {
@@ -550,8 +592,8 @@ impl Mla {
             self.kv_rank,
         );
         let qk = p + r;
-        // latents of all N tokens: [N, C]
-        let mut lat = vec![0.0f32; n * c];
+        // latents of all N tokens: [N, C] (every row written)
+        let mut lat = scratch(n * c);
         for u in 0..n {
             lat[u * c..(u + 1) * c].copy_from_slice(&kv[u * (c + r)..u * (c + r) + c]);
         }
@@ -599,6 +641,7 @@ impl Mla {
                 out
             }));
         }
+        give_back(lat);
         outs
     }
 }
