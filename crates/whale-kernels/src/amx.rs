@@ -395,6 +395,57 @@ pub(crate) mod x86 {
     #[repr(C, align(64))]
     struct Sums([f32; PANEL * PANEL]);
 
+    /// tmm0–3 (the sums) to zero.
+    #[inline(always)]
+    unsafe fn zero4() {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
+
+    /// One step of the 2 × 2 block: A tiles from `a.0` (and `a.1` if `TA`), 64 bytes a
+    /// row; B tiles from `b.0` (and `b.1` if `TB`), `sb` bytes a row; tmm0 += A0·B0,
+    /// tmm1 += A0·B1, tmm2 += A1·B0, tmm3 += A1·B1. With both flags each load serves two
+    /// products, the most eight tiles allow (a tile load costs about three products'
+    /// time here: see BENCHMARKS.md, eighteenth pass).
+    #[inline(always)]
+    unsafe fn step<const TA: bool, const TB: bool>(
+        a: (*const u16, *const u16),
+        b: (*const u16, *const u16),
+        sb: usize,
+    ) {
+        asm!(
+            "tileloadd tmm4, [{a} + {t}*1]",
+            "tileloadd tmm6, [{b} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            a = in(reg) a.0, b = in(reg) b.0, t = in(reg) 64usize, s = in(reg) sb,
+            options(nostack, readonly)
+        );
+        if TB {
+            asm!(
+                "tileloadd tmm7, [{b} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                b = in(reg) b.1, s = in(reg) sb,
+                options(nostack, readonly)
+            );
+        }
+        if TA {
+            asm!(
+                "tileloadd tmm5, [{a} + {t}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a = in(reg) a.1, t = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+            if TB {
+                asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+            }
+        }
+    }
+
     /// The sums of one or two A tiles (`TA`) of rows from `a` against one or two B
     /// tiles (`TB`) of the panel, over all `kp` values, stored into `c`.
     #[inline(always)]
@@ -404,57 +455,14 @@ pub(crate) mod x86 {
         b: *const u16,
         c: &mut Sums,
     ) {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        zero4();
         for kb in 0..kp / TK {
-            let a0 = a.add(kb * TK * TR);
-            let b0 = b.add(kb * TK * TR);
-            asm!(
-                "tileloadd tmm4, [{a} + {t}*1]",
-                "tileloadd tmm6, [{b} + {t}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                a = in(reg) a0, b = in(reg) b0, t = in(reg) 64usize,
-                options(nostack, readonly)
-            );
-            if TB {
-                asm!(
-                    "tileloadd tmm7, [{b} + {t}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    b = in(reg) b0.add(kp * TR), t = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
-            }
-            if TA {
-                asm!(
-                    "tileloadd tmm5, [{a} + {t}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    a = in(reg) a0.add(TR * kp), t = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
-                if TB {
-                    asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                }
-            }
+            let (a0, b0) = (a.add(kb * TK * TR), b.add(kb * TK * TR));
+            // The second A tile may lie past the buffer when `TA` is off: never read then,
+            // and `wrapping_add` keeps the unused pointer well defined.
+            step::<TA, TB>((a0, a0.wrapping_add(TR * kp)), (b0, b0.add(kp * TR)), 64);
         }
-        let p = c.0.as_mut_ptr();
-        let s = PANEL * 4;
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) p,
-            c1 = in(reg) p.add(TR),
-            c2 = in(reg) p.add(TR * PANEL),
-            c3 = in(reg) p.add(TR * PANEL + TR),
-            s = in(reg) s,
-            options(nostack)
-        );
+        store4(c);
     }
 
     /// [`super::causal`] after the packing: `a` the query rows as A tiles, `kt` and
@@ -484,7 +492,6 @@ pub(crate) mod x86 {
         let mut p = ProbTiles([0; 2 * TR * TK]);
         let mut o = vec![0.0f32; R * dv];
         let (mut m, mut l, mut alpha) = ([f32::NEG_INFINITY; R], [0.0f32; R], [1.0f32; R]);
-        let t64 = 64usize;
         let vstride = dv * 4;
         for r0 in (0..t).step_by(R) {
             let rows = (t - r0).min(R);
@@ -495,37 +502,17 @@ pub(crate) mod x86 {
             let qa = a.as_ptr().add(r0 * d);
             for kb in (0..past + r0 + rows).step_by(R) {
                 // Scores of the rows against keys kb..kb + 32 (two panels of 16).
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
-                let k0 = kt.add(kb / TR * sl * TR);
-                let k1 = k0.add(sl * TR);
+                zero4();
+                let k0 = kt.add(kb / TR * sl * TR) as *const u16;
+                let k1 = k0.add(2 * sl * TR);
                 for dt in 0..d / TK {
-                    asm!(
-                        "tileloadd tmm4, [{a} + {s}*1]",
-                        "tileloadd tmm6, [{b} + {s}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{c} + {s}*1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        a = in(reg) qa.add(dt * TK * TR),
-                        b = in(reg) k0.add(dt * TR * TR),
-                        c = in(reg) k1.add(dt * TR * TR),
-                        s = in(reg) t64,
-                        options(nostack, readonly)
-                    );
+                    let a0 = qa.add(dt * TK * TR);
+                    let ab = (a0, a0.wrapping_add(TR * d)); // read only if `two`
+                    let kb2 = (k0.add(2 * dt * TR * TR), k1.add(2 * dt * TR * TR));
                     if two {
-                        asm!(
-                            "tileloadd tmm5, [{a} + {s}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a = in(reg) qa.add(TR * d + dt * TK * TR),
-                            s = in(reg) t64,
-                            options(nostack, readonly)
-                        );
+                        step::<true, true>(ab, kb2, 64);
+                    } else {
+                        step::<false, true>(ab, kb2, 64);
                     }
                 }
                 store4(&mut s);
@@ -567,35 +554,13 @@ pub(crate) mod x86 {
                 // o = o · alpha + p · v, 32 columns at a time.
                 let vb = vt.add(kb / 2 * dv);
                 for c0 in (0..dv).step_by(PANEL) {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
-                    asm!(
-                        "tileloadd tmm4, [{a} + {s}*1]",
-                        "tileloadd tmm6, [{b} + {v}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{c} + {v}*1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        a = in(reg) p.0.as_ptr(),
-                        b = in(reg) vb.add(c0),
-                        c = in(reg) vb.add(c0 + TR),
-                        s = in(reg) t64,
-                        v = in(reg) vstride,
-                        options(nostack, readonly)
-                    );
+                    zero4();
+                    let pa = (p.0.as_ptr(), p.0.as_ptr().add(TR * TK));
+                    let vb2 = (vb.add(c0) as *const u16, vb.add(c0 + TR) as *const u16);
                     if two {
-                        asm!(
-                            "tileloadd tmm5, [{a} + {s}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a = in(reg) p.0.as_ptr().add(TR * TK),
-                            s = in(reg) t64,
-                            options(nostack, readonly)
-                        );
+                        step::<true, true>(pa, vb2, vstride);
+                    } else {
+                        step::<false, true>(pa, vb2, vstride);
                     }
                     store4(&mut ob);
                     for (i, &a) in alpha.iter().enumerate().take(rows) {

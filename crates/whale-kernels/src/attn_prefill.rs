@@ -1133,43 +1133,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bf16_tiles_equal_the_direct_loop_on_rounded_inputs() {
-        // The direct loop over queries, keys and values rounded to bf16: what the bf16
-        // tiles compute, but for the probabilities' rounding (a few parts in 1e3 at
-        // most). Odd key lengths and odd key counts pad a pair with zeros; two key parts
-        // meet inside a pair.
-        let round = |v: &[f32]| -> Vec<f32> {
-            v.iter()
-                .map(|&x| half::bf16::from_f32(x).to_f32())
-                .collect()
-        };
-        for &(t, past, d, dv) in &[
-            (1, 0, 8, 16),
-            (5, 0, 25, 16),
-            (7, 3, 24, 32),
-            (53, 70, 192, 128),
-            (100, 17, 17, 48),
-            (130, 200, 24, 80),
-        ] {
+    /// One case of the bf16 tests: queries, keys split in two parts that meet inside
+    /// a bf16 pair (value `d / 2 + shift` starts the second), values, and the direct
+    /// loop's output on the same inputs rounded to bf16 (what the bf16 kernels
+    /// compute, but for the probabilities' rounding).
+    struct Rounded {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        k2: Vec<f32>,
+        v: Vec<f32>,
+        d1: usize,
+        want: Vec<f32>,
+    }
+
+    impl Rounded {
+        fn new((t, past, d, dv): (usize, usize, usize, usize), seed: f32, shift: usize) -> Self {
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect()
+            };
             let n = past + t;
-            let (q, k, v) = (data(t * d, 1.0), data(n * d, 2.0), data(n * dv, 3.0));
-            let scale = 1.0 / (d as f32).sqrt();
-            let d1 = d / 2 + 1;
+            let (q, k, v) = (
+                data(t * d, seed),
+                data(n * d, seed + 1.0),
+                data(n * dv, seed + 2.0),
+            );
+            let d1 = d / 2 + shift;
             let k2: Vec<f32> = (0..n)
                 .flat_map(|u| k[u * d + d1..(u + 1) * d].to_vec())
                 .collect();
-            let parts = [
-                Rows {
-                    data: &k,
-                    stride: d,
-                    offset: 0,
-                    len: d1,
-                },
-                Rows::dense(&k2, d - d1),
-            ];
             let mut want = vec![0.0f32; t * dv];
             let (qr, kr, vr) = (round(&q), round(&k), round(&v));
+            let scale = 1.0 / (d as f32).sqrt();
             causal_portable(
                 &qr,
                 t,
@@ -1179,12 +1175,51 @@ mod tests {
                 scale,
                 &mut want,
             );
+            Rounded {
+                q,
+                k,
+                k2,
+                v,
+                d1,
+                want,
+            }
+        }
+
+        /// The keys as two parts of `d` values in all.
+        fn parts(&self, d: usize) -> [Rows<'_>; 2] {
+            [
+                Rows {
+                    data: &self.k,
+                    stride: d,
+                    offset: 0,
+                    len: self.d1,
+                },
+                Rows::dense(&self.k2, d - self.d1),
+            ]
+        }
+    }
+
+    #[test]
+    fn bf16_tiles_equal_the_direct_loop_on_rounded_inputs() {
+        // Odd key lengths and odd key counts pad a pair with zeros; two key parts meet
+        // inside a pair.
+        for &(t, past, d, dv) in &[
+            (1, 0, 8, 16),
+            (5, 0, 25, 16),
+            (7, 3, 24, 32),
+            (53, 70, 192, 128),
+            (100, 17, 17, 48),
+            (130, 200, 24, 80),
+        ] {
+            let c = Rounded::new((t, past, d, dv), 1.0, 1);
+            let scale = 1.0 / (d as f32).sqrt();
+            let (parts, v) = (c.parts(d), Rows::dense(&c.v, dv));
             let mut got = vec![0.0f32; t * dv];
-            causal_attention_bf16(&q, &parts, Rows::dense(&v, dv), past, scale, &mut got);
+            bf16_on(&c.q, &parts, v, past, scale, &mut got, false);
             let mut exact = vec![0.0f32; t * dv];
-            causal_attention(&q, &parts, Rows::dense(&v, dv), past, scale, &mut exact);
+            causal_attention(&c.q, &parts, v, past, scale, &mut exact);
             let mut differs = false;
-            for (i, ((a, b), e)) in got.iter().zip(&want).zip(&exact).enumerate() {
+            for (i, ((a, b), e)) in got.iter().zip(&c.want).zip(&exact).enumerate() {
                 assert!(
                     (a - b).abs() <= 4e-3 * b.abs().max(1.0),
                     "t={t} past={past} d={d} dv={dv} [{i}]: {a} vs {b}"
@@ -1210,11 +1245,6 @@ mod tests {
             eprintln!("AMX not available: attention tiles not tested");
             return;
         }
-        let round = |v: &[f32]| -> Vec<f32> {
-            v.iter()
-                .map(|&x| half::bf16::from_f32(x).to_f32())
-                .collect()
-        };
         for &(t, past, d, dv) in &[
             (1, 0, 32, 32),
             (7, 3, 64, 32),
@@ -1223,53 +1253,13 @@ mod tests {
             (53, 70, 192, 128),
             (130, 200, 192, 128),
         ] {
-            let n = past + t;
-            let (q, k, v) = (data(t * d, 1.5), data(n * d, 2.5), data(n * dv, 3.5));
+            let c = Rounded::new((t, past, d, dv), 1.5, 3);
             let scale = 1.0 / (d as f32).sqrt();
-            let d1 = d / 2 + 3;
-            let k2: Vec<f32> = (0..n)
-                .flat_map(|u| k[u * d + d1..(u + 1) * d].to_vec())
-                .collect();
-            let parts = [
-                Rows {
-                    data: &k,
-                    stride: d,
-                    offset: 0,
-                    len: d1,
-                },
-                Rows::dense(&k2, d - d1),
-            ];
-            let mut want = vec![0.0f32; t * dv];
-            let (qr, kr, vr) = (round(&q), round(&k), round(&v));
-            causal_portable(
-                &qr,
-                t,
-                &[Rows::dense(&kr, d)],
-                Rows::dense(&vr, dv),
-                past,
-                scale,
-                &mut want,
-            );
+            let (parts, v) = (c.parts(d), Rows::dense(&c.v, dv));
             let (mut tiles, mut vdp) = (vec![f32::NAN; t * dv], vec![f32::NAN; t * dv]);
-            bf16_on(
-                &q,
-                &parts,
-                Rows::dense(&v, dv),
-                past,
-                scale,
-                &mut tiles,
-                true,
-            );
-            bf16_on(
-                &q,
-                &parts,
-                Rows::dense(&v, dv),
-                past,
-                scale,
-                &mut vdp,
-                false,
-            );
-            for (i, ((a, b), c)) in tiles.iter().zip(&want).zip(&vdp).enumerate() {
+            bf16_on(&c.q, &parts, v, past, scale, &mut tiles, true);
+            bf16_on(&c.q, &parts, v, past, scale, &mut vdp, false);
+            for (i, ((a, b), e)) in tiles.iter().zip(&c.want).zip(&vdp).enumerate() {
                 assert!(
                     (a - b).abs() <= 4e-3 * b.abs().max(1.0),
                     "t={t} past={past} d={d} dv={dv} [{i}]: {a} vs {b}"
@@ -1277,8 +1267,8 @@ mod tests {
                 // Blocks of 32 keys against 64: probabilities rounded against other
                 // running maxima, so not the same bits.
                 assert!(
-                    (a - c).abs() <= 8e-3 * c.abs().max(1.0),
-                    "t={t} past={past} d={d} dv={dv} [{i}]: tiles {a} vs vdpbf16ps {c}"
+                    (a - e).abs() <= 8e-3 * e.abs().max(1.0),
+                    "t={t} past={past} d={d} dv={dv} [{i}]: tiles {a} vs vdpbf16ps {e}"
                 );
             }
         }
