@@ -294,13 +294,16 @@ pub fn has_pair_kernel(isa: Isa, dtype: DType) -> bool {
 }
 
 /// Whether products of `rows` activation rows should take their groups two at a
-/// time ([`dot_group_pair`]). Q4_KR8 pairs from two rows up: on one row (decode),
-/// streaming from memory, its pair kernel was slower on the Zen 4 VM though faster
-/// in cache (`whale bench -p 512 -n 32` on the synthetic V2-Lite Q4_K, alternated,
-/// pairs at every row count against none: tg 13.6–15.3 against 17.4–19.6 tok/s,
-/// pp512 73–78 against 59–71).
+/// time ([`dot_group_pair`]): from two rows up. On one row (decode), streaming from
+/// memory, the pair kernels are slower though faster in cache: Q4_KR8 on the Zen 4
+/// VM (`whale bench -p 512 -n 32` on the synthetic V2-Lite Q4_K, alternated, pairs
+/// at every row count against none: tg 13.6–15.3 against 17.4–19.6 tok/s, pp512
+/// 73–78 against 59–71), and Q4_0R8 on the AMX Xeon (`cargo bench --bench stream`,
+/// two alternated pairs: 25.0 and 25.6 against 26.9 and 27.5 GB/s on huge pages, a
+/// plain read 28–30; `whale bench -p 16 -n 128 -r 2` on the Q4_0 file: tg 17.07 and
+/// 17.31 against 17.75 and 17.98 tok/s).
 pub fn pairs_groups(isa: Isa, dtype: DType, rows: usize) -> bool {
-    has_pair_kernel(isa, dtype) && (dtype != DType::Q4KR8 || rows >= 2)
+    has_pair_kernel(isa, dtype) && rows >= 2
 }
 
 /// [`dot_group`] for two groups `w0` and `w1` of the same weight (same length) at once:
