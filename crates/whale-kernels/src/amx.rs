@@ -11,8 +11,9 @@
 //! block's two scales applied to every 16 × 16 result (four times the vector work of
 //! the decode at 48 rows, and growing with the rows).
 //!
-//! Arithmetic: weights are `(q - 8) · d` (Q4_0) or `q · d` (Q8_0) computed exactly in
-//! f32 and rounded to bf16 (a relative error of at most 2⁻⁹); activations are rounded
+//! Arithmetic: weights are `(q - 8) · d` (Q4_0), `(q - 16) · d` (Q5_0), `q · d` (Q8_0)
+//! or `q · d · sc - dmin · m` (Q4_K) computed exactly in f32 and rounded to bf16 (a
+//! relative error of at most 2⁻⁹); activations are rounded
 //! to bf16 the same way; the products are exact in f32 and summed in f32. llama.cpp's
 //! integer path rounds activations to 8-bit blocks instead, an error of up to half a
 //! step of 1/127 of the block's largest value.
@@ -146,8 +147,8 @@ fn panel_index(i: usize, c: usize, kp: usize) -> usize {
 
 /// Rows `r0..r0 + rows` of `w` (`rows <= 32`) decoded to bf16 into `buf` in the
 /// tile layout of [`panel_index`]; rows past `rows` and values past `w.cols()` are
-/// zero. Q4_0R8 and Q8_0R8 decode eight rows at a time in vector code where AMX is
-/// [`available`]; this is also their scalar twin.
+/// zero. The [`fast_decode`] types decode eight rows at a time in vector code where
+/// AMX is [`available`]; [`pack_rows`] is their scalar twin.
 pub fn pack_panel(w: MatRef<'_>, r0: usize, rows: usize, kp: usize, buf: &mut [u16]) {
     let k = w.cols();
     assert!(rows <= PANEL && r0 + rows <= w.rows() && kp >= k && kp.is_multiple_of(TK));
@@ -189,11 +190,8 @@ pub fn pack_rows(w: MatRef<'_>, r0: usize, rows: usize, kp: usize, buf: &mut [u1
 /// NaN), and the rows from `rows` to the end of their B tile (their sums are never
 /// read; zeroed so the buffer says what it holds).
 fn zero_padding(rows: usize, k: usize, kp: usize, buf: &mut [u16]) {
-    for i in 0..PANEL {
+    for i in 0..rows.next_multiple_of(TR).min(PANEL) {
         let from = if i < rows { k } else { 0 };
-        if i >= rows.next_multiple_of(TR) {
-            break;
-        }
         for c in from..kp {
             buf[panel_index(i, c, kp)] = 0;
         }
@@ -264,11 +262,11 @@ fn product(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
     // then finds the slot empty and grows a buffer of its own.
     let mut a = ACTS.take();
     activations(x, n, k, kp, &mut a);
-    let dst = x86::Out(y.as_mut_ptr());
+    let dst = crate::matmul::OutPtr(y.as_mut_ptr());
     crate::for_each_dynamic(0..out.div_ceil(SET * PANEL), |t| {
-        let mut buf = PANELS.take();
-        grow(&mut buf, SET * PANEL * kp);
         let buf_len = SET * PANEL * kp;
+        let mut buf = PANELS.take();
+        grow(&mut buf, buf_len);
         let r0 = t * SET * PANEL;
         let rows = (SET * PANEL).min(out - r0);
         for (p, b) in buf[..buf_len].chunks_exact_mut(PANEL * kp).enumerate() {
@@ -317,30 +315,24 @@ pub(crate) mod x86 {
         r == 0
     }
 
-    /// The output's base pointer, shared by tasks that write disjoint columns.
-    #[derive(Clone, Copy)]
-    pub(super) struct Out(pub(super) *mut f32);
-    // SAFETY: written only at the columns one task owns (see `super::product`), and
-    // the borrow it came from outlives the parallel loop.
-    unsafe impl Send for Out {}
-    // SAFETY: as above.
-    unsafe impl Sync for Out {}
-
     /// A tile configuration (palette 1): all eight tiles 16 rows of 64 bytes. tmm0–3
     /// hold sums, tmm4–5 activations, tmm6–7 weights.
     #[repr(C, align(64))]
     struct Config([u8; 64]);
 
-    impl Config {
-        fn full() -> Config {
-            let mut c = [0u8; 64];
-            c[0] = 1;
-            for t in 0..8 {
-                c[16 + 2 * t] = 64;
-                c[48 + t] = TR as u8;
-            }
-            Config(c)
+    /// Loads [`Config`] into this thread's tile state (undone by `tilerelease`).
+    ///
+    /// # Safety
+    /// AMX tile data was granted ([`request_tiles`]).
+    #[inline(always)]
+    unsafe fn configure() {
+        let mut c = Config([0u8; 64]);
+        c.0[0] = 1;
+        for t in 0..8 {
+            c.0[16 + 2 * t] = 64;
+            c.0[48 + t] = TR as u8;
         }
+        asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
     }
 
     /// `y[m][r0 + j] = a[m] · row j of the panels` for the `n` activation rows `a`
@@ -361,14 +353,13 @@ pub(crate) mod x86 {
         kp: usize,
         buf: &[u16],
         rows: usize,
-        y: Out,
+        y: crate::matmul::OutPtr,
         out: usize,
         r0: usize,
     ) {
         debug_assert!(a.len() >= n.next_multiple_of(TR) * kp && buf.len() == SET * PANEL * kp);
         debug_assert!(rows <= SET * PANEL);
-        let cfg = Config::full();
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        configure();
         let mut c = Sums([0.0; PANEL * PANEL]);
         for m0 in (0..n).step_by(PANEL) {
             let two_a = n - m0 > TR;
@@ -484,8 +475,7 @@ pub(crate) mod x86 {
         out: &mut [f32],
     ) {
         const R: usize = 2 * TR;
-        let cfg = Config::full();
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        configure();
         let sl = d / 2;
         let mut s = Sums([0.0; PANEL * PANEL]);
         let mut ob = Sums([0.0; PANEL * PANEL]);
@@ -501,21 +491,14 @@ pub(crate) mod x86 {
             o.fill(0.0);
             let qa = a.as_ptr().add(r0 * d);
             for kb in (0..past + r0 + rows).step_by(R) {
-                // Scores of the rows against keys kb..kb + 32 (two panels of 16).
-                zero4();
+                // Scores of the rows against keys kb..kb + 32: two panels of 16 keys
+                // are laid out as a panel of 32 weight rows of `d` values.
                 let k0 = kt.add(kb / TR * sl * TR) as *const u16;
-                let k1 = k0.add(2 * sl * TR);
-                for dt in 0..d / TK {
-                    let a0 = qa.add(dt * TK * TR);
-                    let ab = (a0, a0.wrapping_add(TR * d)); // read only if `two`
-                    let kb2 = (k0.add(2 * dt * TR * TR), k1.add(2 * dt * TR * TR));
-                    if two {
-                        step::<true, true>(ab, kb2, 64);
-                    } else {
-                        step::<false, true>(ab, kb2, 64);
-                    }
+                if two {
+                    steps::<true, true>(qa, d, k0, &mut s);
+                } else {
+                    steps::<false, true>(qa, d, k0, &mut s);
                 }
-                store4(&mut s);
                 // Online softmax per row: probabilities into the A tiles.
                 for i in 0..if two { R } else { TR } {
                     let prow = p.0.as_mut_ptr().add(i * TK);

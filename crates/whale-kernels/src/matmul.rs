@@ -232,10 +232,11 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
 
 /// `y`'s base pointer, shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 
 // SAFETY: the pointer is only written through at indices one task owns (see
-// `matmul_groups`), and the borrow it came from outlives the parallel loop.
+// `matmul_groups`, `amx::product`), and the borrow it came from outlives the parallel
+// loop.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
