@@ -1,13 +1,21 @@
 //! Decode-shaped products streaming their weights from memory, against the read
 //! bandwidth in the same process: the share of the roofline the integer kernels and
-//! `matvec_many`'s task split reach on their own, without the rest of a decode step.
+//! `matmul_many`'s task split reach on their own, without the rest of a decode step.
 //! Weights: 1 GiB of repacked Q4_0 expert-sized matrices (1408 × 2048, as a
 //! DeepSeek-V2-Lite expert's gate), more than any L3 here, walked in order six at a
-//! time (one `matvec_many` per six, as a MoE layer's routed gate and up products
-//! are), so each product meets its weights cold. The variants alternate in rounds.
+//! time (one `matmul_many` per six, as a MoE layer's routed gate and up products
+//! are), so each product meets its weights cold. The calls run on the pool with its
+//! spinners, as a model step runs them. The variants alternate in rounds; the last
+//! line also gives one call's time against the plain read's time for its bytes (their
+//! difference is the call's fixed cost: fork, set-up, tail).
 //! Run: `cargo bench -p whale-kernels --bench stream` (`ROUNDS=n`, default 5).
-//! `INPUTS=n` (default 1) gives every product `n` input rows (`matmul_many`), as a
-//! batched decode step's experts see the several tokens routed to them.
+//! `INPUTS=n` (default 1) gives every product `n` input rows, as a batched decode
+//! step's experts see the several tokens routed to them.
+//! `SHAPE=rows,cols,per` changes the matrices and how many go to one call: `512,128,16`
+//! is an MLA layer's sixteen per-head `W_UKᵀ` products at decode, `128,512,16` its
+//! `W_UV` ones, `3072,2048,1` the query projection. `TOTAL_MB=n` makes the set
+//! smaller (walked as many times as make 1 GiB): at 1 it stays in cache, which leaves
+//! a call's cost without memory.
 
 use std::time::Instant;
 use whale_kernels::quantize::quantize_row;
@@ -18,7 +26,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let (rows, cols) = (1408usize, 2048usize);
+    let shape: Vec<usize> = std::env::var("SHAPE")
+        .unwrap_or_else(|_| "1408,2048,6".into())
+        .split(',')
+        .map(|v| v.trim().parse().expect("SHAPE=rows,cols,per"))
+        .collect();
+    let [rows, cols, per] = shape[..] else {
+        panic!("SHAPE=rows,cols,per")
+    };
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i % 977) as f32 * 0.013).sin())
         .collect();
@@ -28,7 +43,13 @@ fn main() {
         quantize_row(DType::Q4_0, &w[r * cols..(r + 1) * cols], o);
     }
     let (rt, packed) = repack::repack(DType::Q4_0, &wq, rows, cols).expect("repackable");
-    let count = (1usize << 30) / packed.len();
+    // `TOTAL_MB` (default 1024): a set small enough for the caches shows a call's
+    // cost apart from memory.
+    let total: usize = std::env::var("TOTAL_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let count = ((total << 20) / packed.len()).max(per);
     // The same weights on 4 KiB pages and on huge pages (as whale repacks them where
     // the kernel allows): `small` and `huge` alternate.
     let mut small = Vec::with_capacity(count * packed.len());
@@ -37,6 +58,8 @@ fn main() {
     }
     let mut huge = whale_kernels::huge::zeroed::<u8>(small.len());
     huge.copy_from_slice(&small);
+    // A set smaller than 1 GiB is walked as many times as make 1 GiB.
+    let passes = ((1usize << 30) / small.len()).max(1);
     let mats = |all| matrices(all, rt, packed.len(), rows, cols);
     let (mats4k, matsh) = (mats(&small), mats(&huge));
     let all = &small;
@@ -47,10 +70,11 @@ fn main() {
     let x: Vec<f32> = (0..inputs * cols)
         .map(|i| (i as f32 * 0.01).cos())
         .collect();
-    let mut ys = vec![vec![0.0f32; inputs * rows]; 6];
+    let mut ys = vec![vec![0.0f32; inputs * rows]; per];
     let floats: Vec<f32> = (0..(1usize << 28)).map(|i| (i % 7) as f32).collect();
     println!(
-        "threads: {}, {} matrices of {rows}x{cols} {} ({:.0} MB), {inputs} input rows each",
+        "threads: {}, {} matrices of {rows}x{cols} {} ({:.0} MB), {per} per call, \
+         {inputs} input rows each",
         rayon::current_num_threads(),
         mats4k.len(),
         rt.name(),
@@ -60,21 +84,24 @@ fn main() {
     for _ in 0..rounds {
         for (mats, out) in [(&mats4k, &mut prod), (&matsh, &mut prod_h)] {
             let t = Instant::now();
-            for six in mats.chunks(6) {
-                let jobs = six
-                    .iter()
-                    .zip(ys.iter_mut())
-                    .map(|(&w, y)| MatMul {
-                        x: &x,
-                        rows: None,
-                        n: inputs,
-                        w,
-                        y,
-                    })
-                    .collect();
-                matmul_many(jobs, false);
-            }
-            out.push(all.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
+            // On the pool with its spinners, as a model step runs.
+            whale_kernels::on_pool(|| {
+                for call in (0..passes).flat_map(|_| mats.chunks(per)) {
+                    let jobs = call
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(&w, y)| MatMul {
+                            x: &x,
+                            rows: None,
+                            n: inputs,
+                            w,
+                            y,
+                        })
+                        .collect();
+                    matmul_many(jobs, false);
+                }
+            });
+            out.push((passes * all.len()) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
         let t = Instant::now();
         let s: f32 = {
@@ -90,9 +117,14 @@ fn main() {
         v[v.len() / 2]
     };
     let (p, ph, b) = (med(&mut prod), med(&mut prod_h), med(&mut bw));
+    let calls = mats4k.len().div_ceil(per) as f64;
+    println!("{passes} passes over the set");
     println!(
         "products {p:.2} GB/s on 4 KiB pages, {ph:.2} on huge pages; plain read (4 KiB pages) \
-         {b:.2} GB/s; medians of {rounds}"
+         {b:.2} GB/s; medians of {rounds}; a call on huge pages {:.1} µs, {:.1} at the plain \
+         read's speed",
+        all.len() as f64 / calls / ph / 1e3,
+        all.len() as f64 / calls / b / 1e3,
     );
 }
 

@@ -263,7 +263,7 @@ fn product(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
     let mut a = ACTS.take();
     activations(x, n, k, kp, &mut a);
     let dst = crate::matmul::OutPtr(y.as_mut_ptr());
-    crate::for_each_dynamic(0..out.div_ceil(SET * PANEL), |t| {
+    crate::for_each_index(out.div_ceil(SET * PANEL), |t| {
         let buf_len = SET * PANEL * kp;
         let mut buf = PANELS.take();
         grow(&mut buf, buf_len);

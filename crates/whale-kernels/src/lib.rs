@@ -154,6 +154,48 @@ where
     fold_dynamic(items, || (), |(), item| task(item));
 }
 
+/// [`for_each_dynamic`] over the indices `0..n`, with the same runs, taken from an
+/// atomic counter: no lock, no allocation and no items to move, for the products'
+/// tasks (a decode step forks about 200 times; a 16-task product of 74 KB took
+/// 6.4 µs from cache, of which the kernels ~1.5, before this and [`Q8Row`] reuse).
+///
+/// [`Q8Row`]: crate::qdot::Q8Row
+pub fn for_each_index(n: usize, task: impl Fn(usize) + Sync) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || n <= 1 {
+        (0..n).for_each(task);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let mut at = next.load(Ordering::Relaxed);
+        let end = loop {
+            if at >= n {
+                return;
+            }
+            // Run `k` takes `remaining / (2 · threads)` indices, at least one.
+            let end = at + ((n - at) / (2 * threads)).max(1);
+            match next.compare_exchange_weak(at, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break end,
+                Err(now) => at = now,
+            }
+        };
+        (at..end).for_each(&task);
+    };
+    fan_out(threads, &work);
+}
+
+/// Runs `work` on `k` pool threads (or fewer, where one finishes before another
+/// comes), by nested joins: nothing to allocate, unlike a scope's spawns.
+fn fan_out(k: usize, work: &(impl Fn() + Sync)) {
+    if k <= 1 {
+        work();
+    } else {
+        let half = k / 2;
+        rayon::join(|| fan_out(k - half, work), || fan_out(half, work));
+    }
+}
+
 /// [`for_each_dynamic`] with a state per run: the items of each run the threads take
 /// fold into a state of their own (made by `init`), and the states come back in the
 /// order of their runs. The runs' bounds depend only on the number of items and
@@ -389,6 +431,59 @@ mod tests {
         // A panicking task reaches the caller; the pool works afterwards.
         let r = std::panic::catch_unwind(|| {
             super::on_pool(|| super::for_each_dynamic(0..10, |i| assert!(i != 5, "on purpose")))
+        });
+        assert!(r.is_err());
+        check(10);
+    }
+
+    #[test]
+    fn for_each_index_runs_every_index_once_on_any_pool() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let check = |n: usize| {
+            let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            super::for_each_index(n, |i| {
+                seen[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                seen.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                "n = {n}"
+            );
+        };
+        for n in [0, 1, 2, 3, 7, 64, 1000] {
+            check(n);
+            super::on_pool(|| check(n));
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            one.install(|| check(n));
+            let three = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            three.install(|| check(n));
+        }
+        // Both threads take indices when both are free (bounded wait, as above).
+        if rayon::current_num_threads() >= 2 {
+            let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+            super::on_pool(|| {
+                super::for_each_index(64, |_| {
+                    threads
+                        .lock()
+                        .unwrap()
+                        .insert(rayon::current_thread_index());
+                    let t0 = std::time::Instant::now();
+                    while threads.lock().unwrap().len() < 2
+                        && t0.elapsed() < std::time::Duration::from_secs(5)
+                    {
+                        std::hint::spin_loop();
+                    }
+                })
+            });
+            assert_eq!(threads.into_inner().unwrap().len(), 2);
+        }
+        let r = std::panic::catch_unwind(|| {
+            super::on_pool(|| super::for_each_index(10, |i| assert!(i != 5, "on purpose")))
         });
         assert!(r.is_err());
         check(10);

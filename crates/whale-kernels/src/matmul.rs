@@ -226,7 +226,7 @@ fn matmul_groups(acts: &[Q8Row], w: MatRef<'_>, y: &mut [f32]) {
     if n * out * inp < PAR_MIN_WORK_Q8 {
         (0..tasks).for_each(task);
     } else {
-        crate::for_each_dynamic(0..tasks, task);
+        crate::for_each_index(tasks, task);
     }
 }
 
@@ -273,8 +273,22 @@ pub struct MatVec<'a> {
     pub y: &'a mut [f32],
 }
 
-/// Rows per task of [`matvec_many`].
+/// Rows per task of [`matmul_many`], at least.
 const MANY_BLOCK: usize = 32;
+/// Weight bytes per task of [`matmul_many`], about, where rows are short.
+const MANY_TASK_BYTES: usize = 32 << 10;
+
+/// Rows per task of [`matmul_many`] for a weight of `out` rows of `row_bytes`: at
+/// least [`MANY_BLOCK`], and as many more as make a task about [`MANY_TASK_BYTES`].
+/// An MLA head's `W_UKᵀ` (512 rows of 128 values, 37 KB in Q4_0) was 16 tasks of
+/// 2.3 KB, each a few dozen nanoseconds of work between the queue and the kernel's
+/// start-up; it streamed at 16 GB/s against 30 for an expert's rows.
+fn many_block(out: usize, row_bytes: usize) -> usize {
+    let tasks = (out * row_bytes).div_ceil(MANY_TASK_BYTES).max(1);
+    out.div_ceil(tasks)
+        .next_multiple_of(MANY_BLOCK)
+        .max(MANY_BLOCK)
+}
 
 /// Runs independent matrix-vector products as one parallel pass over all their row
 /// blocks: decode's many small products (a MoE layer's experts, the heads' latent
@@ -345,72 +359,66 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
         );
     }
     // Quantise each distinct input row once: gate and up share their `x`, and
-    // products that pick rows from one `x` share those rows.
-    struct Source<'a> {
-        x: &'a [f32],
-        cols: usize,
-        /// Each row of `x` quantised, once some product asked for it.
-        rows: Vec<Option<Q8Row>>,
-    }
-    let mut sources: Vec<Source> = Vec::new();
-    let mut source_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+    // products that pick rows from one `x` share those rows. The rows' buffers come
+    // from this thread's last call (six allocations a row were 6% of a decode step's
+    // latent products).
+    let mut pool = Q8_POOL.take();
+    let mut used = 0;
+    // (x, cols, index in `pool` of each row of x once quantised)
+    let mut sources: Vec<(&[f32], usize, Vec<usize>)> = Vec::new();
+    // Per job, its rows' indices in `pool` (a run of `refs`), if it runs in integers.
+    let mut runs: Vec<Option<(usize, usize)>> = Vec::with_capacity(jobs.len());
+    let mut at_pool: Vec<usize> = Vec::new();
     for j in &jobs {
         if !int(j) {
-            source_of.push(None);
+            runs.push(None);
             continue;
         }
         let cols = j.w.cols();
         let si = match sources
             .iter()
-            .position(|s| std::ptr::eq(s.x, j.x) && s.cols == cols)
+            .position(|s| std::ptr::eq(s.0, j.x) && s.1 == cols)
         {
             Some(si) => si,
             None => {
-                sources.push(Source {
-                    x: j.x,
-                    cols,
-                    rows: vec![None; j.x.len() / cols],
-                });
+                sources.push((j.x, cols, vec![usize::MAX; j.x.len() / cols]));
                 sources.len() - 1
             }
         };
-        let src = &mut sources[si];
+        let (x, _, rows) = &mut sources[si];
+        let start = at_pool.len();
         for i in (0..j.n).map(|k| pick(j.rows, k)) {
-            if src.rows[i].is_none() {
-                src.rows[i] = Some(Q8Row::from_f32(&src.x[i * cols..(i + 1) * cols]));
+            if rows[i] == usize::MAX {
+                if used == pool.len() {
+                    pool.push(Q8Row::default());
+                }
+                pool[used].set(&x[i * cols..(i + 1) * cols]);
+                rows[i] = used;
+                used += 1;
             }
+            at_pool.push(rows[i]);
         }
-        source_of.push(Some(si));
+        runs.push(Some((start, j.n)));
     }
-    let acts: Vec<Option<Vec<&Q8Row>>> = jobs
-        .iter()
-        .zip(&source_of)
-        .map(|(j, si)| {
-            si.map(|si| {
-                let qs = &sources[si].rows;
-                (0..j.n)
-                    .map(|k| qs[pick(j.rows, k)].as_ref().unwrap())
-                    .collect()
-            })
-        })
-        .collect();
+    let refs: Vec<&Q8Row> = at_pool.iter().map(|&i| &pool[i]).collect();
     // A repacked weight's integer products write each group's outputs straight into
     // `y` (eight contiguous values per input row; tasks own disjoint rows of the
     // weight). The others write `[out, n]` transposed, so a task owns a contiguous
     // block, and are transposed back at the end.
-    let direct: Vec<Option<OutPtr>> = jobs
-        .iter_mut()
-        .zip(&acts)
-        .map(|(j, act)| {
-            (act.is_some() && j.w.dtype().interleave() > 1).then_some(OutPtr(j.y.as_mut_ptr()))
-        })
+    let direct: Vec<bool> = jobs
+        .iter()
+        .zip(&runs)
+        .map(|(j, run)| run.is_some() && j.w.dtype().interleave() > 1)
         .collect();
     let mut yts: Vec<Vec<f32>> = jobs
         .iter()
         .zip(&direct)
-        .map(|(j, d)| match d {
-            Some(_) => Vec::new(),
-            None => vec![0.0f32; j.n * j.w.rows()],
+        .map(|(j, &d)| {
+            if d {
+                Vec::new()
+            } else {
+                vec![0.0f32; j.n * j.w.rows()]
+            }
         })
         .collect();
     struct Task<'a> {
@@ -422,44 +430,53 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
         r0: usize,
         /// Weight rows of the task.
         len: usize,
-        yt: &'a mut [f32],
-        y: Option<OutPtr>,
+        /// `y` (`[n, out]`) where `direct`, else the job's transposed `[out, n]`.
+        y: OutPtr,
+        direct: bool,
     }
     let mut tasks = Vec::new();
-    for (((j, act), yt), y) in jobs.iter().zip(&acts).zip(yts.iter_mut()).zip(&direct) {
+    for (((j, run), yt), &direct) in jobs.iter_mut().zip(&runs).zip(yts.iter_mut()).zip(&direct) {
         if j.n == 0 {
             continue;
         }
-        // A repacked weight's tasks hold whole groups (MANY_BLOCK is a multiple of 8).
-        debug_assert!(MANY_BLOCK.is_multiple_of(j.w.dtype().interleave()));
         let out = j.w.rows();
-        // One transposed chunk per block of rows (none when writing straight into y).
-        let mut chunks = yt.chunks_mut(MANY_BLOCK * j.n);
-        for r0 in (0..out).step_by(MANY_BLOCK) {
-            let yt = match y {
-                Some(_) => &mut [][..],
-                None => chunks.next().expect("a chunk per block of rows"),
-            };
+        let block = many_block(out, j.w.row_bytes());
+        // A repacked weight's tasks hold whole groups.
+        debug_assert!(block.is_multiple_of(j.w.dtype().interleave()));
+        let y = if direct {
+            OutPtr(j.y.as_mut_ptr())
+        } else {
+            OutPtr(yt.as_mut_ptr())
+        };
+        for r0 in (0..out).step_by(block) {
             tasks.push(Task {
-                act: act.as_deref(),
+                act: run.map(|(s, n)| &refs[s..s + n]),
                 x: j.x,
                 rows: j.rows,
                 n: j.n,
                 w: j.w,
                 r0,
-                len: MANY_BLOCK.min(out - r0),
-                yt,
-                y: *y,
+                len: block.min(out - r0),
+                y,
+                direct,
             });
         }
     }
-    crate::for_each_dynamic(tasks.into_iter(), |t| {
+    crate::for_each_index(tasks.len(), |ti| {
+        let t = &tasks[ti];
         let pairs = qdot::pairs_groups(isa, t.w.dtype(), t.act.map_or(1, |a| a.len()));
         let rb = t.w.row_bytes();
         let bytes = t.w.bytes();
         let rows = t.len;
-        match (t.act, t.y) {
-            (Some(refs), Some(y)) => {
+        // SAFETY (for the rows of `yt` below): task `ti` alone owns weight rows
+        // `r0..r0 + len`, so rows `r0..r0 + len` of its job's transposed `[out, n]`
+        // buffer, which is in bounds (`r0 + len <= out`) and borrowed by `yts` for this
+        // whole call, read by no task.
+        let yt_row =
+            |k: usize| unsafe { std::slice::from_raw_parts_mut(t.y.0.add((t.r0 + k) * t.n), t.n) };
+        match t.act {
+            Some(refs) if t.direct => {
+                let y = t.y;
                 let g = t.w.dtype().interleave();
                 let out = t.w.rows();
                 let gb = g * rb;
@@ -492,7 +509,7 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
                     r += hg;
                 }
             }
-            (Some(refs), None) => {
+            Some(refs) => {
                 // More than one quad of rows: convert the row's block scales once.
                 let scales = t.n > 4 && qdot::takes_row_scales(t.w.dtype());
                 let mut dw = vec![0.0f32; if scales { t.w.cols() / qdot::QK8 } else { 0 }];
@@ -508,18 +525,18 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
                         qdot::row_scales(t.w.dtype(), wrow, &mut dw);
                         Some(&dw[..])
                     };
-                    let out = &mut t.yt[k * t.n..(k + 1) * t.n];
+                    let out = yt_row(k);
                     for (q, o) in refs.chunks(4).zip(out.chunks_mut(4)) {
                         qdot::dot_rows(isa, t.w.dtype(), wrow, pre, q, o);
                     }
                 }
             }
-            (None, _) => {
+            None => {
                 let inp = t.w.cols();
                 let mut row = vec![0.0f32; inp];
                 for k in 0..rows {
                     t.w.row_into(t.r0 + k, &mut row);
-                    for (i, yv) in t.yt[k * t.n..(k + 1) * t.n].iter_mut().enumerate() {
+                    for (i, yv) in yt_row(k).iter_mut().enumerate() {
                         let xi = pick(t.rows, i);
                         *yv = dot(&t.x[xi * inp..(xi + 1) * inp], &row);
                     }
@@ -527,8 +544,11 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
             }
         }
     });
+    drop(tasks);
+    drop(refs);
+    Q8_POOL.set(pool);
     for ((j, yt), d) in jobs.into_iter().zip(yts).zip(&direct) {
-        if d.is_some() {
+        if *d {
             continue;
         }
         let out = j.w.rows();
@@ -538,6 +558,11 @@ pub fn matmul_many(mut jobs: Vec<MatMul<'_>>, exact: bool) {
             }
         }
     }
+}
+
+thread_local! {
+    /// [`matmul_many`]'s quantised rows, kept for the thread's next call.
+    static Q8_POOL: std::cell::Cell<Vec<Q8Row>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `yt = W · xᵀ` as `[out, n]`, split over blocks of weight rows.
@@ -648,6 +673,66 @@ mod tests {
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "bf16 {n}x{out}x{inp}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn many_products_reuse_quantised_rows_across_calls_of_other_shapes() {
+        // One thread's calls in turn: wide rows, then narrow ones (the kept rows
+        // shrink), then more of them than before (the pool grows), then wide again;
+        // each equals the same product on its own.
+        let make = |out: usize, inp: usize, seed: f32| {
+            let w = data(out * inp, seed);
+            let mut q = vec![0u8; DType::Q4_0.bytes_for(out * inp).unwrap()];
+            crate::quantize::quantize_row(DType::Q4_0, &w, &mut q);
+            q
+        };
+        for (out, inp, rows) in [
+            (64usize, 256usize, 3usize),
+            (40, 32, 1),
+            (72, 64, 9),
+            (64, 256, 2),
+        ] {
+            let w = make(out, inp, inp as f32);
+            let m = MatRef::new(DType::Q4_0, &w, out, inp).unwrap();
+            let x = data(rows * inp, out as f32);
+            // Each row its own product (`rows` quantised rows), picked from one `x`.
+            let picks: Vec<[usize; 1]> = (0..rows).map(|i| [i]).collect();
+            let mut ys = vec![vec![0.0f32; out]; rows];
+            let jobs = ys
+                .iter_mut()
+                .zip(&picks)
+                .map(|(y, p)| MatMul {
+                    x: &x,
+                    rows: Some(p),
+                    n: 1,
+                    w: m,
+                    y,
+                })
+                .collect();
+            matmul_many(jobs, false);
+            for (i, y) in ys.iter().enumerate() {
+                let mut want = vec![0.0f32; out];
+                matmul_with(&x[i * inp..(i + 1) * inp], 1, m, &mut want, false);
+                assert_eq!(y, &want, "{out}x{inp}, row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn many_block_keeps_tasks_whole_and_near_their_size() {
+        // An expert's rows: 32 a task; an MLA head's short rows: a few tasks a head.
+        assert_eq!(super::many_block(1408, 1152), 32);
+        assert_eq!(super::many_block(512, 72), 256);
+        assert_eq!(super::many_block(128, 288), 64);
+        assert_eq!(super::many_block(8, 18), 32);
+        for (out, rb) in [(1usize, 1usize), (100, 7), (4096, 1), (33, 5000)] {
+            let b = super::many_block(out, rb);
+            assert!(b.is_multiple_of(32) && b >= 32, "{out} {rb}: {b}");
+            assert!(
+                b * rb <= 2 * super::MANY_TASK_BYTES || b == 32,
+                "{out} {rb}: {b}"
+            );
         }
     }
 

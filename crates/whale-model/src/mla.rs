@@ -301,6 +301,12 @@ const LATENT_NORM_EPS: f32 = 1e-6;
 /// (see [`Mla::expanded`]).
 pub(crate) const EXPANDED_BYTES: usize = 24 << 20;
 
+/// Steps of up to this many rows (decode, batched decode) run the query's first
+/// product and `kv_a_proj` as one pass ([`whale_kernels::matmul_many`]): one fork, and
+/// `kv_a_proj` (0.66 MB in Q4_0) no longer streams on its own at two thirds of the
+/// read bandwidth. Longer steps take each product's prompt-sized kernels.
+const FUSED_ROWS: usize = 16;
+
 /// A row of a step that runs in the absorbed form.
 struct AbsorbedRow {
     /// Its row of the step (`[T, _]`).
@@ -346,17 +352,45 @@ impl Mla {
             .collect();
 
         // q: [T, H, P+R]
+        // The products of `h`: the query's first (q_proj, or q_a_proj) and kv_a_proj's
+        // latent rows `[T, C+R]`, as one pass where the step is a few rows.
         let mut q = vec![0.0f32; t * nh * qk];
-        match &self.q {
-            QProj::Plain(w) => w.forward(h, t, &mut q),
-            QProj::Lora { a, norm, b } => {
-                let mut cq = vec![0.0f32; t * a.out_dim()];
-                a.forward(h, t, &mut cq);
-                for row in cq.chunks_mut(a.out_dim()) {
-                    rmsnorm_inplace(row, norm, LATENT_NORM_EPS);
-                }
-                b.forward(&cq, t, &mut q);
+        let mut lat = vec![0.0f32; t * (c + r)];
+        let mut cq = match &self.q {
+            QProj::Plain(_) => Vec::new(),
+            QProj::Lora { a, .. } => vec![0.0f32; t * a.out_dim()],
+        };
+        let first = match &self.q {
+            QProj::Plain(w) => (w, &mut q),
+            QProj::Lora { a, .. } => (a, &mut cq),
+        };
+        if t <= FUSED_ROWS && first.0.exact == self.kv_a.exact {
+            let jobs = vec![
+                whale_kernels::MatMul {
+                    x: h,
+                    rows: None,
+                    n: t,
+                    w: first.0.mat(),
+                    y: first.1,
+                },
+                whale_kernels::MatMul {
+                    x: h,
+                    rows: None,
+                    n: t,
+                    w: self.kv_a.mat(),
+                    y: &mut lat,
+                },
+            ];
+            whale_kernels::matmul_many(jobs, self.kv_a.exact);
+        } else {
+            first.0.forward(h, t, first.1);
+            self.kv_a.forward(h, t, &mut lat);
+        }
+        if let QProj::Lora { a, norm, b } = &self.q {
+            for row in cq.chunks_mut(a.out_dim()) {
+                rmsnorm_inplace(row, norm, LATENT_NORM_EPS);
             }
+            b.forward(&cq, t, &mut q);
         }
         for (qt, &at) in q.chunks_mut(nh * qk).zip(&pos) {
             for qh in qt.chunks_mut(qk) {
@@ -365,8 +399,6 @@ impl Mla {
         }
 
         // latent rows: [T, C+R] = [RMSNorm(c_kv) ‖ RoPE(k_pe)]
-        let mut lat = vec![0.0f32; t * (c + r)];
-        self.kv_a.forward(h, t, &mut lat);
         for (row, &at) in lat.chunks_mut(c + r).zip(&pos) {
             rmsnorm_inplace(&mut row[..c], &self.kv_a_norm, LATENT_NORM_EPS);
             rope.apply(&mut row[c..], at);

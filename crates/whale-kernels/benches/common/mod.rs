@@ -3,15 +3,19 @@
 use std::time::Instant;
 
 /// Median wall time of `reps` runs of `f`, after one warm-up run.
-pub fn median_secs(mut f: impl FnMut(), reps: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
+pub fn median_secs(mut f: impl FnMut() + Send, reps: usize) -> f64 {
+    // On the pool with its spinners, as a model step runs its kernels: outside it,
+    // each fork wakes sleeping workers (tens of microseconds on a short call).
+    let mut t: Vec<f64> = whale_kernels::on_pool(|| {
+        f();
+        (0..reps)
+            .map(|_| {
+                let s = Instant::now();
+                f();
+                s.elapsed().as_secs_f64()
+            })
+            .collect()
+    });
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
     t[reps / 2]
 }
