@@ -378,70 +378,15 @@ mod tests {
         run(vec![(1, true), (2, true), (3, true), (4, false)], 500);
     }
 
-    #[test]
-    fn for_each_dynamic_runs_every_item_once_on_any_pool() {
+    /// Checks a way of handing out `0..n` to the pool (`each(n, task)`): every index
+    /// runs once, from outside the pool, from a worker, and in pools of one and three
+    /// threads; both threads take indices when both are free; a panicking task
+    /// reaches the caller and the pool works afterwards.
+    fn hands_out_every_index_once(each: impl Fn(usize, &(dyn Fn(usize) + Sync)) + Sync) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let check = |n: usize| {
             let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            super::for_each_dynamic(0..n, |i| {
-                seen[i].fetch_add(1, Ordering::Relaxed);
-            });
-            assert!(
-                seen.iter().all(|c| c.load(Ordering::Relaxed) == 1),
-                "n = {n}"
-            );
-            // Disjoint mutable chunks, as the products hand out their outputs.
-            let mut out = vec![0usize; n * 3];
-            super::for_each_dynamic(out.chunks_mut(3).enumerate(), |(i, c)| c.fill(i + 1));
-            assert!(
-                out.iter().enumerate().all(|(k, &v)| v == k / 3 + 1),
-                "n = {n}"
-            );
-        };
-        for n in [0, 1, 2, 7, 64, 1000] {
-            // From outside the pool, from a worker, and in a one-thread pool.
-            check(n);
-            super::on_pool(|| check(n));
-            let one = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
-            one.install(|| check(n));
-        }
-        // Both threads take items when both are free: each task waits until the
-        // other thread has taken one too (bounded, so a one-thread run still ends).
-        if rayon::current_num_threads() >= 2 {
-            let threads = std::sync::Mutex::new(std::collections::HashSet::new());
-            super::on_pool(|| {
-                super::for_each_dynamic(0..64, |_| {
-                    threads
-                        .lock()
-                        .unwrap()
-                        .insert(rayon::current_thread_index());
-                    let t0 = std::time::Instant::now();
-                    while threads.lock().unwrap().len() < 2
-                        && t0.elapsed() < std::time::Duration::from_secs(5)
-                    {
-                        std::hint::spin_loop();
-                    }
-                })
-            });
-            assert_eq!(threads.into_inner().unwrap().len(), 2);
-        }
-        // A panicking task reaches the caller; the pool works afterwards.
-        let r = std::panic::catch_unwind(|| {
-            super::on_pool(|| super::for_each_dynamic(0..10, |i| assert!(i != 5, "on purpose")))
-        });
-        assert!(r.is_err());
-        check(10);
-    }
-
-    #[test]
-    fn for_each_index_runs_every_index_once_on_any_pool() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let check = |n: usize| {
-            let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            super::for_each_index(n, |i| {
+            each(n, &|i| {
                 seen[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(
@@ -452,22 +397,20 @@ mod tests {
         for n in [0, 1, 2, 3, 7, 64, 1000] {
             check(n);
             super::on_pool(|| check(n));
-            let one = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
-            one.install(|| check(n));
-            let three = rayon::ThreadPoolBuilder::new()
-                .num_threads(3)
-                .build()
-                .unwrap();
-            three.install(|| check(n));
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| check(n));
+            }
         }
-        // Both threads take indices when both are free (bounded wait, as above).
+        // Each task waits until the other thread has taken one too (bounded, so a
+        // one-thread run still ends).
         if rayon::current_num_threads() >= 2 {
             let threads = std::sync::Mutex::new(std::collections::HashSet::new());
             super::on_pool(|| {
-                super::for_each_index(64, |_| {
+                each(64, &|_| {
                     threads
                         .lock()
                         .unwrap()
@@ -482,11 +425,40 @@ mod tests {
             });
             assert_eq!(threads.into_inner().unwrap().len(), 2);
         }
-        let r = std::panic::catch_unwind(|| {
-            super::on_pool(|| super::for_each_index(10, |i| assert!(i != 5, "on purpose")))
-        });
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::on_pool(|| each(10, &|i| assert!(i != 5, "on purpose")))
+        }));
         assert!(r.is_err());
         check(10);
+    }
+
+    #[test]
+    fn for_each_dynamic_runs_every_item_once_on_any_pool() {
+        hands_out_every_index_once(|n, task| super::for_each_dynamic(0..n, task));
+        // Disjoint mutable chunks, as the products hand out their outputs: from
+        // outside the pool, from a worker, and in a one-thread pool.
+        let chunks = |n: usize| {
+            let mut out = vec![0usize; n * 3];
+            super::for_each_dynamic(out.chunks_mut(3).enumerate(), |(i, c)| c.fill(i + 1));
+            assert!(
+                out.iter().enumerate().all(|(k, &v)| v == k / 3 + 1),
+                "n = {n}"
+            );
+        };
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for n in [0, 1, 2, 7, 64, 1000] {
+            chunks(n);
+            super::on_pool(|| chunks(n));
+            one.install(|| chunks(n));
+        }
+    }
+
+    #[test]
+    fn for_each_index_runs_every_index_once_on_any_pool() {
+        hands_out_every_index_once(|n, task| super::for_each_index(n, task));
     }
 
     #[test]

@@ -2,20 +2,23 @@
 
 use std::time::Instant;
 
+/// Wall times of `reps` runs of `f`, after one warm-up run.
+fn times(f: &mut impl FnMut(), reps: usize) -> Vec<f64> {
+    f();
+    (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
 /// Median wall time of `reps` runs of `f`, after one warm-up run.
 pub fn median_secs(mut f: impl FnMut() + Send, reps: usize) -> f64 {
     // On the pool with its spinners, as a model step runs its kernels: outside it,
     // each fork wakes sleeping workers (tens of microseconds on a short call).
-    let mut t: Vec<f64> = whale_kernels::on_pool(|| {
-        f();
-        (0..reps)
-            .map(|_| {
-                let s = Instant::now();
-                f();
-                s.elapsed().as_secs_f64()
-            })
-            .collect()
-    });
+    let mut t = whale_kernels::on_pool(|| times(&mut f, reps));
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
     t[reps / 2]
 }
@@ -24,12 +27,7 @@ pub fn median_secs(mut f: impl FnMut() + Send, reps: usize) -> f64 {
 /// neighbour on the same physical core slows runs at random, never speeds them up.
 #[allow(dead_code)]
 pub fn best_secs(mut f: impl FnMut(), reps: usize) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
+    times(&mut f, reps)
+        .into_iter()
         .fold(f64::INFINITY, f64::min)
 }
