@@ -29,7 +29,10 @@ SERVER=$CACHE/build-0.3.36/bin/llama-server
 if grep -qw amx_tile /proc/cpuinfo && [ "${LLAMA_AMX:-0}" != 1 ]; then
   SERVER=$CACHE/build-0.3.36-noamx/bin/llama-server
 fi
-[ -x "$SERVER" ] || "$ROOT/bench/compare_llama_cpp.sh" --build-only
+# Built only where it is run: ENGINES=whale needs no llama.cpp.
+if [[ " $ENGINES " == *" llama-server "* ]] && [ ! -x "$SERVER" ]; then
+  "$ROOT/bench/compare_llama_cpp.sh" --build-only
+fi
 if [ -z "${WHALE:-}" ]; then
   cargo build --release -p whale --manifest-path "$ROOT/Cargo.toml" -q
   WHALE=$ROOT/target/release/whale
