@@ -156,10 +156,10 @@ where
 
 /// [`for_each_dynamic`] over the indices `0..n`, with the same runs, taken from an
 /// atomic counter: no lock, no allocation and no items to move, for the products'
-/// tasks (a decode step forks about 200 times; a 16-task product of 74 KB took
-/// 6.4 µs from cache, of which the kernels ~1.5, before this and [`Q8Row`] reuse).
-///
-/// [`Q8Row`]: crate::qdot::Q8Row
+/// tasks. A decode step forks about 200 times; a 16-task product of 74 KB from cache
+/// took 6.4 µs, of which the kernels ~1.5, and takes 3.9 with this and `matmul_many`'s
+/// reuse of its quantised rows (`cargo bench --bench stream`, `TOTAL_MB=1
+/// SHAPE=64,128,16`).
 pub fn for_each_index(n: usize, task: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads();
     if threads <= 1 || n <= 1 {
