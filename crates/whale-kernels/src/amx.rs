@@ -146,7 +146,7 @@ fn panel_index(i: usize, c: usize, kp: usize) -> usize {
 }
 
 /// Rows `r0..r0 + rows` of `w` (`rows <= 32`) decoded to bf16 into `buf` in the
-/// tile layout of [`panel_index`]; rows past `rows` and values past `w.cols()` are
+/// tile layout of `panel_index`; rows past `rows` and values past `w.cols()` are
 /// zero. The [`fast_decode`] types decode eight rows at a time in vector code where
 /// AMX is [`available`]; [`pack_rows`] is their scalar twin.
 pub fn pack_panel(w: MatRef<'_>, r0: usize, rows: usize, kp: usize, buf: &mut [u16]) {

@@ -78,7 +78,7 @@ pub(crate) fn first_lanes(n: usize) -> u16 {
 /// a job that `f` waits for: rayon runs a worker's queued broadcast inside any
 /// join the worker is waiting in, above whatever that worker was doing. Two rules
 /// keep the spinners at the bottom of their workers' stacks:
-/// - one caller at a time ([`SERIAL`]): a second caller's spinner could otherwise
+/// - one caller at a time (a lock, `SERIAL`): a second caller's spinner could otherwise
 ///   start inside a join of the first caller's step on the same worker, and both
 ///   steps would wait on each other;
 /// - `f` starts only after every other worker has started its spinner: a worker
