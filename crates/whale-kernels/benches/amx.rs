@@ -6,15 +6,13 @@
 //! each expert. Run: `cargo bench -p whale-kernels --bench amx` (`ROUNDS=n`,
 //! default 10; `TYPE=q4_0|q8_0|q5_0|q4_k`, default q4_0). Prints nothing useful without AMX.
 
+mod common;
 use std::time::Instant;
 use whale_kernels::quantize::quantize_row;
 use whale_kernels::{amx, matmul_quantized, quantize_rows, repack, DType, MatRef};
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let rounds = common::env("ROUNDS", 10);
     let dtype = match std::env::var("TYPE").as_deref() {
         Ok("q8_0") => DType::Q8_0,
         Ok("q5_0") => DType::Q5_0,

@@ -39,12 +39,10 @@ fn main() {
         "GMAC/s"
     );
     // `DECODE_DEPTHS=48,1024` picks the depths.
-    let depths: Vec<usize> = std::env::var("DECODE_DEPTHS")
-        .unwrap_or_else(|_| "1024,4096".into())
-        .split(',')
-        .map(|v| v.trim().parse().expect("DECODE_DEPTHS=n,n"))
-        .collect();
-    for n in depths.into_iter().filter(|_| !tiled_only) {
+    for n in common::env_list("DECODE_DEPTHS", "1024,4096")
+        .into_iter()
+        .filter(|_| !tiled_only)
+    {
         let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
         let rows: Vec<f32> = (0..n * l).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut s = vec![0.0f32; heads * n];

@@ -6,17 +6,12 @@
 //! compare the neighbour, not the kernels. Run: `cargo bench -p whale-kernels --bench qdot`
 //! (`ROUNDS=n`, default 40; `COLS=n`, default 2048).
 
+mod common;
+use common::env;
 use std::time::Instant;
 use whale_kernels::qdot::{self, dot_group, dot_group_pair, dot_rows, Isa, Q8Row};
 use whale_kernels::quantize::quantize_row;
 use whale_kernels::{repack, DType};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One benchmarked product: a label and a closure running `macs` multiply-adds.
 struct Case<'a> {

@@ -10,10 +10,7 @@ use whale_kernels::quantize::quantize_row;
 use whale_kernels::{matmul, qdot, DType, MatRef};
 
 fn main() {
-    let out: usize = std::env::var("ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(32768);
+    let out = common::env("ROWS", 32768);
     let inp = 2048usize;
     let w: Vec<f32> = (0..out * inp)
         .map(|i| ((i % 977) as f32 * 0.013).sin())

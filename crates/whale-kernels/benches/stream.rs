@@ -17,21 +17,15 @@
 //! smaller (walked as many times as make 1 GiB): at 1 it stays in cache, which leaves
 //! a call's cost without memory.
 
+mod common;
+use common::{env, env_list};
 use std::time::Instant;
 use whale_kernels::quantize::quantize_row;
 use whale_kernels::{matmul_many, repack, simd_f32, DType, MatMul, MatRef};
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let shape: Vec<usize> = std::env::var("SHAPE")
-        .unwrap_or_else(|_| "1408,2048,6".into())
-        .split(',')
-        .map(|v| v.trim().parse().expect("SHAPE=rows,cols,per"))
-        .collect();
-    let [rows, cols, per] = shape[..] else {
+    let rounds = env("ROUNDS", 5);
+    let [rows, cols, per] = env_list("SHAPE", "1408,2048,6")[..] else {
         panic!("SHAPE=rows,cols,per")
     };
     let w: Vec<f32> = (0..rows * cols)
@@ -45,10 +39,7 @@ fn main() {
     let (rt, packed) = repack::repack(DType::Q4_0, &wq, rows, cols).expect("repackable");
     // `TOTAL_MB` (default 1024): a set small enough for the caches shows a call's
     // cost apart from memory.
-    let total: usize = std::env::var("TOTAL_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let total = env("TOTAL_MB", 1024);
     let count = ((total << 20) / packed.len()).max(per);
     // The same weights on 4 KiB pages and on huge pages (as whale repacks them where
     // the kernel allows): `small` and `huge` alternate.
@@ -63,10 +54,7 @@ fn main() {
     let mats = |all| matrices(all, rt, packed.len(), rows, cols);
     let (mats4k, matsh) = (mats(&small), mats(&huge));
     let all = &small;
-    let inputs: usize = std::env::var("INPUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let inputs = env("INPUTS", 1);
     let x: Vec<f32> = (0..inputs * cols)
         .map(|i| (i as f32 * 0.01).cos())
         .collect();

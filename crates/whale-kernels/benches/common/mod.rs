@@ -1,4 +1,5 @@
-//! Shared by the benches.
+//! Shared by the benches (each uses some of it).
+#![allow(dead_code)]
 
 use std::time::Instant;
 
@@ -25,9 +26,32 @@ pub fn median_secs(mut f: impl FnMut() + Send, reps: usize) -> f64 {
 
 /// Least wall time of `reps` runs of `f`, after one warm-up run: on a shared VM a
 /// neighbour on the same physical core slows runs at random, never speeds them up.
-#[allow(dead_code)]
 pub fn best_secs(mut f: impl FnMut(), reps: usize) -> f64 {
     times(&mut f, reps)
         .into_iter()
         .fold(f64::INFINITY, f64::min)
+}
+
+/// The environment's number `name`, or `default` where it is unset or not a number.
+pub fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The environment's comma-separated numbers `name` (`default` where unset).
+///
+/// # Panics
+/// If a value is not a number: the message names the variable.
+pub fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: {v:?} is not a number"))
+        })
+        .collect()
 }
