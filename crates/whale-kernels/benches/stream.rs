@@ -15,13 +15,22 @@
 //! is an MLA layer's sixteen per-head `W_UKᵀ` products at decode, `128,512,16` its
 //! `W_UV` ones, `3072,2048,1` the query projection. `TOTAL_MB=n` makes the set
 //! smaller (walked as many times as make 1 GiB): at 1 it stays in cache, which leaves
-//! a call's cost without memory.
+//! a call's cost without memory. The plain read runs a second time in 32 KiB tasks
+//! handed out as `matmul_many` hands out its own (`CHUNK_KB=n`): what a task split
+//! alone costs the memory (nothing measurable on the Emerald Rapids VM: 24.7 GB/s
+//! against 24.1 whole).
+//! `PREFETCH="near,far;near,far;…"` compares the integer kernels' prefetch distances
+//! (bytes ahead into L1 and into L2, [`whale_kernels::qdot::set_prefetch`]): each
+//! round runs every pair on huge pages, then the plain read, and each pair's line
+//! gives the median of its speed over its round's plain read, so a neighbour that
+//! slows one round slows both sides of its ratios.
 
 mod common;
 use common::{env, env_list};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use whale_kernels::quantize::quantize_row;
-use whale_kernels::{matmul_many, repack, simd_f32, DType, MatMul, MatRef};
+use whale_kernels::{matmul_many, qdot, repack, simd_f32, DType, MatMul, MatRef};
 
 fn main() {
     let rounds = env("ROUNDS", 5);
@@ -68,29 +77,48 @@ fn main() {
         rt.name(),
         all.len() as f64 / 1e6
     );
-    let (mut prod, mut prod_h, mut bw) = (vec![], vec![], vec![]);
+    let (mut prod, mut prod_h, mut bw, mut bw_tasks) = (vec![], vec![], vec![], vec![]);
+    let chunk = env("CHUNK_KB", 32) << 8; // floats
+    let pairs: Vec<(usize, usize)> = std::env::var("PREFETCH")
+        .map(|v| {
+            v.split(';')
+                .map(|p| qdot::parse_prefetch(p).expect("PREFETCH=near,far;near,far"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let default_prefetch = qdot::prefetch_distances();
+    let mut per_pair = vec![vec![]; pairs.len()];
+    // GB/s of one pass of products over `mats`, on the pool with its spinners, as a
+    // model step runs them.
+    let mut products = |mats: &[MatRef<'_>]| {
+        let t = Instant::now();
+        whale_kernels::on_pool(|| {
+            for call in (0..passes).flat_map(|_| mats.chunks(per)) {
+                let jobs = call
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(&w, y)| MatMul {
+                        x: &x,
+                        rows: None,
+                        n: inputs,
+                        w,
+                        y,
+                    })
+                    .collect();
+                matmul_many(jobs, false);
+            }
+        });
+        (passes * all.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
     for _ in 0..rounds {
-        for (mats, out) in [(&mats4k, &mut prod), (&matsh, &mut prod_h)] {
-            let t = Instant::now();
-            // On the pool with its spinners, as a model step runs.
-            whale_kernels::on_pool(|| {
-                for call in (0..passes).flat_map(|_| mats.chunks(per)) {
-                    let jobs = call
-                        .iter()
-                        .zip(ys.iter_mut())
-                        .map(|(&w, y)| MatMul {
-                            x: &x,
-                            rows: None,
-                            n: inputs,
-                            w,
-                            y,
-                        })
-                        .collect();
-                    matmul_many(jobs, false);
-                }
-            });
-            out.push((passes * all.len()) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let mut speeds = Vec::with_capacity(pairs.len());
+        for &(near, far) in &pairs {
+            qdot::set_prefetch(near, far);
+            speeds.push(products(&matsh));
         }
+        qdot::set_prefetch(default_prefetch.0, default_prefetch.1);
+        prod.push(products(&mats4k));
+        prod_h.push(products(&matsh));
         let t = Instant::now();
         let s: f32 = {
             use rayon::prelude::*;
@@ -98,13 +126,41 @@ fn main() {
             floats.par_chunks(per).map(simd_f32::sum).sum()
         };
         std::hint::black_box(s);
-        bw.push((floats.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let plain = (floats.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        bw.push(plain);
+        for (v, s) in per_pair.iter_mut().zip(speeds) {
+            v.push(s / plain);
+        }
+        // The same read in tasks handed out as `matmul_many` hands out its own.
+        let t = Instant::now();
+        let sums: Vec<AtomicU32> = (0..floats.len() / chunk)
+            .map(|_| AtomicU32::new(0))
+            .collect();
+        whale_kernels::on_pool(|| {
+            whale_kernels::for_each_index(sums.len(), |i| {
+                let s = simd_f32::sum(&floats[i * chunk..(i + 1) * chunk]);
+                sums[i].store(s.to_bits(), Ordering::Relaxed);
+            })
+        });
+        std::hint::black_box(&sums);
+        bw_tasks.push((floats.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
     let (p, ph, b) = (med(&mut prod), med(&mut prod_h), med(&mut bw));
+    for ((near, far), v) in pairs.iter().zip(&mut per_pair) {
+        println!(
+            "prefetch {near},{far}: products on huge pages {:.3} of the plain read",
+            med(v)
+        );
+    }
+    println!(
+        "plain read in tasks of {} KiB: {:.2} GB/s",
+        chunk >> 8,
+        med(&mut bw_tasks)
+    );
     let calls = mats4k.len().div_ceil(per) as f64;
     println!("{passes} passes over the set");
     println!(

@@ -197,6 +197,13 @@ pub fn isa() -> Isa {
         if std::env::var_os("WHALE_SCALAR").is_some() {
             return Isa::Scalar;
         }
+        // `WHALE_PREFETCH=near,far`: the integer kernels' prefetch distances.
+        if let Some((near, far)) = std::env::var("WHALE_PREFETCH")
+            .ok()
+            .and_then(|v| parse_prefetch(&v))
+        {
+            set_prefetch(near, far);
+        }
         // `WHALE_ISA=avx2` keeps a VNNI CPU on the AVX2 kernels (side-by-side runs).
         let avx2_only = std::env::var("WHALE_ISA").is_ok_and(|v| v == "avx2");
         #[cfg(target_arch = "x86_64")]
@@ -210,6 +217,32 @@ pub fn isa() -> Isa {
         }
         Isa::Scalar
     })
+}
+
+/// `"near,far"` (bytes) as a pair of prefetch distances.
+pub fn parse_prefetch(v: &str) -> Option<(usize, usize)> {
+    let (near, far) = v.split_once(',')?;
+    Some((near.trim().parse().ok()?, far.trim().parse().ok()?))
+}
+
+/// Sets how far ahead the integer kernels ask for their weights' cache lines: `near`
+/// bytes into L1 and `far` bytes into L2 (0 turns a level off). The defaults were
+/// measured on the machines this was built on; `cargo bench --bench stream` with
+/// `PREFETCH=near,far;…` compares distances on another. `WHALE_PREFETCH=near,far`
+/// sets them at start. No effect off x86-64.
+pub fn set_prefetch(near: usize, far: usize) {
+    #[cfg(target_arch = "x86_64")]
+    x86::set_prefetch(near, far);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (near, far);
+}
+
+/// The integer kernels' prefetch distances in use (into L1, into L2), in bytes.
+pub fn prefetch_distances() -> (usize, usize) {
+    #[cfg(target_arch = "x86_64")]
+    return x86::prefetch();
+    #[cfg(not(target_arch = "x86_64"))]
+    (0, 0)
 }
 
 /// Whether `dtype` has an integer kernel here.

@@ -7,6 +7,7 @@
 use super::{Isa, Q8Row, QK8};
 use crate::DType;
 use std::arch::x86_64::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// AVX2, FMA and F16C.
 pub fn has_avx2() -> bool {
@@ -849,37 +850,65 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
     }
 }
 
-/// Bytes ahead of the current block whose cache lines a product requests into L1.
-/// Decode-sized products stream their weights from memory: one row (decode), and
-/// the two or three rows each routed expert sees in a batched step, which sits
-/// between bandwidth and compute. `whale bench -p 0 -n 32 -b 8`, alternated, with
-/// the prefetch for every row count vs for one row only: Q4_0 32.65 vs 30.48 tok/s
-/// (8 runs each), Q8_0 18.3 vs 15.6 (2 each); `-b 16` Q4_0 32.0 vs 27.7 (2 each);
-/// pp512 unchanged within noise.
-const GROUP_PREFETCH: usize = 768;
+/// Bytes ahead of the current block whose cache lines a product requests into L1, and
+/// bytes ahead whose lines it requests into L2 only ([`prefetch_ahead`]), unless
+/// `WHALE_PREFETCH=near,far` or [`super::set_prefetch`] says otherwise (0 turns a
+/// level off). A core's misses to L1 are capped by its fill buffers (~16 lines in
+/// flight, below what the memory gives one core); L2-only requests queue in L2's
+/// larger miss queue, so more lines are on their way at once and the near requests
+/// then find them in L2. Decode-sized products stream their weights from memory: one
+/// row (decode), and the two to four rows each routed expert sees in a batched step.
+///
+/// Measured with `PREFETCH="768,3072;2048,12288;…" cargo bench -p whale-kernels
+/// --bench stream` (1 GiB of repacked Q4_0 expert matrices, six a call on the pool,
+/// huge pages; the distances alternated within each round, each product's speed
+/// over the same round's plain read), on the Emerald Rapids VM (24 GB/s read), 8
+/// rounds, medians: one input row 0.877 of the plain read at 768/3072, 0.909 at
+/// 2048/12288 (0.89–0.97 across three runs of distances from 1536/6144 to
+/// 2560/10240); two rows 0.815 → 0.895; four 0.773 → 0.840. No software prefetch:
+/// 0.605; L1 only at 768: 0.712; L2 only at 3072: 0.871. The earlier AMX Xeon VM
+/// (28–30 GB/s) had chosen 768/3072 over L1-only at 1024 (22.5 against 20.6 GB/s)
+/// before farther distances were tried.
+const GROUP_PREFETCH: [usize; 2] = [2048, 12288];
 
-/// Bytes ahead whose lines are requested into L2 only ([`prefetch_ahead`]).
-const GROUP_PREFETCH_L2: usize = 3072;
+/// The distances in use: [`GROUP_PREFETCH`] until [`set_prefetch`] changes them.
+static PREFETCH: [AtomicUsize; 2] = [
+    AtomicUsize::new(GROUP_PREFETCH[0]),
+    AtomicUsize::new(GROUP_PREFETCH[1]),
+];
 
-/// Requests `LINES` cache lines from [`GROUP_PREFETCH`] bytes past `p` into L1 and as
-/// many from [`GROUP_PREFETCH_L2`] past it into L2. A core's misses to L1 are capped
-/// by its fill buffers (~16 lines in flight: ~10 GB/s at this VM's latency, below
-/// what the memory gives one core); L2-only requests queue in L2's larger miss queue,
-/// so more lines are on their way at once and the near requests then find them in
-/// L2. `cargo bench -p whale-kernels --bench stream` (1 GiB of Q4_0 expert
-/// matrices, `matvec_many`, two threads), the variants alternated in 9 rounds:
-/// L1 only at 1024 bytes 20.6 GB/s median; L1 at 768 and L2 at 3072 22.5 GB/s,
-/// faster in 9 of 9 rounds; L2 at 2304 21.5, at 4608 22.5, at 6912 21.5; L2 only
-/// 18.9.
+/// Sets the prefetch distances (bytes ahead into L1, into L2; 0 turns one off).
+pub(crate) fn set_prefetch(near: usize, far: usize) {
+    PREFETCH[0].store(near, Ordering::Relaxed);
+    PREFETCH[1].store(far, Ordering::Relaxed);
+}
+
+/// The prefetch distances in use (bytes ahead into L1, into L2).
+pub(crate) fn prefetch() -> (usize, usize) {
+    (
+        PREFETCH[0].load(Ordering::Relaxed),
+        PREFETCH[1].load(Ordering::Relaxed),
+    )
+}
+
+/// Requests `LINES` cache lines from the near distance past `p` into L1 and as many
+/// from the far distance into L2 ([`GROUP_PREFETCH`]). The two relaxed loads of the
+/// distances are L1 hits beside a block's few dozen instructions (measured with
+/// them in place).
 #[inline(always)]
 unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8) {
-    let near = p.wrapping_add(GROUP_PREFETCH) as *const i8;
-    let far = p.wrapping_add(GROUP_PREFETCH_L2) as *const i8;
-    for l in 0..LINES {
-        _mm_prefetch::<_MM_HINT_T0>(near.wrapping_add(64 * l));
+    let (near, far) = prefetch();
+    if near != 0 {
+        let near = p.wrapping_add(near) as *const i8;
+        for l in 0..LINES {
+            _mm_prefetch::<_MM_HINT_T0>(near.wrapping_add(64 * l));
+        }
     }
-    for l in 0..LINES {
-        _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l));
+    if far != 0 {
+        let far = p.wrapping_add(far) as *const i8;
+        for l in 0..LINES {
+            _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l));
+        }
     }
 }
 
@@ -1195,14 +1224,26 @@ impl K4R8Words {
 /// FMA, as the file-layout kernels do.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
-    let m4 = _mm256_set1_epi8(0x0F);
-    nibbles_r8_vnni::<N>(w, 144, 1, nb, a, out, |blk, k| {
-        let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
-        (
-            _mm256_and_si256(v, m4),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-        )
-    })
+    let (m4, mf0) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0xF0u8 as i8));
+    if N <= 2 {
+        // High nibbles left in place (16 times their value): one AND where a shift
+        // and an AND were, per load; each row's block sum of them is shifted down
+        // once. Four loads a block against one shift a row: faster for one and two
+        // rows, slower for four (`cargo bench --bench qdot`, best of 60 rounds on
+        // the Xeon: 73 → 78, 99 → 104 and 122 → 115 GMAC/s for 1, 2 and 4 rows).
+        nibbles_r8_vnni::<N, true>(w, 144, 1, nb, a, out, |blk, k| {
+            let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
+            (_mm256_and_si256(v, m4), _mm256_and_si256(v, mf0))
+        })
+    } else {
+        nibbles_r8_vnni::<N, false>(w, 144, 1, nb, a, out, |blk, k| {
+            let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
+            (
+                _mm256_and_si256(v, m4),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+            )
+        })
+    }
 }
 
 /// The loop of the VNNI kernels over 32-value blocks of nibbles (Q4_0R8, Q5_0R8):
@@ -1215,7 +1256,7 @@ unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
 /// the loop waiting on their latency. The exact sum meets `d_w · d_x` in one
 /// multiply and one FMA.
 #[inline(always)]
-unsafe fn nibbles_r8_vnni<const N: usize>(
+unsafe fn nibbles_r8_vnni<const N: usize, const HI16: bool>(
     w: &[u8],
     bs: usize,
     offset8: i32,
@@ -1244,7 +1285,12 @@ unsafe fn nibbles_r8_vnni<const N: usize>(
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
         for t in 0..N {
             let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*ds[t].add(b)));
-            let i = _mm256_add_epi32(s[t], s2[t]);
+            let hi = if HI16 {
+                _mm256_srai_epi32::<4>(s2[t])
+            } else {
+                s2[t]
+            };
+            let i = _mm256_add_epi32(s[t], hi);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
         }
     }
@@ -1294,7 +1340,7 @@ pub(crate) unsafe fn q5_r8_values(blk: *const u8, t: __m256i, k: usize) -> (__m2
 /// `d_w · d_x`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q5_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &mut [f32]) {
-    nibbles_r8_vnni::<N>(w, 176, 2, nb, a, out, |blk, k| {
+    nibbles_r8_vnni::<N, false>(w, 176, 2, nb, a, out, |blk, k| {
         q5_r8_values(blk, _mm256_loadu_si256(blk.add(16) as *const __m256i), k)
     })
 }
