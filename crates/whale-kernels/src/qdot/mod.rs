@@ -885,6 +885,38 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_distances_parse_and_leave_the_sums_alone() {
+        assert_eq!(parse_prefetch("2048,12288"), Some((2048, 12288)));
+        assert_eq!(parse_prefetch(" 0 , 64 "), Some((0, 64)));
+        for bad in ["2048", "a,1", "1,", ",1", "-1,2"] {
+            assert_eq!(parse_prefetch(bad), None, "{bad}");
+        }
+        // Hints only: any distances (none at all, far past the weight's end) give
+        // the same bits. (Another test running meanwhile sees other distances,
+        // which is harmless for the same reason.)
+        let (rows, cols) = (8, 2048);
+        let w = lcg(rows * cols, 3);
+        let mut wq = vec![0u8; DType::Q4_0.bytes_for(rows * cols).unwrap()];
+        quantize_row(DType::Q4_0, &w, &mut wq);
+        let (to, packed) = crate::repack::repack(DType::Q4_0, &wq, rows, cols).unwrap();
+        let x = Q8Row::from_f32(&lcg(cols, 4));
+        let run = |near, far| {
+            set_prefetch(near, far);
+            let mut out = vec![0.0f32; 8];
+            dot_group(isa(), to, &packed, &[&x], &mut out);
+            out
+        };
+        let before = prefetch_distances();
+        let want = run(before.0, before.1);
+        for (near, far) in [(0, 0), (0, 12288), (64, 0), (1 << 20, 1 << 24)] {
+            assert_eq!(run(near, far), want, "{near},{far}");
+        }
+        set_prefetch(before.0, before.1);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(prefetch_distances(), before);
+    }
+
+    #[test]
     fn extreme_values_do_not_overflow() {
         // Q8_0 weights at -128 (a file may hold them) times activations at ±127.
         let cols = 256;
