@@ -86,6 +86,9 @@ fn main() {
                 .collect()
         })
         .unwrap_or_default();
+    // The kernels' choice first: it reads `WHALE_PREFETCH`, which would otherwise
+    // land in the middle of the first pair's run.
+    qdot::isa();
     let default_prefetch = qdot::prefetch_distances();
     let mut per_pair = vec![vec![]; pairs.len()];
     // GB/s of one pass of products over `mats`, on the pool with its spinners, as a

@@ -1254,7 +1254,9 @@ unsafe fn q4_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
 /// `offset8` (the values' offset over 8: 1 for Q4_0, 2 for Q5_0). Two chains per row
 /// (low and high nibbles): one chain of eight dependent `vpdpbusd` per block left
 /// the loop waiting on their latency. The exact sum meets `d_w · d_x` in one
-/// multiply and one FMA.
+/// multiply and one FMA. With `HI16` the high values come 16 times over (Q4_0's
+/// high nibbles left in place) and each row's block sum of them is shifted down by
+/// four, which is exact: every such product is a multiple of 16.
 #[inline(always)]
 unsafe fn nibbles_r8_vnni<const N: usize, const HI16: bool>(
     w: &[u8],
