@@ -1,7 +1,9 @@
 //! Absorbed-MLA decode attention at depth: 16 query heads over `n` latent rows of 576
 //! values (DeepSeek-V2-Lite: kv_lora 512 + rope 64), one 64-row page at a time as the
 //! paged cache hands them over (f32 and f16 pages; `cold`: f16 pages that come from
-//! memory, as in a decode step; then the same as bf16 pages, warm and cold); then expanded-MLA prefill of 512 rows at depth, 16
+//! memory, as in a decode step; then the same as bf16 pages, warm and cold, on AMX
+//! tiles where the CPU has them, and `vec`: the same bf16 pages with the tiles
+//! turned off, `vdpbf16ps`, alternated in the same run); then expanded-MLA prefill of 512 rows at depth, 16
 //! heads of 192-value keys and 128-value values, as the tiled causal kernel computes
 //! it beside the scores → softmax → weighted-sum composition it replaced.
 //! Run: `cargo bench -p whale-kernels --bench attn` (`TILED_ONLY=1`: the tiled prefill
@@ -22,7 +24,7 @@ fn main() {
     // `TILED_ONLY=1`: only the tiled prefill kernel (quick alternated runs).
     let tiled_only = std::env::var_os("TILED_ONLY").is_some();
     println!(
-        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "rows",
         "scores ms",
         "values ms",
@@ -36,7 +38,9 @@ fn main() {
         "bf16 ms",
         "GMAC/s",
         "cold bf16",
-        "GMAC/s"
+        "GMAC/s",
+        "bf16 vec",
+        "cold vec"
     );
     // `DECODE_DEPTHS=48,1024` picks the depths.
     for n in common::env_list("DECODE_DEPTHS", "1024,4096")
@@ -82,10 +86,25 @@ fn main() {
         // and cold as above.
         let b16: Vec<half::bf16> = rows.iter().map(|&x| half::bf16::from_f32(x)).collect();
         let pages_b16: Vec<Block> = b16.chunks(64 * l).map(Block::Bf16).collect();
-        let tbf = median_secs(
-            || mqa_blocks(&q, heads, &pages_b16, l, n, c, 0.1, &mut o2),
-            21,
-        );
+        // Tiles (where the CPU has AMX) and vectors alternated: (tiles, vectors).
+        let mut bf_warm = (vec![], vec![]);
+        for _ in 0..5 {
+            for tiles in [true, false] {
+                whale_kernels::amx::set_allowed(tiles);
+                let t = median_secs(
+                    || mqa_blocks(&q, heads, &pages_b16, l, n, c, 0.1, &mut o2),
+                    5,
+                );
+                if tiles {
+                    &mut bf_warm.0
+                } else {
+                    &mut bf_warm.1
+                }
+                .push(t);
+            }
+        }
+        whale_kernels::amx::set_allowed(true);
+        let (tbf, tbv) = (median(bf_warm.0), median(bf_warm.1));
         drop(cold_pages);
         drop(cold);
         let cold_b: Vec<Vec<half::bf16>> = (0..copies).map(|_| b16.clone()).collect();
@@ -93,15 +112,29 @@ fn main() {
             .iter()
             .map(|h| h.chunks(64 * l).map(Block::Bf16).collect())
             .collect();
-        let tcb = median_secs(
-            || {
-                turn = (turn + 1) % copies;
-                mqa_blocks(&q, heads, &cold_bp[turn], l, n, c, 0.1, &mut o2)
-            },
-            21,
-        );
+        let mut bf_cold = (vec![], vec![]);
+        for _ in 0..5 {
+            for tiles in [true, false] {
+                whale_kernels::amx::set_allowed(tiles);
+                let t = median_secs(
+                    || {
+                        turn = (turn + 1) % copies;
+                        mqa_blocks(&q, heads, &cold_bp[turn], l, n, c, 0.1, &mut o2)
+                    },
+                    5,
+                );
+                if tiles {
+                    &mut bf_cold.0
+                } else {
+                    &mut bf_cold.1
+                }
+                .push(t);
+            }
+        }
+        whale_kernels::amx::set_allowed(true);
+        let (tcb, tcv) = (median(bf_cold.0), median(bf_cold.1));
         println!(
-            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2}",
+            "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.3}",
             ts * 1e3,
             tv * 1e3,
             macs / (ts + tv) / 1e9,
@@ -114,7 +147,9 @@ fn main() {
             tbf * 1e3,
             macs / tbf / 1e9,
             tcb * 1e3,
-            macs / tcb / 1e9
+            macs / tcb / 1e9,
+            tbv * 1e3,
+            tcv * 1e3
         );
     }
 
@@ -190,4 +225,10 @@ fn main() {
             macs / bf16 / 1e9
         );
     }
+}
+
+/// The median of `v`.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }

@@ -4,16 +4,20 @@
 //! memory, would bound the loop; the baseline build's 128-bit loads read ~17 GB/s
 //! where 512-bit ones read ~25 GB/s on the 2-vCPU Xeon of BENCHMARKS.md). Best of 5,
 //! on 4 KiB pages and on transparent huge pages (`read_gb_s` is the better).
-//! Run: `cargo bench -p whale-kernels --bench bandwidth` (`THREADS=n` to change).
+//! Run: `cargo bench -p whale-kernels --bench bandwidth` (`THREADS=n` to change;
+//! `MB=n` reads an n MiB buffer instead, to see which sizes the last-level cache
+//! holds between passes: the roofline is the 1 GiB figure, larger than any L3).
 
 use std::time::Instant;
 
+mod common;
+
 fn main() {
-    let threads: usize = std::env::var("THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let n = (1usize << 30) / 4;
+    let threads = common::env(
+        "THREADS",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    let n = (common::env("MB", 1024) << 20) / 4;
     // On 4 KiB pages, then on huge pages (as whale's repacked weights are, where the
     // kernel allows): the roofline is the better of the two.
     let mut small: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
@@ -25,7 +29,8 @@ fn main() {
     let (b, _) = read(&huge, threads);
     small.clear();
     println!(
-        "{{\"threads\": {threads}, \"read_gb_s\": {:.2}, \"read_gb_s_4k\": {a:.2}, \"read_gb_s_huge\": {b:.2}, \"checksum\": {check}}}",
+        "{{\"threads\": {threads}, \"mib\": {}, \"read_gb_s\": {:.2}, \"read_gb_s_4k\": {a:.2}, \"read_gb_s_huge\": {b:.2}, \"checksum\": {check}}}",
+        n >> 18,
         a.max(b)
     );
 }

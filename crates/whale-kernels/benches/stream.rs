@@ -19,11 +19,12 @@
 //! handed out as `matmul_many` hands out its own (`CHUNK_KB=n`): what a task split
 //! alone costs the memory (nothing measurable on the Emerald Rapids VM: 24.7 GB/s
 //! against 24.1 whole).
-//! `PREFETCH="near,far;near,far;…"` compares the integer kernels' prefetch distances
-//! (bytes ahead into L1 and into L2, [`whale_kernels::qdot::set_prefetch`]): each
-//! round runs every pair on huge pages, then the plain read, and each pair's line
-//! gives the median of its speed over its round's plain read, so a neighbour that
-//! slows one round slows both sides of its ratios.
+//! `PREFETCH="near,far;near,far,far1;…"` compares the integer kernels' prefetch
+//! distances (bytes ahead into L1, into L2, and into L2 for one-row products when
+//! given, [`whale_kernels::qdot::Prefetch`]): each round runs every setting on huge
+//! pages, then the plain read, and each setting's line gives the median of its speed
+//! over its round's plain read, so a neighbour that slows one round slows both sides
+//! of its ratios.
 
 mod common;
 use common::{env, env_list};
@@ -79,10 +80,10 @@ fn main() {
     );
     let (mut prod, mut prod_h, mut bw, mut bw_tasks) = (vec![], vec![], vec![], vec![]);
     let chunk = env("CHUNK_KB", 32) << 8; // floats
-    let pairs: Vec<(usize, usize)> = std::env::var("PREFETCH")
+    let pairs: Vec<qdot::Prefetch> = std::env::var("PREFETCH")
         .map(|v| {
             v.split(';')
-                .map(|p| qdot::parse_prefetch(p).expect("PREFETCH=near,far;near,far"))
+                .map(|p| qdot::parse_prefetch(p).expect("PREFETCH=near,far[,far1];…"))
                 .collect()
         })
         .unwrap_or_default();
@@ -115,11 +116,11 @@ fn main() {
     };
     for _ in 0..rounds {
         let mut speeds = Vec::with_capacity(pairs.len());
-        for &(near, far) in &pairs {
-            qdot::set_prefetch(near, far);
+        for &p in &pairs {
+            qdot::set_prefetch(p);
             speeds.push(products(&matsh));
         }
-        qdot::set_prefetch(default_prefetch.0, default_prefetch.1);
+        qdot::set_prefetch(default_prefetch);
         prod.push(products(&mats4k));
         prod_h.push(products(&matsh));
         let t = Instant::now();
@@ -153,9 +154,9 @@ fn main() {
         v[v.len() / 2]
     };
     let (p, ph, b) = (med(&mut prod), med(&mut prod_h), med(&mut bw));
-    for ((near, far), v) in pairs.iter().zip(&mut per_pair) {
+    for (p, v) in pairs.iter().zip(&mut per_pair) {
         println!(
-            "prefetch {near},{far}: products on huge pages {:.3} of the plain read",
+            "prefetch {p}: products on huge pages {:.3} of the plain read",
             med(v)
         );
     }

@@ -248,6 +248,142 @@ pub(crate) fn causal(
     ACTS.set(a);
 }
 
+/// Whether decode attention over bf16 cache rows ([`mqa_scores`], [`mqa_values`])
+/// runs on the tiles for rows of `l` scored values and `c` weighted ones: AMX is
+/// [`available`], `l` is a multiple of 32 and `c` of 64, `c <= l` (MLA's latent
+/// rows: 576 and 512).
+pub(crate) fn mqa_fits(l: usize, c: usize) -> bool {
+    l.is_multiple_of(TK) && c.is_multiple_of(2 * PANEL) && c <= l && l > 0 && available()
+}
+
+/// The queries `q` (`[H, L]`) rounded to bf16 as [`mqa_scores`]' B tiles: per panel
+/// of 16 heads, per 32 values, 16 rows of the panel's heads' value pairs
+/// (`[H/16][L/32][16 pairs][16 heads][2]`, heads past `H` zero).
+pub(crate) fn mqa_queries(q: &[f32], heads: usize, out: &mut Vec<u16>) {
+    let l = q.len() / heads.max(1);
+    assert!(l.is_multiple_of(TK) && q.len() == heads * l);
+    let (panels, nk) = (heads.div_ceil(TR), l / TK);
+    out.clear();
+    out.resize(panels * nk * TR * TK, 0);
+    let mut row = vec![0u16; l];
+    for (h, src) in q.chunks_exact(l).enumerate() {
+        crate::attn::to_bf16(src, &mut row);
+        let (hp, hi) = (h / TR, h % TR);
+        for kb in 0..nk {
+            let tile = (hp * nk + kb) * TR * TK;
+            for r in 0..TR {
+                let at = tile + r * TK + 2 * hi;
+                out[at..at + 2].copy_from_slice(&row[kb * TK + 2 * r..kb * TK + 2 * r + 2]);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// A block's rows copied where the key tiles would read past its end (zero-padded).
+    static MQA_ROWS: std::cell::Cell<Vec<half::bf16>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A block's values paired by rows as B tiles, and its probabilities as A tiles.
+    static MQA_TILES: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Scores of `H` queries against the first `n` bf16 rows (of `stride` values) of a
+/// cache block, on tiles: `s[h · n + u] = scale · q[h] · rows[u][..L]`, the queries
+/// packed by [`mqa_queries`]. The rows load straight into A tiles (16 rows of 32
+/// values, `stride · 2` bytes apart) against the queries as B tiles, so one
+/// `tdpbf16ps` scores 16 rows for 16 heads; MLA's heads share every latent row
+/// (multi-query), which is what makes decode attention a tile shape. Products are
+/// exact in f32 and summed in f32, as the `vdpbf16ps` kernels compute. The `next`
+/// block's rows (possibly none) are requested into L2 meanwhile.
+///
+/// # Panics
+/// Unless [`mqa_fits`] for `l` (and some `c`), or if the buffers are short.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mqa_scores(
+    qa: &[u16],
+    heads: usize,
+    l: usize,
+    (rows, next): (&[half::bf16], &[half::bf16]),
+    stride: usize,
+    n: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    assert!(available() && l.is_multiple_of(TK) && l <= stride);
+    assert!(qa.len() >= heads.div_ceil(TR) * l * TR && s.len() >= heads * n);
+    assert!(rows.len() >= n * stride);
+    if n == 0 {
+        return;
+    }
+    // The last key tile reads 16 whole rows: copy where that would pass the block.
+    let need = (n.next_multiple_of(TR) - 1) * stride + l;
+    let mut pad = MQA_ROWS.take();
+    let src = if rows.len() >= need {
+        rows
+    } else {
+        pad.clear();
+        pad.extend_from_slice(&rows[..n * stride]);
+        pad.resize(need, half::bf16::ZERO);
+        &pad[..]
+    };
+    let next = (next.as_ptr() as *const u16, next.len());
+    // SAFETY: AMX was granted (`available`); `src` holds every row the key tiles
+    // read (`need` values), `qa` the packed queries of every head panel, `s` `H · n`
+    // scores (asserted above); `next` is only prefetched, which never faults.
+    unsafe {
+        x86::mqa_scores(
+            qa,
+            heads,
+            l,
+            (src.as_ptr() as *const u16, next),
+            stride,
+            n,
+            scale,
+            s,
+        )
+    };
+    MQA_ROWS.set(pad);
+}
+
+/// `out[h] += Σ_{u<n} p[h · n + u] · rows[u][..c]` on tiles, `p` (`[H, n]`) rounded
+/// to bf16: per 32 rows, the probabilities as an A tile (16 heads × 32 rows) against
+/// the values paired by rows as B tiles (16 pairs × 16 columns, built from the rows
+/// with one shuffle per 16 pairs); four column tiles share each A tile.
+///
+/// # Panics
+/// Unless [`mqa_fits`] for `c` (and some `l`), or if the buffers are short.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mqa_values(
+    p: &[f32],
+    heads: usize,
+    n: usize,
+    rows: &[half::bf16],
+    stride: usize,
+    c: usize,
+    out: &mut [f32],
+) {
+    assert!(available() && c.is_multiple_of(2 * PANEL) && c <= stride);
+    assert!(p.len() >= heads * n && out.len() == heads * c && rows.len() >= n * stride);
+    if n == 0 {
+        return;
+    }
+    let chunks = n.div_ceil(TK);
+    let mut t = MQA_TILES.take();
+    // Values: chunks × (c / 16) B tiles; then one A tile of probabilities per chunk.
+    let vlen = chunks * c * TK;
+    grow(&mut t, vlen + chunks * TR * TK);
+    let (vt, pt) = t.split_at_mut(vlen);
+    // SAFETY: AMX and AVX-512 BF16 were granted (`available`); `rows` holds `n` rows
+    // of `stride >= c` values, `vt` and `pt` the sizes above, `p` and `out` `H · n`
+    // and `H · c` (asserted above).
+    unsafe {
+        x86::pair_values(rows.as_ptr() as *const u16, stride, n, c, vt);
+        x86::mqa_values(p, heads, n, vt, &mut pt[..chunks * TR * TK], c, out);
+    }
+    MQA_TILES.set(t);
+}
+
 #[cfg(target_arch = "x86_64")]
 fn product(x: &[f32], n: usize, w: MatRef<'_>, y: &mut [f32]) {
     let (out, k) = (w.rows(), w.cols());
@@ -563,6 +699,283 @@ pub(crate) mod x86 {
                     .zip(&o[i * dv..(i + 1) * dv])
                 {
                     *dst = x * inv;
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// tmm0..tmm`G` = the scores of `G` tiles of 16 key rows (from `k`, `stride`
+    /// values apart, the next tile 16 rows on) against the query tiles at `q` (one
+    /// per 32 values), over `nk` steps. The key tiles alternate between tmm4 and
+    /// tmm5 so one's load overlaps the other's product.
+    /// Meanwhile `pf.1` cache lines from `pf.0` on are requested into L2, spread
+    /// over the steps.
+    #[inline(always)]
+    unsafe fn key_steps<const G: usize>(
+        q: *const u16,
+        nk: usize,
+        k: *const u16,
+        stride: usize,
+        pf: (*const u8, usize),
+    ) {
+        zero4();
+        let (sb, t) = (stride * 2, 16 * stride);
+        let per = pf.1.div_ceil(nk);
+        for kb in 0..nk {
+            for i in (kb * per)..((kb + 1) * per).min(pf.1) {
+                _mm_prefetch::<_MM_HINT_T1>(pf.0.wrapping_add(64 * i) as *const i8);
+            }
+            let (qb, kb0) = (q.add(kb * TR * TK), k.add(kb * TK));
+            asm!(
+                "tileloadd tmm6, [{q} + {s}*1]",
+                "tileloadd tmm4, [{k} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                q = in(reg) qb, s = in(reg) 64usize, k = in(reg) kb0, sb = in(reg) sb,
+                options(nostack, readonly)
+            );
+            if G > 1 {
+                asm!(
+                    "tileloadd tmm5, [{k} + {sb}*1]",
+                    "tdpbf16ps tmm1, tmm5, tmm6",
+                    k = in(reg) kb0.add(t), sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+            if G > 2 {
+                asm!(
+                    "tileloadd tmm4, [{k} + {sb}*1]",
+                    "tdpbf16ps tmm2, tmm4, tmm6",
+                    k = in(reg) kb0.add(2 * t), sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+            if G > 3 {
+                asm!(
+                    "tileloadd tmm5, [{k} + {sb}*1]",
+                    "tdpbf16ps tmm3, tmm5, tmm6",
+                    k = in(reg) kb0.add(3 * t), sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+        }
+    }
+
+    /// tmm0–3 side by side into `c` as 16 rows of 64 sums (tmm0 columns 0–15, …).
+    #[inline(always)]
+    unsafe fn store_wide(c: &mut Sums) {
+        let p = c.0.as_mut_ptr();
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) p,
+            c1 = in(reg) p.add(TR),
+            c2 = in(reg) p.add(2 * TR),
+            c3 = in(reg) p.add(3 * TR),
+            s = in(reg) 4 * TR * 4,
+            options(nostack)
+        );
+    }
+
+    /// [`super::mqa_scores`] after its checks: `rows` holds every row the key tiles
+    /// read; `next` (start, values) is only prefetched.
+    ///
+    /// # Safety
+    /// AMX tile data granted; `qa` the packed queries of every head panel; `rows`
+    /// `(n rounded up to 16) − 1` rows of `stride` values and `l` more; `s` `H · n`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn mqa_scores(
+        qa: &[u16],
+        heads: usize,
+        l: usize,
+        (rows, next): (*const u16, (*const u16, usize)),
+        stride: usize,
+        n: usize,
+        scale: f32,
+        s: &mut [f32],
+    ) {
+        configure();
+        let (nk, groups) = (l / TK, n.div_ceil(TR));
+        let mut c = Sums([0.0; PANEL * PANEL]);
+        // The next block's lines, spread over the first head panel's steps.
+        let calls = groups.div_ceil(4);
+        let per_call = (next.1 * 2).div_ceil(64).div_ceil(calls);
+        for hp in 0..heads.div_ceil(TR) {
+            let hn = (heads - hp * TR).min(TR);
+            let q = qa.as_ptr().add(hp * nk * TR * TK);
+            for g0 in (0..groups).step_by(4) {
+                let k = rows.add(g0 * TR * stride);
+                let pf = if hp == 0 {
+                    let from = g0 / 4 * per_call;
+                    let lines = per_call.min((next.1 * 2).div_ceil(64).saturating_sub(from));
+                    ((next.0 as *const u8).wrapping_add(64 * from), lines)
+                } else {
+                    (next.0 as *const u8, 0)
+                };
+                match (groups - g0).min(4) {
+                    4 => key_steps::<4>(q, nk, k, stride, pf),
+                    3 => key_steps::<3>(q, nk, k, stride, pf),
+                    2 => key_steps::<2>(q, nk, k, stride, pf),
+                    _ => key_steps::<1>(q, nk, k, stride, pf),
+                }
+                store_wide(&mut c);
+                // c[i][16 j + h]: key g0·16 + 16 j + i, head h; into s[h][key].
+                for j in 0..(groups - g0).min(4) {
+                    for i in 0..TR {
+                        let u = (g0 + j) * TR + i;
+                        if u >= n {
+                            break;
+                        }
+                        let row = &c.0[i * 4 * TR + j * TR..][..hn];
+                        for (h, &v) in row.iter().enumerate() {
+                            *s.get_unchecked_mut((hp * TR + h) * n + u) = v * scale;
+                        }
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// The first `n` rows' first `c` values paired by rows as B tiles, into `vt`: per
+    /// chunk of 32 rows, per 32 columns, two B tiles of 16 rows of (row 2r, row 2r + 1)
+    /// pairs (`[n/32][c/16][16][16][2]`, rows past `n` zero). One `vpunpck{l,h}wd`
+    /// each (one shuffle, where `vpermt2w` putting the columns in order took three
+    /// and a copy: 20% of a decode's attention in `perf`), so the first tile holds
+    /// columns 0–3, 8–11, 16–19, 24–27 of the 32 and the second the others;
+    /// [`unshuffle`] puts the sums back in order.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW; `rows` holds `n` rows of `stride >= c` values, `c` is a multiple
+    /// of 32, `vt` holds `n.div_ceil(32) · c · 32` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pair_values(
+        rows: *const u16,
+        stride: usize,
+        n: usize,
+        c: usize,
+        vt: &mut [u16],
+    ) {
+        let ct = c / TR;
+        debug_assert!(vt.len() >= n.div_ceil(TK) * c * TK);
+        let row = |u: usize, col: usize| {
+            if u < n {
+                _mm512_loadu_si512(rows.add(u * stride + col) as *const __m512i)
+            } else {
+                _mm512_setzero_si512()
+            }
+        };
+        for ch in 0..n.div_ceil(TK) {
+            for r in 0..TR {
+                let u = ch * TK + 2 * r;
+                for q in 0..c / TK {
+                    let (a, b) = (row(u, q * TK), row(u + 1, q * TK));
+                    let t0 = vt.as_mut_ptr().add(((ch * ct + 2 * q) * TR + r) * TK);
+                    _mm512_storeu_si512(t0 as *mut __m512i, _mm512_unpacklo_epi16(a, b));
+                    _mm512_storeu_si512(
+                        t0.add(TR * TK) as *mut __m512i,
+                        _mm512_unpackhi_epi16(a, b),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Columns `0..16` and `16..32` of a 32-column block in order, from the sums of
+    /// its two [`pair_values`] tiles (`lo`: columns 0–3, 8–11, 16–19, 24–27; `hi`: 4–7,
+    /// 12–15, 20–23, 28–31).
+    #[inline(always)]
+    unsafe fn unshuffle(lo: __m512, hi: __m512) -> (__m512, __m512) {
+        let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        let second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+        (
+            _mm512_permutex2var_ps(lo, first, hi),
+            _mm512_permutex2var_ps(lo, second, hi),
+        )
+    }
+
+    /// [`super::mqa_values`] after its checks and [`pair_values`].
+    ///
+    /// # Safety
+    /// AMX tile data granted, AVX-512 F/BW/VL/BF16; `p` `H · n`, `vt` as
+    /// [`pair_values`] fills it, `pt` `n.div_ceil(32)` A tiles, `out` `H · c`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn mqa_values(
+        p: &[f32],
+        heads: usize,
+        n: usize,
+        vt: &[u16],
+        pt: &mut [u16],
+        c: usize,
+        out: &mut [f32],
+    ) {
+        configure();
+        let (chunks, ct) = (n.div_ceil(TK), c / TR);
+        let mut sums = Sums([0.0; PANEL * PANEL]);
+        for hp in 0..heads.div_ceil(TR) {
+            let hn = (heads - hp * TR).min(TR);
+            // The panel's probabilities rounded to bf16: per chunk, 16 head rows of 32.
+            for ch in 0..chunks {
+                let left = n - ch * TK;
+                let (k0, k1) = (
+                    crate::first_lanes(left.min(TR)),
+                    crate::first_lanes(left.saturating_sub(TR).min(TR)),
+                );
+                for h in 0..TR {
+                    let dst = pt.as_mut_ptr().add((ch * TR + h) * TK) as *mut __m512i;
+                    if h >= hn {
+                        _mm512_storeu_si512(dst, _mm512_setzero_si512());
+                        continue;
+                    }
+                    let src = p.as_ptr().add((hp * TR + h) * n + ch * TK);
+                    let x0 = _mm512_maskz_loadu_ps(k0, src);
+                    let x1 = _mm512_maskz_loadu_ps(k1, src.add(TR));
+                    let b = _mm512_cvtne2ps_pbh(x1, x0);
+                    _mm512_storeu_si512(dst, std::mem::transmute::<__m512bh, __m512i>(b));
+                }
+            }
+            for c0 in (0..c).step_by(4 * TR) {
+                zero4();
+                for ch in 0..chunks {
+                    let a = pt.as_ptr().add(ch * TR * TK);
+                    let b = vt.as_ptr().add((ch * ct + c0 / TR) * TR * TK);
+                    asm!(
+                        "tileloadd tmm4, [{a} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm6, [{b2} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm4, tmm6",
+                        "tileloadd tmm7, [{b3} + {s}*1]",
+                        "tdpbf16ps tmm3, tmm4, tmm7",
+                        a = in(reg) a,
+                        b0 = in(reg) b,
+                        b1 = in(reg) b.add(TR * TK),
+                        b2 = in(reg) b.add(2 * TR * TK),
+                        b3 = in(reg) b.add(3 * TR * TK),
+                        s = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
+                store_wide(&mut sums);
+                for h in 0..hn {
+                    let o = out.as_mut_ptr().add((hp * TR + h) * c + c0);
+                    let x = sums.0.as_ptr().add(h * 4 * TR);
+                    for half in 0..2 {
+                        let (lo, hi) = (
+                            _mm512_loadu_ps(x.add(2 * half * TR)),
+                            _mm512_loadu_ps(x.add((2 * half + 1) * TR)),
+                        );
+                        let (a, b) = unshuffle(lo, hi);
+                        let oh = o.add(2 * half * TR);
+                        _mm512_storeu_ps(oh, _mm512_add_ps(_mm512_loadu_ps(oh), a));
+                        let oh = oh.add(TR);
+                        _mm512_storeu_ps(oh, _mm512_add_ps(_mm512_loadu_ps(oh), b));
+                    }
                 }
             }
         }

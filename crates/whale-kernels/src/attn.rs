@@ -305,7 +305,7 @@ impl Running {
     fn add_block(
         &mut self,
         q: &[f32],
-        (qt, qb): (Option<&[f32]>, Option<&[u16]>),
+        (qt, qb, qa): PackedQueries<'_>,
         heads: usize,
         (block, next): (&Block<'_>, Option<&Block<'_>>),
         stride: usize,
@@ -313,6 +313,20 @@ impl Running {
         scale: f32,
     ) {
         self.s.resize(heads * n, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(qa), Block::Bf16(r)) = (qa, block) {
+            // `qa` exists only where `amx::mqa_fits` said yes for these sizes.
+            let (l, c) = (q.len() / heads, self.out.len() / heads);
+            let x = match next {
+                Some(Block::Bf16(x)) => x,
+                _ => &[][..],
+            };
+            crate::amx::mqa_scores(qa, heads, l, (r, x), stride, n, scale, &mut self.s);
+            self.softmax_step(heads, n);
+            crate::amx::mqa_values(&self.s, heads, n, r, stride, c, &mut self.out);
+            return;
+        }
+        let _ = qa;
         #[cfg(target_arch = "x86_64")]
         if wide() {
             let l = q.len() / heads;
@@ -477,6 +491,10 @@ impl Running {
     }
 }
 
+/// A step's queries packed for the kernels that run it: for the f32 kernels, for
+/// `vdpbf16ps`, and as AMX B tiles (`crate::amx::mqa_queries`); each where used.
+type PackedQueries<'a> = (Option<&'a [f32]>, Option<&'a [u16]>, Option<&'a [u16]>);
+
 /// One block of a paged cache's rows, as the cache stores them.
 #[derive(Clone, Copy, Debug)]
 pub enum Block<'a> {
@@ -561,11 +579,22 @@ pub fn mqa_blocks(
     scale: f32,
     out: &mut [f32],
 ) {
-    mqa_blocks_on(q, heads, blocks, stride, visible, c, scale, out, bf16_dot())
+    mqa_blocks_on(
+        q,
+        heads,
+        blocks,
+        stride,
+        visible,
+        c,
+        scale,
+        out,
+        (bf16_dot(), true),
+    )
 }
 
 /// [`mqa_blocks`], with bf16 blocks on the `vdpbf16ps` kernels only where `vdpbf16`
-/// (which the caller has detected; the tests compare both ways).
+/// (which the caller has detected; the tests compare both ways), and on AMX tiles
+/// where `tiles` and [`crate::amx::mqa_fits`] (tiles first).
 #[allow(clippy::too_many_arguments)]
 fn mqa_blocks_on(
     q: &[f32],
@@ -576,20 +605,33 @@ fn mqa_blocks_on(
     c: usize,
     scale: f32,
     out: &mut [f32],
-    vdpbf16: bool,
+    (vdpbf16, tiles): (bool, bool),
 ) {
     assert_eq!(out.len(), heads * c);
     let per = blocks.first().map_or(1, |b| (b.len() / stride).max(1));
     // bf16 blocks (a cache's blocks share one type): queries rounded to bf16, packed
-    // for `vdpbf16ps` where it runs; elsewhere rounded in f32 for the f32 kernels.
+    // as B tiles where the tiles run, else for `vdpbf16ps` where it runs; elsewhere
+    // rounded in f32 for the f32 kernels.
     let bf16 = matches!(blocks.first(), Some(Block::Bf16(_)));
-    let qb = if bf16 && vdpbf16 {
+    let l = q.len() / heads.max(1);
+    #[cfg(target_arch = "x86_64")]
+    let qa = (bf16 && tiles && heads > 0 && crate::amx::mqa_fits(l, c)).then(|| {
+        let mut a = Vec::new();
+        crate::amx::mqa_queries(q, heads, &mut a);
+        a
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let qa: Option<Vec<u16>> = {
+        let _ = (l, tiles);
+        None
+    };
+    let qb = if bf16 && vdpbf16 && qa.is_none() {
         packed_queries_bf16(q, heads)
     } else {
         None
     };
     let rounded;
-    let q = if bf16 && qb.is_none() {
+    let q = if bf16 && qb.is_none() && qa.is_none() {
         let mut r = q.to_vec();
         round_bf16(&mut r);
         rounded = r;
@@ -597,7 +639,7 @@ fn mqa_blocks_on(
     } else {
         q
     };
-    let qt = if qb.is_some() {
+    let qt = if qb.is_some() || qa.is_some() {
         None
     } else {
         packed_queries(q, heads)
@@ -611,7 +653,11 @@ fn mqa_blocks_on(
         let next = blocks.get(bi + 1);
         acc.add_block(
             q,
-            (qt.as_ref().map(Packed::get), qb.as_ref().map(Packed::get)),
+            (
+                qt.as_ref().map(Packed::get),
+                qb.as_ref().map(Packed::get),
+                qa.as_deref(),
+            ),
             heads,
             (rows, next),
             stride,
@@ -1583,6 +1629,12 @@ mod tests {
             (16, 576, 576, 512, 300, 300),
             (5, 40, 52, 40, 150, 131),
             (21, 72, 72, 64, 64, 1),
+            // Tile shapes: a partial second head panel, rows 100 values apart, a
+            // last block of 8 rows (copied for the key tiles), a partial chunk.
+            (21, 96, 100, 64, 200, 200),
+            (21, 96, 100, 64, 200, 177),
+            (128, 576, 576, 512, 70, 70),
+            (16, 576, 576, 512, 64, 1),
         ] {
             let q: Vec<f32> = (0..heads * l).map(|i| (i as f32 * 0.37).sin()).collect();
             let raw: Vec<f32> = (0..n * stride)
@@ -1592,12 +1644,12 @@ mod tests {
             let blocks: Vec<Block> = rows.chunks(64 * stride).map(Block::Bf16).collect();
             let f32_blocks: Vec<Block> = rf.chunks(64 * stride).map(Block::F32).collect();
             let scale = 1.0 / (l as f32).sqrt();
+            // `vdpbf16ps`, the portable twin, and AMX tiles (where this CPU has them
+            // and the sizes fit: the first and third cases).
             let mut outs = Vec::new();
-            for vdpbf16 in [true, false] {
+            for paths in [(true, false), (false, false), (true, true)] {
                 let mut o = vec![0.0; heads * c];
-                mqa_blocks_on(
-                    &q, heads, &blocks, stride, visible, c, scale, &mut o, vdpbf16,
-                );
+                mqa_blocks_on(&q, heads, &blocks, stride, visible, c, scale, &mut o, paths);
                 outs.push(o);
             }
             let mut exact = vec![0.0; heads * c];
@@ -1611,10 +1663,14 @@ mod tests {
                 scale,
                 &mut exact,
             );
-            for ((a, b), e) in outs[0].iter().zip(&outs[1]).zip(&exact) {
+            for (((a, b), t), e) in outs[0].iter().zip(&outs[1]).zip(&outs[2]).zip(&exact) {
                 assert!(
                     (a - b).abs() <= 2e-6 * e.abs().max(1.0),
                     "{heads}x{l} n={visible}: {a} vs {b}"
+                );
+                assert!(
+                    (t - b).abs() <= 2e-6 * e.abs().max(1.0),
+                    "{heads}x{l} n={visible}: tiles {t} vs {b}"
                 );
                 assert!(
                     (a - e).abs() <= 2e-2 * e.abs().max(0.1),

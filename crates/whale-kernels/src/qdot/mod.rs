@@ -197,12 +197,12 @@ pub fn isa() -> Isa {
         if std::env::var_os("WHALE_SCALAR").is_some() {
             return Isa::Scalar;
         }
-        // `WHALE_PREFETCH=near,far`: the integer kernels' prefetch distances.
-        if let Some((near, far)) = std::env::var("WHALE_PREFETCH")
+        // `WHALE_PREFETCH=near,far[,far1]`: the integer kernels' prefetch distances.
+        if let Some(p) = std::env::var("WHALE_PREFETCH")
             .ok()
             .and_then(|v| parse_prefetch(&v))
         {
-            set_prefetch(near, far);
+            set_prefetch(p);
         }
         // `WHALE_ISA=avx2` keeps a VNNI CPU on the AVX2 kernels (side-by-side runs).
         let avx2_only = std::env::var("WHALE_ISA").is_ok_and(|v| v == "avx2");
@@ -219,30 +219,68 @@ pub fn isa() -> Isa {
     })
 }
 
-/// `"near,far"` (bytes) as a pair of prefetch distances.
-pub fn parse_prefetch(v: &str) -> Option<(usize, usize)> {
-    let (near, far) = v.split_once(',')?;
-    Some((near.trim().parse().ok()?, far.trim().parse().ok()?))
+/// How far ahead of the block in hand the integer kernels ask for their weights'
+/// cache lines, in bytes (0 turns a level off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetch {
+    /// Into L1.
+    pub near: usize,
+    /// Into L2 only, for products of two input rows or more.
+    pub far: usize,
+    /// Into L2 only, for products of one input row (decode). Machines differ here:
+    /// the AMX Xeon VM streams one row best at 4 KiB and two rows at 12 KiB.
+    pub far_one_row: usize,
 }
 
-/// Sets how far ahead the integer kernels ask for their weights' cache lines: `near`
-/// bytes into L1 and `far` bytes into L2 (0 turns a level off). The defaults were
-/// measured on the machines this was built on; `cargo bench --bench stream` with
-/// `PREFETCH=near,far;…` compares distances on another. `WHALE_PREFETCH=near,far`
-/// sets them at start. No effect off x86-64.
-pub fn set_prefetch(near: usize, far: usize) {
+impl std::fmt::Display for Prefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{},{}", self.near, self.far, self.far_one_row)
+    }
+}
+
+/// `"near,far"` or `"near,far,far_one_row"` (bytes) as prefetch distances; without
+/// the third, one-row products use `far` too.
+pub fn parse_prefetch(v: &str) -> Option<Prefetch> {
+    let d: Vec<usize> = v
+        .split(',')
+        .map(|d| d.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    match d[..] {
+        [near, far] => Some(Prefetch {
+            near,
+            far,
+            far_one_row: far,
+        }),
+        [near, far, far_one_row] => Some(Prefetch {
+            near,
+            far,
+            far_one_row,
+        }),
+        _ => None,
+    }
+}
+
+/// Sets how far ahead the integer kernels ask for their weights' cache lines. The
+/// defaults were measured on the machines this was built on; `cargo bench --bench
+/// stream` with `PREFETCH=near,far,far1;…` compares distances on another.
+/// `WHALE_PREFETCH=near,far[,far1]` sets them at start. No effect off x86-64.
+pub fn set_prefetch(p: Prefetch) {
     #[cfg(target_arch = "x86_64")]
-    x86::set_prefetch(near, far);
+    x86::set_prefetch(p);
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (near, far);
+    let _ = p;
 }
 
-/// The integer kernels' prefetch distances in use (into L1, into L2), in bytes.
-pub fn prefetch_distances() -> (usize, usize) {
+/// The integer kernels' prefetch distances in use.
+pub fn prefetch_distances() -> Prefetch {
     #[cfg(target_arch = "x86_64")]
     return x86::prefetch();
     #[cfg(not(target_arch = "x86_64"))]
-    (0, 0)
+    Prefetch {
+        near: 0,
+        far: 0,
+        far_one_row: 0,
+    }
 }
 
 /// Whether `dtype` has an integer kernel here.
@@ -886,9 +924,19 @@ mod tests {
 
     #[test]
     fn prefetch_distances_parse_and_leave_the_sums_alone() {
-        assert_eq!(parse_prefetch("2048,12288"), Some((2048, 12288)));
-        assert_eq!(parse_prefetch(" 0 , 64 "), Some((0, 64)));
-        for bad in ["2048", "a,1", "1,", ",1", "-1,2"] {
+        let p = |near, far, far_one_row| Prefetch {
+            near,
+            far,
+            far_one_row,
+        };
+        assert_eq!(parse_prefetch("2048,12288"), Some(p(2048, 12288, 12288)));
+        assert_eq!(parse_prefetch(" 0 , 64 "), Some(p(0, 64, 64)));
+        assert_eq!(
+            parse_prefetch("2048,12288,4096"),
+            Some(p(2048, 12288, 4096))
+        );
+        assert_eq!(p(1, 2, 3).to_string(), "1,2,3");
+        for bad in ["2048", "a,1", "1,", ",1", "-1,2", "1,2,3,4", "1,2,"] {
             assert_eq!(parse_prefetch(bad), None, "{bad}");
         }
         // Hints only: any distances (none at all, far past the weight's end) give
@@ -899,19 +947,29 @@ mod tests {
         let mut wq = vec![0u8; DType::Q4_0.bytes_for(rows * cols).unwrap()];
         quantize_row(DType::Q4_0, &w, &mut wq);
         let (to, packed) = crate::repack::repack(DType::Q4_0, &wq, rows, cols).unwrap();
-        let x = Q8Row::from_f32(&lcg(cols, 4));
-        let run = |near, far| {
-            set_prefetch(near, far);
-            let mut out = vec![0.0f32; 8];
-            dot_group(isa(), to, &packed, &[&x], &mut out);
-            out
+        let (x, x2) = (
+            Q8Row::from_f32(&lcg(cols, 4)),
+            Q8Row::from_f32(&lcg(cols, 5)),
+        );
+        // One input row and two: they read different distances.
+        let run = |p: Prefetch| {
+            set_prefetch(p);
+            let (mut one, mut two) = (vec![0.0f32; 8], vec![0.0f32; 16]);
+            dot_group(isa(), to, &packed, &[&x], &mut one);
+            dot_group(isa(), to, &packed, &[&x, &x2], &mut two);
+            (one, two)
         };
         let before = prefetch_distances();
-        let want = run(before.0, before.1);
-        for (near, far) in [(0, 0), (0, 12288), (64, 0), (1 << 20, 1 << 24)] {
-            assert_eq!(run(near, far), want, "{near},{far}");
+        let want = run(before);
+        for d in [
+            p(0, 0, 0),
+            p(0, 12288, 0),
+            p(64, 0, 4096),
+            p(1 << 20, 1 << 24, 1 << 22),
+        ] {
+            assert_eq!(run(d), want, "{d}");
         }
-        set_prefetch(before.0, before.1);
+        set_prefetch(before);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(prefetch_distances(), before);
     }

@@ -4,7 +4,7 @@
 //! (`vpmaddubsw` + `vpmaddwd`). One weight block is unpacked once and multiplied
 //! with up to four activation rows, so prefill reuses it.
 
-use super::{Isa, Q8Row, QK8};
+use super::{Isa, Prefetch, Q8Row, QK8};
 use crate::DType;
 use std::arch::x86_64::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -709,8 +709,8 @@ unsafe fn q4_0_r8x2_vnni<const N: usize>(
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for b in 0..nb {
         let (b0, b1) = (p0.add(b * 144), p1.add(b * 144));
-        prefetch_ahead::<3>(b0);
-        prefetch_ahead::<3>(b1);
+        prefetch_ahead::<3, N>(b0);
+        prefetch_ahead::<3, N>(b1);
         let mut s: [__m512i; N] = std::array::from_fn(|t| _mm512_set1_epi32(*ng[t].add(b)));
         let mut s2 = [_mm512_setzero_si512(); N];
         for k in 0..4 {
@@ -758,8 +758,8 @@ unsafe fn q4_k_r8x2_vnni<const N: usize>(
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for sb in 0..nb {
         let (g0, g1) = (p0.add(sb * 1152), p1.add(sb * 1152));
-        prefetch_ahead::<18>(g0);
-        prefetch_ahead::<18>(g1);
+        prefetch_ahead::<18, N>(g0);
+        prefetch_ahead::<18, N>(g1);
         let (v0, v1, v2) = (
             load_pair(g0.add(32), g1.add(32)),
             load_pair(g0.add(64), g1.add(64)),
@@ -828,8 +828,8 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
     let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
     for b in 0..nb {
         let (b0, b1) = (p0.add(b * 272), p1.add(b * 272));
-        prefetch_ahead::<5>(b0);
-        prefetch_ahead::<5>(b1);
+        prefetch_ahead::<5, N>(b0);
+        prefetch_ahead::<5, N>(b1);
         let mut s: [__m512i; N] = std::array::from_fn(|t| _mm512_set1_epi32(*ng[t].add(b) << 4));
         let mut s2 = [_mm512_setzero_si512(); N];
         for k in 0..8 {
@@ -868,36 +868,47 @@ unsafe fn q8_0_r8x2_vnni<const N: usize>(
 /// 2560/10240); two rows 0.815 → 0.895; four 0.773 → 0.840. No software prefetch:
 /// 0.605; L1 only at 768: 0.712; L2 only at 3072: 0.871. The earlier AMX Xeon VM
 /// (28–30 GB/s) had chosen 768/3072 over L1-only at 1024 (22.5 against 20.6 GB/s)
-/// before farther distances were tried.
-const GROUP_PREFETCH: [usize; 2] = [2048, 12288];
+/// before farther distances were tried. Back on that AMX Xeon kind (29.5 GB/s read,
+/// 12 rounds, two runs with the distances in different orders), one row wants the
+/// L2 requests nearer: 0.934–0.949 at 2048/4096 and 0.932–0.941 at 768/3072 against
+/// 0.861–0.862 at 2048/12288 and 0.863–0.868 at 2048/8192, where two rows keep
+/// wanting them far (0.869–0.878 at 12288, 0.776–0.783 at 4096) and so do four
+/// (0.817–0.830 against 0.689–0.696). Hence a third distance, the far one for one row.
+const GROUP_PREFETCH: [usize; 3] = [2048, 12288, 4096];
 
-/// The distances in use: [`GROUP_PREFETCH`] until [`set_prefetch`] changes them.
-static PREFETCH: [AtomicUsize; 2] = [
+/// The distances in use (near, far, far for one row): [`GROUP_PREFETCH`] until
+/// [`set_prefetch`] changes them.
+static PREFETCH: [AtomicUsize; 3] = [
     AtomicUsize::new(GROUP_PREFETCH[0]),
     AtomicUsize::new(GROUP_PREFETCH[1]),
+    AtomicUsize::new(GROUP_PREFETCH[2]),
 ];
 
-/// Sets the prefetch distances (bytes ahead into L1, into L2; 0 turns one off).
-pub(crate) fn set_prefetch(near: usize, far: usize) {
-    PREFETCH[0].store(near, Ordering::Relaxed);
-    PREFETCH[1].store(far, Ordering::Relaxed);
+/// Sets the prefetch distances.
+pub(crate) fn set_prefetch(p: Prefetch) {
+    PREFETCH[0].store(p.near, Ordering::Relaxed);
+    PREFETCH[1].store(p.far, Ordering::Relaxed);
+    PREFETCH[2].store(p.far_one_row, Ordering::Relaxed);
 }
 
-/// The prefetch distances in use (bytes ahead into L1, into L2).
-pub(crate) fn prefetch() -> (usize, usize) {
-    (
-        PREFETCH[0].load(Ordering::Relaxed),
-        PREFETCH[1].load(Ordering::Relaxed),
-    )
+/// The prefetch distances in use.
+pub(crate) fn prefetch() -> Prefetch {
+    Prefetch {
+        near: PREFETCH[0].load(Ordering::Relaxed),
+        far: PREFETCH[1].load(Ordering::Relaxed),
+        far_one_row: PREFETCH[2].load(Ordering::Relaxed),
+    }
 }
 
 /// Requests `LINES` cache lines from the near distance past `p` into L1 and as many
-/// from the far distance into L2 ([`GROUP_PREFETCH`]). The two relaxed loads of the
+/// from the far distance into L2 ([`GROUP_PREFETCH`]; a product of `N` input rows
+/// takes the far distance for its row count). The two relaxed loads of the
 /// distances are L1 hits beside a block's few dozen instructions (measured with
 /// them in place).
 #[inline(always)]
-unsafe fn prefetch_ahead<const LINES: usize>(p: *const u8) {
-    let (near, far) = prefetch();
+unsafe fn prefetch_ahead<const LINES: usize, const N: usize>(p: *const u8) {
+    let near = PREFETCH[0].load(Ordering::Relaxed);
+    let far = PREFETCH[if N == 1 { 2 } else { 1 }].load(Ordering::Relaxed);
     if near != 0 {
         let near = p.wrapping_add(near) as *const i8;
         for l in 0..LINES {
@@ -941,7 +952,7 @@ unsafe fn q4_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 144);
-        prefetch_ahead::<3>(blk);
+        prefetch_ahead::<3, N>(blk);
         let mut s16 = [_mm256_setzero_si256(); N];
         for k in 0..4 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
@@ -1005,7 +1016,7 @@ unsafe fn q4_k_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for sb in 0..nb {
         let blk = wp.add(sb * 1152);
-        prefetch_ahead::<18>(blk);
+        prefetch_ahead::<18, N>(blk);
         let (sc, mn) = k4.scales_mins(blk);
         let b0 = sb * 8;
         let mut sum = [_mm256_setzero_ps(); N];
@@ -1065,7 +1076,7 @@ unsafe fn q4_k_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for sb in 0..nb {
         let blk = wp.add(sb * 1152);
-        prefetch_ahead::<18>(blk);
+        prefetch_ahead::<18, N>(blk);
         let (sc, mn) = k4.scales_mins(blk);
         let b0 = sb * 8;
         let mut sum = [_mm256_setzero_ps(); N];
@@ -1272,7 +1283,7 @@ unsafe fn nibbles_r8_vnni<const N: usize, const HI16: bool>(
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * bs);
-        prefetch_ahead::<3>(blk);
+        prefetch_ahead::<3, N>(blk);
         let mut s: [__m256i; N] =
             std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b) * offset8));
         let mut s2 = [_mm256_setzero_si256(); N];
@@ -1359,7 +1370,7 @@ unsafe fn q5_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 176);
-        prefetch_ahead::<3>(blk);
+        prefetch_ahead::<3, N>(blk);
         let th = _mm256_loadu_si256(blk.add(16) as *const __m256i);
         let mut s_lo = [_mm256_setzero_si256(); N];
         let mut s_hi = [_mm256_setzero_si256(); N];
@@ -1399,7 +1410,7 @@ unsafe fn q8_0_r8_vnni<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 272);
-        prefetch_ahead::<5>(blk);
+        prefetch_ahead::<5, N>(blk);
         let mut s: [__m256i; N] = std::array::from_fn(|t| _mm256_set1_epi32(*ng[t].add(b) << 4));
         for k in 0..8 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
@@ -1431,7 +1442,7 @@ unsafe fn q8_0_r8_avx2<const N: usize>(w: &[u8], nb: usize, a: &[&Q8Row], out: &
     let wp = w.as_ptr();
     for b in 0..nb {
         let blk = wp.add(b * 272);
-        prefetch_ahead::<5>(blk);
+        prefetch_ahead::<5, N>(blk);
         let mut s32 = [_mm256_setzero_si256(); N];
         for k in 0..8 {
             let v = _mm256_loadu_si256(blk.add(16 + 32 * k) as *const __m256i);
