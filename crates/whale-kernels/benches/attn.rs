@@ -87,24 +87,8 @@ fn main() {
         let b16: Vec<half::bf16> = rows.iter().map(|&x| half::bf16::from_f32(x)).collect();
         let pages_b16: Vec<Block> = b16.chunks(64 * l).map(Block::Bf16).collect();
         // Tiles (where the CPU has AMX) and vectors alternated: (tiles, vectors).
-        let mut bf_warm = (vec![], vec![]);
-        for _ in 0..5 {
-            for tiles in [true, false] {
-                whale_kernels::amx::set_allowed(tiles);
-                let t = median_secs(
-                    || mqa_blocks(&q, heads, &pages_b16, l, n, c, 0.1, &mut o2),
-                    5,
-                );
-                if tiles {
-                    &mut bf_warm.0
-                } else {
-                    &mut bf_warm.1
-                }
-                .push(t);
-            }
-        }
-        whale_kernels::amx::set_allowed(true);
-        let (tbf, tbv) = (median(bf_warm.0), median(bf_warm.1));
+        let (tbf, tbv) =
+            tiles_and_vectors(|| mqa_blocks(&q, heads, &pages_b16, l, n, c, 0.1, &mut o2));
         drop(cold_pages);
         drop(cold);
         let cold_b: Vec<Vec<half::bf16>> = (0..copies).map(|_| b16.clone()).collect();
@@ -112,27 +96,10 @@ fn main() {
             .iter()
             .map(|h| h.chunks(64 * l).map(Block::Bf16).collect())
             .collect();
-        let mut bf_cold = (vec![], vec![]);
-        for _ in 0..5 {
-            for tiles in [true, false] {
-                whale_kernels::amx::set_allowed(tiles);
-                let t = median_secs(
-                    || {
-                        turn = (turn + 1) % copies;
-                        mqa_blocks(&q, heads, &cold_bp[turn], l, n, c, 0.1, &mut o2)
-                    },
-                    5,
-                );
-                if tiles {
-                    &mut bf_cold.0
-                } else {
-                    &mut bf_cold.1
-                }
-                .push(t);
-            }
-        }
-        whale_kernels::amx::set_allowed(true);
-        let (tcb, tcv) = (median(bf_cold.0), median(bf_cold.1));
+        let (tcb, tcv) = tiles_and_vectors(|| {
+            turn = (turn + 1) % copies;
+            mqa_blocks(&q, heads, &cold_bp[turn], l, n, c, 0.1, &mut o2)
+        });
         println!(
             "{n:>6} {:>10.3} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>10.3} {:>10.3}",
             ts * 1e3,
@@ -227,8 +194,20 @@ fn main() {
     }
 }
 
-/// The median of `v`.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+/// Median seconds of `f` with AMX tiles allowed and with them turned off, in five
+/// alternated rounds of five runs.
+fn tiles_and_vectors(mut f: impl FnMut() + Send) -> (f64, f64) {
+    let (mut tiles, mut vectors) = (vec![], vec![]);
+    for _ in 0..5 {
+        whale_kernels::amx::set_allowed(true);
+        tiles.push(median_secs(&mut f, 5));
+        whale_kernels::amx::set_allowed(false);
+        vectors.push(median_secs(&mut f, 5));
+    }
+    whale_kernels::amx::set_allowed(true);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    (median(tiles), median(vectors))
 }

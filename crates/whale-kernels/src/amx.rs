@@ -764,19 +764,7 @@ pub(crate) mod x86 {
     /// tmm0–3 side by side into `c` as 16 rows of 64 sums (tmm0 columns 0–15, …).
     #[inline(always)]
     unsafe fn store_wide(c: &mut Sums) {
-        let p = c.0.as_mut_ptr();
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) p,
-            c1 = in(reg) p.add(TR),
-            c2 = in(reg) p.add(2 * TR),
-            c3 = in(reg) p.add(3 * TR),
-            s = in(reg) 4 * TR * 4,
-            options(nostack)
-        );
+        store_tiles(c, [0, TR, 2 * TR, 3 * TR], 4 * TR);
     }
 
     /// [`super::mqa_scores`] after its checks: `rows` holds every row the key tiles
@@ -989,17 +977,24 @@ pub(crate) mod x86 {
     /// tmm0–3 into a 32 × 32 block (tmm0 top left, tmm1 top right, tmm2 bottom left).
     #[inline(always)]
     unsafe fn store4(c: &mut Sums) {
+        store_tiles(c, [0, TR, TR * PANEL, TR * PANEL + TR], PANEL);
+    }
+
+    /// tmm0–3 into `c` from sums `at[0..4]` on, rows `row` sums apart.
+    #[inline(always)]
+    unsafe fn store_tiles(c: &mut Sums, at: [usize; 4], row: usize) {
+        debug_assert!(at.iter().all(|&a| a + (TR - 1) * row + TR <= c.0.len()));
         let p = c.0.as_mut_ptr();
         asm!(
             "tilestored [{c0} + {s}*1], tmm0",
             "tilestored [{c1} + {s}*1], tmm1",
             "tilestored [{c2} + {s}*1], tmm2",
             "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) p,
-            c1 = in(reg) p.add(TR),
-            c2 = in(reg) p.add(TR * PANEL),
-            c3 = in(reg) p.add(TR * PANEL + TR),
-            s = in(reg) PANEL * 4,
+            c0 = in(reg) p.add(at[0]),
+            c1 = in(reg) p.add(at[1]),
+            c2 = in(reg) p.add(at[2]),
+            c3 = in(reg) p.add(at[3]),
+            s = in(reg) row * 4,
             options(nostack)
         );
     }
